@@ -1,0 +1,225 @@
+//! Chunk encoding and decoding, including what a hostile blob can send.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+
+use proptest::prelude::*;
+use skiff_format::{
+    decode_chunk, decode_chunk_into, encode_chunk, ChunkInfo, Digest, FormatError, MAX_CHUNK_SIZE,
+};
+
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
+    ChunkInfo {
+        digest: Digest::of(data),
+        blob_index: 0,
+        compressed,
+        compressed_offset: 0,
+        compressed_size: stored.len() as u32,
+        uncompressed_size: data.len() as u32,
+    }
+}
+
+#[test]
+fn compressible_round_trip() {
+    let data = b"hello skiff ".repeat(1000);
+    let (stored, compressed) = encode_chunk(&data, 3).unwrap();
+    assert!(compressed);
+    assert!(stored.len() < data.len() / 10);
+    // Content size is in the frame header.
+    assert_eq!(
+        zstd::zstd_safe::get_frame_content_size(&stored).unwrap(),
+        Some(data.len() as u64)
+    );
+    let info = info_for(&data, &stored, true);
+    assert_eq!(decode_chunk(&info, &stored).unwrap(), data);
+    // Deterministic.
+    assert_eq!(encode_chunk(&data, 3).unwrap(), (stored, true));
+}
+
+#[test]
+fn incompressible_is_stored_raw() {
+    let data = noise(100_000, 42);
+    let (stored, compressed) = encode_chunk(&data, 19).unwrap();
+    assert!(!compressed);
+    assert_eq!(stored, data);
+    let info = info_for(&data, &stored, false);
+    let mut out = vec![1, 2, 3];
+    decode_chunk_into(&info, &stored, &mut out).unwrap();
+    assert_eq!(out, data);
+}
+
+#[test]
+fn marginal_savings_are_stored_raw() {
+    // Half noise, half zeros compresses by ~50%: compressed. Almost all
+    // noise saves < 1/32: raw.
+    let mut data = noise(64 * 1024, 7);
+    data.extend(vec![0u8; 64 * 1024]);
+    assert!(encode_chunk(&data, 3).unwrap().1);
+    let mut data = noise(64 * 1024, 7);
+    data.extend(vec![0u8; 1024]);
+    assert!(!encode_chunk(&data, 3).unwrap().1);
+}
+
+#[test]
+fn sizes_out_of_range_are_refused() {
+    assert!(encode_chunk(&[], 3).is_err());
+    assert!(encode_chunk(&vec![0; MAX_CHUNK_SIZE as usize + 1], 1).is_err());
+    assert!(encode_chunk(&vec![0; MAX_CHUNK_SIZE as usize], 1).is_ok());
+}
+
+#[test]
+fn corruption_is_detected() {
+    let data = b"some chunk data, repeated. ".repeat(500);
+    let (stored, _) = encode_chunk(&data, 3).unwrap();
+    let info = info_for(&data, &stored, true);
+    for i in (0..stored.len()).step_by(7) {
+        let mut bad = stored.clone();
+        bad[i] ^= 0x10;
+        assert!(
+            decode_chunk(&info, &bad).is_err(),
+            "flip at {i} not detected"
+        );
+    }
+    // Raw: a flipped byte fails the digest.
+    let raw_info = info_for(&data, &data, false);
+    let mut bad = data.clone();
+    bad[100] ^= 1;
+    assert!(matches!(
+        decode_chunk(&raw_info, &bad),
+        Err(FormatError::ChunkDigestMismatch { .. })
+    ));
+    // Wrong digest.
+    let mut wrong = info;
+    wrong.digest = Digest::of(b"other");
+    let mut out = Vec::new();
+    match decode_chunk_into(&wrong, &stored, &mut out) {
+        Err(FormatError::ChunkDigestMismatch { expected, actual }) => {
+            assert_eq!(expected, wrong.digest);
+            assert_eq!(actual, Digest::of(&data));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(out.is_empty());
+}
+
+#[test]
+fn wrong_sizes_are_detected() {
+    let data = b"0123456789".repeat(100);
+    let (stored, _) = encode_chunk(&data, 3).unwrap();
+    let info = info_for(&data, &stored, true);
+    // Short or long fetch.
+    assert!(matches!(
+        decode_chunk(&info, &stored[..stored.len() - 1]),
+        Err(FormatError::ChunkLength {
+            field: "compressed_size",
+            ..
+        })
+    ));
+    let mut longer = stored.clone();
+    longer.push(0);
+    assert!(decode_chunk(&info, &longer).is_err());
+    // The record lies about the uncompressed size.
+    for size in [
+        data.len() as u32 - 1,
+        data.len() as u32 + 1,
+        0,
+        MAX_CHUNK_SIZE + 1,
+    ] {
+        let mut lie = info;
+        lie.uncompressed_size = size;
+        assert!(decode_chunk(&lie, &stored).is_err(), "size {size}");
+    }
+    // Two frames where one is expected.
+    let mut two = stored.clone();
+    two.extend_from_slice(&stored);
+    let mut two_info = info;
+    two_info.compressed_size = two.len() as u32;
+    assert!(matches!(
+        decode_chunk(&two_info, &two),
+        Err(FormatError::Decompress(_))
+    ));
+    // Raw data flagged as compressed, compressed data flagged as raw.
+    let raw_as_zstd = info_for(&data, &data, true);
+    assert!(decode_chunk(&raw_as_zstd, &data).is_err());
+    let mut zstd_as_raw = info;
+    zstd_as_raw.compressed = false;
+    assert!(decode_chunk(&zstd_as_raw, &stored).is_err());
+}
+
+/// A frame that expands to far more than the record says must fail without
+/// allocating what it expands to.
+#[test]
+fn zstd_bomb_is_refused() {
+    let big: u64 = 1 << 30;
+    for declare_size in [true, false] {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        enc.include_contentsize(declare_size).unwrap();
+        if declare_size {
+            enc.set_pledged_src_size(Some(big)).unwrap();
+        }
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(big >> 20) {
+            enc.write_all(&zeros).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 1 << 20);
+        let info = ChunkInfo {
+            digest: Digest::of(&[0; 4096]),
+            blob_index: 0,
+            compressed: true,
+            compressed_offset: 0,
+            compressed_size: bomb.len() as u32,
+            uncompressed_size: 4096,
+        };
+        let mut out = Vec::new();
+        let err = decode_chunk_into(&info, &bomb, &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FormatError::ChunkLength { .. } | FormatError::Decompress(_)
+            ),
+            "{err}"
+        );
+        assert!(
+            out.capacity() <= 1 << 16,
+            "allocated {} bytes",
+            out.capacity()
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip_any(data in prop::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 1..20_000), level in 1i32..6) {
+        let (stored, compressed) = encode_chunk(&data, level).unwrap();
+        let info = info_for(&data, &stored, compressed);
+        prop_assert_eq!(decode_chunk(&info, &stored).unwrap(), data);
+    }
+
+    #[test]
+    fn garbage_never_panics(stored in prop::collection::vec(any::<u8>(), 1..4096), size in 1u32..100_000, compressed in any::<bool>()) {
+        let info = ChunkInfo {
+            digest: Digest::of(b""),
+            blob_index: 0,
+            compressed,
+            compressed_offset: 0,
+            compressed_size: stored.len() as u32,
+            uncompressed_size: size,
+        };
+        prop_assert!(decode_chunk(&info, &stored).is_err());
+    }
+}
