@@ -1,0 +1,150 @@
+//! The read side used by mount, check and unpack: ranges of blobs by digest.
+//!
+//! [`BlobStore`] is the seam: [`LocalBlobStore`] reads an OCI layout on
+//! disk; a registry-backed store (HTTP range requests) will implement the
+//! same trait. A store never returns short data: a blob too short for the
+//! range asked is an error naming the blob.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use skiff_format::Digest;
+
+use crate::RegistryError;
+
+/// Largest single range read: far above any chunk, low enough that a
+/// corrupt length cannot exhaust memory.
+pub const MAX_READ_RANGE: u64 = 1 << 30;
+
+/// How many blob files a [`LocalBlobStore`] keeps open.
+pub const MAX_OPEN_BLOBS: usize = 256;
+
+/// Random access to blobs by digest.
+pub trait BlobStore: Send + Sync {
+    /// Reads exactly `len` bytes at `offset` of blob `digest`.
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError>;
+
+    /// The size of blob `digest`.
+    fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError>;
+}
+
+impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+        (**self).read_range(digest, offset, len)
+    }
+
+    fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
+        (**self).blob_size(digest)
+    }
+}
+
+/// A [`BlobStore`] over the `blobs/sha256/` of an OCI layout directory,
+/// reading with `pread` and keeping up to [`MAX_OPEN_BLOBS`] files open.
+#[derive(Debug)]
+pub struct LocalBlobStore {
+    dir: PathBuf,
+    open: Mutex<HashMap<Digest, Arc<OpenBlob>>>,
+}
+
+#[derive(Debug)]
+struct OpenBlob {
+    file: File,
+    size: u64,
+}
+
+impl LocalBlobStore {
+    /// A store over the layout at `dir` (which must have `blobs/sha256/`).
+    pub fn new(dir: impl AsRef<Path>) -> Result<LocalBlobStore, RegistryError> {
+        let dir = dir.as_ref().to_path_buf();
+        let blobs = dir.join("blobs").join("sha256");
+        if !blobs.is_dir() {
+            return Err(RegistryError::NotFound(format!(
+                "{} is not an OCI image layout: it has no blobs/sha256 directory",
+                dir.display()
+            )));
+        }
+        Ok(LocalBlobStore {
+            dir: blobs,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn get(&self, digest: &Digest) -> Result<Arc<OpenBlob>, RegistryError> {
+        if let Some(b) = self.lock().get(digest) {
+            return Ok(Arc::clone(b));
+        }
+        // Open outside the lock; a racing opener just wins or loses the insert.
+        let path = self.dir.join(digest.to_hex());
+        let file = File::open(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                RegistryError::NotFound(format!(
+                    "blob {digest} is missing (expected at {})",
+                    path.display()
+                ))
+            } else {
+                RegistryError::io(&path, e)
+            }
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|e| RegistryError::io(&path, e))?
+            .len();
+        let blob = Arc::new(OpenBlob { file, size });
+        let mut open = self.lock();
+        if open.len() >= MAX_OPEN_BLOBS {
+            // Evict an arbitrary entry: readers holding it keep their Arc.
+            if let Some(k) = open.keys().next().copied() {
+                open.remove(&k);
+            }
+        }
+        Ok(Arc::clone(open.entry(*digest).or_insert(blob)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<OpenBlob>>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl BlobStore for LocalBlobStore {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+        let path = || self.dir.join(digest.to_hex());
+        if len > MAX_READ_RANGE {
+            return Err(RegistryError::Invalid(format!(
+                "blob {digest}: refusing to read {len} bytes at once (limit {MAX_READ_RANGE})"
+            )));
+        }
+        let blob = self.get(digest)?;
+        let end = offset.checked_add(len).filter(|&end| end <= blob.size);
+        if end.is_none() {
+            return Err(RegistryError::Invalid(format!(
+                "blob {digest} ({}) is {} bytes, too short for {len} bytes at offset {offset}",
+                path().display(),
+                blob.size
+            )));
+        }
+        let len = usize::try_from(len).map_err(|_| {
+            RegistryError::Invalid(format!("blob {digest}: range length {len} too large"))
+        })?;
+        let mut buf = vec![0u8; len];
+        blob.file.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                RegistryError::Invalid(format!(
+                    "blob {digest} ({}) ended before {len} bytes at offset {offset} could be read",
+                    path().display()
+                ))
+            } else {
+                RegistryError::io(path(), e)
+            }
+        })?;
+        Ok(buf)
+    }
+
+    fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
+        Ok(self.get(digest)?.size)
+    }
+}

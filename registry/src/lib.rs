@@ -1,0 +1,55 @@
+//! Where images come from and where converted images go.
+//!
+//! Skiff reads ordinary container images (an OCI image layout, a
+//! `docker save` archive, later a registry) and writes converted images as
+//! OCI image layouts. This crate is that boundary: it parses image
+//! references, resolves tags and platforms to manifests, streams layers
+//! while verifying their digests, writes layouts crash-safely, and serves
+//! byte ranges of blobs to the filesystem.
+//!
+//! The convert path calls [`open_source`] for a [`SourceImage`] and a
+//! [`LayerOpener`], streams each layer, and publishes its output through an
+//! [`OciLayoutWriter`], whose [`set_tag`](OciLayoutWriter::set_tag) is the
+//! commit point. The mount path reads blobs through a [`BlobStore`]
+//! ([`LocalBlobStore`] for a layout on disk). Nothing read from disk is
+//! trusted: manifests, configs and blobs are checked against the digests
+//! that name them, and a mismatch is an error naming the file or digest,
+//! never a panic.
+//!
+//! # Layout
+//!
+//! - [`reference`](mod@reference): [`ImageRef`] (`oci:DIR[:TAG]`, `docker-archive:FILE[:REF]`,
+//!   `docker://REF`) and [`DockerRef`], parsed in skopeo's syntax.
+//! - [`platform`]: [`Platform`] (`os/arch[/variant]`) and the host default.
+//! - [`media`]: media types and annotation keys, OCI, Docker and Skiff's own.
+//! - [`source`]: [`open_source`], [`SourceImage`], [`LayerInfo`] and
+//!   [`LayerOpener`], the converter's view of an input image.
+//! - `docker_archive` (private): reading `docker save` tars for [`source`].
+//! - [`layout`]: [`OciLayout`] (reading a layout, resolving tags through
+//!   nested indexes) and [`OciLayoutWriter`] / [`BlobWriter`] (writing one).
+//! - [`blobstore`]: [`BlobStore`], random access to blobs by digest, and
+//!   [`LocalBlobStore`].
+//! - [`skiff`](mod@skiff): [`skiff::open_image`], a converted Skiff image by reference.
+//! - [`verify`]: [`VerifyingReader`], which checks digest and size at EOF.
+//! - [`error`]: the one error type, [`RegistryError`].
+
+pub mod blobstore;
+mod docker_archive;
+pub mod error;
+pub mod layout;
+pub mod media;
+pub mod platform;
+pub mod reference;
+pub mod skiff;
+pub mod source;
+pub mod verify;
+
+pub use blobstore::{BlobStore, LocalBlobStore};
+pub use error::RegistryError;
+pub use layout::{BlobWriter, OciLayout, OciLayoutWriter};
+pub use media::LayerCompression;
+pub use platform::Platform;
+pub use reference::{DockerRef, ImageRef};
+pub use skiff_format::Digest;
+pub use source::{open_source, LayerInfo, LayerOpener, SourceImage};
+pub use verify::VerifyingReader;

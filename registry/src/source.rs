@@ -1,0 +1,224 @@
+//! Source images for the converter: the manifest, the raw config and the
+//! layers of an image, wherever it is stored.
+//!
+//! [`open_source`] resolves an [`ImageRef`] to a [`SourceImage`] and a
+//! [`LayerOpener`]. Everything read through a descriptor is verified: the
+//! manifest and config at once, layers as they stream (the reader fails with
+//! `InvalidData` at end of file if the bytes are not what the manifest says).
+//!
+//! The config is kept as raw bytes, so that a converter can carry every
+//! field of it, known or not, into its output.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use oci_spec::image::ImageManifest;
+use serde_json::Value;
+use skiff_format::Digest;
+
+use crate::layout::{to_digest, OciLayout, MAX_CONFIG_SIZE};
+use crate::media::LayerCompression;
+use crate::platform::Platform;
+use crate::verify::VerifyingReader;
+use crate::{docker_archive, ImageRef, RegistryError};
+
+/// An image to convert: what its manifest and config say.
+#[derive(Debug, Clone)]
+pub struct SourceImage {
+    /// The reference it was opened by, for messages (e.g. `oci:/img:tag`).
+    pub reference: String,
+    /// Digest of the manifest. For a `docker save` archive, which has no
+    /// registry manifest, the digest of the Docker schema 2 manifest this
+    /// crate synthesises for it (see [`SourceImage::manifest`]).
+    pub manifest_digest: Digest,
+    /// The manifest as JSON (for a `docker save` archive, synthesised: its
+    /// layer digests are those of the uncompressed layer tars).
+    pub manifest: Value,
+    /// Digest of the config.
+    pub config_digest: Digest,
+    /// The config, byte for byte as stored.
+    pub config: Vec<u8>,
+    /// The layers, bottom first.
+    pub layers: Vec<LayerInfo>,
+}
+
+impl SourceImage {
+    /// The config parsed as JSON (all fields kept).
+    pub fn config_json(&self) -> Result<Value, RegistryError> {
+        serde_json::from_slice(&self.config).map_err(|e| {
+            RegistryError::Invalid(format!(
+                "config {} of {}: not JSON: {e}",
+                self.config_digest, self.reference
+            ))
+        })
+    }
+}
+
+/// One layer of a source image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Its media type (for `docker save` archives always
+    /// `application/vnd.docker.image.rootfs.diff.tar`: sniff the bytes).
+    pub media_type: String,
+    /// Digest of the layer as stored, when known (always for OCI layouts).
+    pub digest: Option<Digest>,
+    /// Size of the layer as stored, when known.
+    pub size: Option<u64>,
+    /// Digest of the uncompressed tar, from the config's `rootfs.diff_ids`.
+    pub diff_id: Option<Digest>,
+    /// The descriptor's annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl LayerInfo {
+    /// The compression its media type announces.
+    pub fn compression(&self) -> LayerCompression {
+        LayerCompression::from_media_type(&self.media_type)
+    }
+}
+
+/// Opens the layers of a source image.
+pub trait LayerOpener: Send + Sync {
+    /// Streams layer `index` (bottom first) as stored, still compressed.
+    ///
+    /// The reader verifies the layer's digest and size, where known, as it
+    /// streams: at end of file a mismatch makes `read` fail with
+    /// `io::ErrorKind::InvalidData` and a message naming the layer, the
+    /// image and both digests. Read to the end before trusting the data.
+    fn open_layer(&self, index: usize) -> Result<Box<dyn Read + Send>, RegistryError>;
+}
+
+/// Opens the image `r` for conversion. `platform` chooses a manifest from a
+/// multi-platform index (default: linux and the host architecture).
+///
+/// `docker://` references parse but cannot be opened yet.
+pub fn open_source(
+    r: &ImageRef,
+    platform: Option<&Platform>,
+) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
+    let host = Platform::host();
+    let platform = platform.unwrap_or(&host);
+    match r {
+        ImageRef::Oci { dir, tag } => {
+            let layout = OciLayout::open(dir)?;
+            open_oci(layout, r.to_string(), tag.as_deref(), platform)
+        }
+        ImageRef::DockerArchive { path, reference } => {
+            docker_archive::open(path, reference.as_deref(), r.to_string())
+        }
+        ImageRef::Docker(d) => Err(RegistryError::Unsupported(format!(
+            "docker://{d}: reading from registries is not supported yet; \
+             copy the image locally first, e.g. `skopeo copy docker://{d} oci:DIR:TAG`"
+        ))),
+    }
+}
+
+/// The `rootfs.diff_ids` of a config (empty if it has none).
+pub(crate) fn diff_ids(config: &[u8], what: &str) -> Result<Vec<Digest>, RegistryError> {
+    let v: Value = serde_json::from_slice(config)
+        .map_err(|e| RegistryError::Invalid(format!("{what}: not JSON: {e}")))?;
+    let Some(ids) = v.get("rootfs").and_then(|r| r.get("diff_ids")) else {
+        return Ok(Vec::new());
+    };
+    let Some(ids) = ids.as_array() else {
+        return Err(RegistryError::Invalid(format!(
+            "{what}: rootfs.diff_ids is not an array"
+        )));
+    };
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            id.as_str()
+                .and_then(|s| s.strip_prefix("sha256:"))
+                .and_then(|h| h.parse().ok())
+                .ok_or_else(|| {
+                    RegistryError::Invalid(format!(
+                        "{what}: rootfs.diff_ids[{i}] is not a sha256 digest: {id}"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn open_oci(
+    layout: OciLayout,
+    image: String,
+    tag: Option<&str>,
+    platform: &Platform,
+) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
+    let (manifest_digest, manifest_bytes) = layout.resolve_for(tag, platform)?;
+    let what = format!("manifest {manifest_digest} of {image}");
+    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| RegistryError::Invalid(format!("{what}: not an image manifest: {e}")))?;
+    let manifest_json: Value = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| RegistryError::Invalid(format!("{what}: not JSON: {e}")))?;
+    let config_digest = to_digest(manifest.config().digest(), &what)?;
+    let config_what = format!("config {config_digest} of {image}");
+    let config = layout.read_descriptor(manifest.config(), &config_what, MAX_CONFIG_SIZE)?;
+    let ids = diff_ids(&config, &config_what)?;
+    if !ids.is_empty() && ids.len() != manifest.layers().len() {
+        return Err(RegistryError::Invalid(format!(
+            "{image}: config lists {} diff_ids but the manifest has {} layers",
+            ids.len(),
+            manifest.layers().len()
+        )));
+    }
+    let mut layers = Vec::with_capacity(manifest.layers().len());
+    let mut blobs = Vec::with_capacity(manifest.layers().len());
+    for (i, d) in manifest.layers().iter().enumerate() {
+        let digest = to_digest(d.digest(), &format!("layer {i} of {image}"))?;
+        blobs.push((digest, d.size()));
+        layers.push(LayerInfo {
+            media_type: d.media_type().to_string(),
+            digest: Some(digest),
+            size: Some(d.size()),
+            diff_id: ids.get(i).copied(),
+            annotations: d
+                .annotations()
+                .as_ref()
+                .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+        });
+    }
+    let source = SourceImage {
+        reference: image.clone(),
+        manifest_digest,
+        manifest: manifest_json,
+        config_digest,
+        config,
+        layers,
+    };
+    Ok((
+        source,
+        Box::new(OciLayerOpener {
+            layout,
+            image,
+            blobs,
+        }),
+    ))
+}
+
+struct OciLayerOpener {
+    layout: OciLayout,
+    image: String,
+    blobs: Vec<(Digest, u64)>,
+}
+
+impl LayerOpener for OciLayerOpener {
+    fn open_layer(&self, index: usize) -> Result<Box<dyn Read + Send>, RegistryError> {
+        let Some(&(digest, size)) = self.blobs.get(index) else {
+            return Err(RegistryError::NotFound(format!(
+                "{} has no layer {index} (it has {})",
+                self.image,
+                self.blobs.len()
+            )));
+        };
+        let file = self.layout.open_blob(&digest)?;
+        Ok(Box::new(VerifyingReader::new(
+            file,
+            Some(digest),
+            Some(size),
+            format!("layer {index} ({digest}) of {}", self.image),
+        )))
+    }
+}
