@@ -1,0 +1,149 @@
+//! `skiff convert`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use skiff_converter::image::{convert_image, ConvertRequest, SourceSpec};
+use skiff_converter::{Chunking, ConvertOptions};
+use skiff_registry::ImageRef;
+
+use crate::progress::Bar;
+
+/// Arguments of `skiff convert`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    skiff convert oci:./layout:app oci:./out:app\n  \
+    skiff convert docker-archive:app.tar oci:./out:app\n  \
+    skiff convert --layer base.tar.gz --layer app.tar oci:./out:app")]
+pub struct ConvertArgs {
+    /// SOURCE DEST, or just DEST with --layer. Images use skopeo's syntax:
+    /// oci:DIR[:TAG], docker-archive:FILE[:REF].
+    #[arg(value_name = "IMAGE", num_args = 1..=2, required = true)]
+    images: Vec<String>,
+    /// A plain layer tar (tar, tar+gzip or tar+zstd), lowest first; repeat for more.
+    #[arg(long = "layer", value_name = "FILE")]
+    layers: Vec<PathBuf>,
+    /// With --layer: an OCI image config JSON whose runtime settings to keep.
+    #[arg(long, value_name = "FILE", requires = "layers")]
+    config: Option<PathBuf>,
+    /// Chunking: fastcdc:AVG, fastcdc:MIN/AVG/MAX or fixed:SIZE (sizes like 64k, 1m).
+    #[arg(long, default_value_t = Chunking::default())]
+    chunking: Chunking,
+    /// zstd compression level of chunks (1-22).
+    #[arg(long, default_value_t = ConvertOptions::default().level)]
+    level: i32,
+    /// Compression threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// An earlier Skiff image whose chunks are referenced instead of stored
+    /// again; repeat for more.
+    #[arg(long = "chunk-dict", value_name = "IMAGE")]
+    chunk_dicts: Vec<String>,
+    /// Platform to pick from a multi-platform source: os/arch[/variant].
+    #[arg(long)]
+    platform: Option<String>,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Runs `skiff convert`.
+pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let (source, dest) = match (args.layers.is_empty(), args.images.as_slice()) {
+        (true, [src, dst]) => (
+            SourceSpec::Image {
+                reference: src
+                    .parse::<ImageRef>()
+                    .with_context(|| format!("source '{src}'"))?,
+                platform: args.platform.clone(),
+            },
+            dst,
+        ),
+        (false, [dst]) => (
+            SourceSpec::Layers {
+                layers: args.layers.clone(),
+                config: args.config.clone(),
+            },
+            dst,
+        ),
+        (true, [_]) => bail!("give SOURCE and DEST, or --layer FILE... and DEST"),
+        (false, _) => bail!("with --layer, give only the destination image"),
+        _ => bail!("expected SOURCE DEST"),
+    };
+    let dest: ImageRef = dest
+        .parse()
+        .with_context(|| format!("destination '{dest}'"))?;
+    let chunk_dicts = args
+        .chunk_dicts
+        .iter()
+        .map(|d| {
+            d.parse::<ImageRef>()
+                .with_context(|| format!("chunk dictionary '{d}'"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut options = ConvertOptions {
+        chunking: args.chunking,
+        level: args.level,
+        ..ConvertOptions::default()
+    };
+    if let Some(t) = args.threads {
+        options.threads = t.max(1);
+    }
+    let show = !args.no_progress && !args.json && std::io::stderr().is_terminal();
+    let request = ConvertRequest {
+        source,
+        dest: dest.clone(),
+        chunk_dicts,
+        options,
+        progress: Some(Arc::new(Bar::new(show))),
+    };
+    let result = convert_image(request)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        let s = &result.stats;
+        println!("converted to {dest} (manifest {})", result.manifest_digest);
+        println!(
+            "  layers {}: {} entries ({} files, {} hard links, {} whiteouts)",
+            s.layers, s.entries, s.files, s.hard_links, s.whiteouts
+        );
+        println!(
+            "  in:  {} of layers ({} compressed)",
+            mb(s.bytes_in),
+            mb(s.bytes_in_compressed)
+        );
+        println!(
+            "  chunks: {} references, {} unique, {} from dictionaries; dedup ratio {:.3}; holes {}",
+            s.chunks,
+            s.unique_chunks,
+            s.dict_chunks,
+            s.dedup_ratio,
+            mb(s.hole_bytes)
+        );
+        println!(
+            "  out: {} data blobs + {} bootstrap ({} uncompressed) = {}",
+            mb(s.blob_bytes),
+            mb(s.bootstrap_layer_bytes),
+            mb(s.bootstrap_bytes),
+            mb(s.bytes_out)
+        );
+        let secs = s.seconds.max(1e-9);
+        println!(
+            "  {:.2} s, {:.1} MB/s of uncompressed input",
+            s.seconds,
+            s.bytes_in as f64 / 1e6 / secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}

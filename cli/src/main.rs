@@ -1,0 +1,63 @@
+//! `skiff`: the one binary of Skiff, a lazy-loading container image filesystem.
+//!
+//! Thin glue over the library crates: argument parsing (clap), logging
+//! (tracing, `RUST_LOG`), progress bars (indicatif) and exit codes. Every
+//! subcommand lives in its own module and returns `anyhow::Result`; `main`
+//! prints the error chain and exits non-zero.
+//!
+//! # Layout
+//! - `convert`: `skiff convert`, OCI image or layer tars to a Skiff image.
+//! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
+//! - `progress`: the terminal progress bar for conversions.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod convert;
+mod progress;
+mod tools;
+
+/// Skiff: lazy-loading container images.
+#[derive(Debug, Parser)]
+#[command(name = "skiff", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an OCI image (or plain layer tars) into a Skiff image.
+    Convert(convert::ConvertArgs),
+    /// Show an image's summary, a path's attributes, or a file's chunk map.
+    Inspect(tools::InspectArgs),
+    /// Verify every checksum, blob and chunk of an image.
+    Check(tools::CheckArgs),
+    /// Write an image's merged file tree into a directory.
+    Unpack(tools::UnpackArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Convert(args) => convert::run(args),
+        Command::Inspect(args) => tools::inspect(args),
+        Command::Check(args) => tools::check(args),
+        Command::Unpack(args) => tools::unpack(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

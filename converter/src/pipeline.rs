@@ -1,0 +1,251 @@
+//! The compression pipeline that turns new chunks into a data blob.
+//!
+//! The layer reader (decompression, tar parsing, chunking, hashing) runs on the
+//! caller's thread and is the natural bottleneck: it is sequential by nature.
+//! Everything after it runs beside it: new chunks are gathered in batches of a
+//! few MiB, worker threads compress whole batches (one zstd frame per chunk),
+//! and one writer thread puts the batches into the blob in their original
+//! order, so the output does not depend on thread timing. Channels are bounded,
+//! so memory stays at a few batches per worker whatever the layer size.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use skiff_format::Digest;
+
+use crate::error::ConvertError;
+
+/// Where finished data blobs go (an OCI layout directory, a registry upload).
+pub trait BlobSink: Send + Sync {
+    /// Starts a new blob.
+    fn create(&self) -> Result<Box<dyn BlobOut>, ConvertError>;
+}
+
+/// A blob being written. Dropping it without [`BlobOut::commit`] discards it.
+pub trait BlobOut: Write + Send {
+    /// Finishes the blob and makes it visible; returns its digest and size.
+    fn commit(self: Box<Self>) -> Result<(Digest, u64), ConvertError>;
+}
+
+/// Where one chunk ended up in the blob.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    /// Index of the chunk in the image's chunk table.
+    pub chunk: u32,
+    /// Offset of its stored bytes in the blob.
+    pub offset: u64,
+    /// Length of its stored bytes.
+    pub size: u32,
+    /// Stored as a zstd frame (else raw).
+    pub compressed: bool,
+}
+
+/// A finished blob.
+#[derive(Debug)]
+pub struct BlobResult {
+    /// Chunk placements in blob order.
+    pub placements: Vec<Placement>,
+    /// The blob's digest.
+    pub digest: Digest,
+    /// The blob's size.
+    pub size: u64,
+}
+
+struct Batch {
+    seq: u64,
+    data: Vec<u8>,
+    /// (chunk index, start in data, length)
+    items: Vec<(u32, usize, usize)>,
+}
+
+/// A compressed batch: the stored bytes and (chunk, stored size, compressed).
+type Compressed = (Vec<u8>, Vec<(u32, u32, bool)>);
+
+struct Done {
+    seq: u64,
+    result: Result<Compressed, ConvertError>,
+}
+
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Compresses and writes the new chunks of one layer.
+pub struct BlobPipeline {
+    batch: Batch,
+    tx: Option<Sender<Batch>>,
+    workers: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<Result<BlobResult, ConvertError>>>,
+}
+
+impl BlobPipeline {
+    /// Starts `threads` compression workers at zstd `level` and a writer into `out`.
+    pub fn start(out: Box<dyn BlobOut>, level: i32, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let (tx, rx) = bounded::<Batch>(threads * 2);
+        let (done_tx, done_rx) = bounded::<Done>(threads * 2);
+        let workers = (0..threads)
+            .map(|_| {
+                let rx = rx.clone();
+                let done_tx = done_tx.clone();
+                std::thread::spawn(move || compress_worker(rx, done_tx, level))
+            })
+            .collect();
+        drop(done_tx);
+        let writer = std::thread::spawn(move || write_blob(out, done_rx));
+        BlobPipeline {
+            batch: Batch {
+                seq: 0,
+                data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
+                items: Vec::new(),
+            },
+            tx: Some(tx),
+            workers,
+            writer: Some(writer),
+        }
+    }
+
+    /// Queues a new chunk for the blob.
+    pub fn push(&mut self, chunk: u32, data: &[u8]) -> Result<(), ConvertError> {
+        let start = self.batch.data.len();
+        self.batch.data.extend_from_slice(data);
+        self.batch.items.push((chunk, start, data.len()));
+        if self.batch.data.len() >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ConvertError> {
+        if self.batch.items.is_empty() {
+            return Ok(());
+        }
+        let next = Batch {
+            seq: self.batch.seq + 1,
+            data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
+            items: Vec::new(),
+        };
+        let batch = std::mem::replace(&mut self.batch, next);
+        let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok());
+        if sent != Some(true) {
+            // The writer stopped early: its error says why.
+            return Err(self
+                .join_writer()
+                .err()
+                .unwrap_or_else(|| ConvertError::Invalid("compression pipeline stopped".into())));
+        }
+        Ok(())
+    }
+
+    fn join_writer(&mut self) -> Result<BlobResult, ConvertError> {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                return Err(ConvertError::Invalid(
+                    "a compression thread panicked".into(),
+                ));
+            }
+        }
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(ConvertError::Invalid(
+                "the blob writer thread panicked".into(),
+            )),
+            None => Err(ConvertError::Invalid(
+                "the blob writer already finished".into(),
+            )),
+        }
+    }
+
+    /// Flushes the last batch, waits for the threads and commits the blob.
+    pub fn finish(mut self) -> Result<BlobResult, ConvertError> {
+        self.flush()?;
+        self.join_writer()
+    }
+}
+
+impl Drop for BlobPipeline {
+    fn drop(&mut self) {
+        // On an early error, stop the threads; the blob is dropped uncommitted.
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn compress_worker(rx: Receiver<Batch>, done: Sender<Done>, level: i32) {
+    for batch in rx {
+        let result = (|| {
+            let mut stored = Vec::with_capacity(batch.data.len() / 2);
+            let mut items = Vec::with_capacity(batch.items.len());
+            for &(chunk, start, len) in &batch.items {
+                let data = batch.data.get(start..start + len).ok_or_else(|| {
+                    ConvertError::Invalid("internal error: batch item out of range".into())
+                })?;
+                let (bytes, compressed) = skiff_format::encode_chunk(data, level)?;
+                let size = u32::try_from(bytes.len()).map_err(|_| {
+                    ConvertError::Invalid(format!("chunk {chunk} compresses to over 4 GiB"))
+                })?;
+                stored.extend_from_slice(&bytes);
+                items.push((chunk, size, compressed));
+            }
+            Ok((stored, items))
+        })();
+        if done
+            .send(Done {
+                seq: batch.seq,
+                result,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn write_blob(mut out: Box<dyn BlobOut>, done: Receiver<Done>) -> Result<BlobResult, ConvertError> {
+    let mut pending = BTreeMap::new();
+    let mut next = 0u64;
+    let mut offset = 0u64;
+    let mut placements = Vec::new();
+    for d in done {
+        pending.insert(d.seq, d.result);
+        while let Some(result) = pending.remove(&next) {
+            let (stored, items) = result?;
+            out.write_all(&stored).map_err(|source| ConvertError::Io {
+                context: "writing a data blob".into(),
+                source,
+            })?;
+            for (chunk, size, compressed) in items {
+                placements.push(Placement {
+                    chunk,
+                    offset,
+                    size,
+                    compressed,
+                });
+                offset += u64::from(size);
+            }
+            next += 1;
+        }
+    }
+    if !pending.is_empty() {
+        return Err(ConvertError::Invalid(
+            "internal error: compression batches missing".into(),
+        ));
+    }
+    let (digest, size) = out.commit()?;
+    if size != offset {
+        return Err(ConvertError::Invalid(format!(
+            "internal error: blob size {size} != written {offset}"
+        )));
+    }
+    Ok(BlobResult {
+        placements,
+        digest,
+        size,
+    })
+}
