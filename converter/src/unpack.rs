@@ -6,7 +6,8 @@
 //! outside the target: a symlink in the image is created as a symlink and
 //! never followed. Ownership is restored when running as root; modes are set
 //! after ownership (chown clears setuid bits) and directory times last (adding
-//! entries changes a directory's mtime).
+//! entries changes a directory's mtime). The tree is staged beside the
+//! target and renamed into place when complete.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
@@ -37,13 +38,52 @@ pub struct UnpackStats {
 }
 
 /// Writes the tree of `bootstrap` into `target`, reading chunks from `store`.
+///
+/// The tree is written into a temporary sibling of `target` and renamed into
+/// place only when complete, so a failure (a corrupt chunk, a full disk)
+/// leaves no tree that looks finished; the partial one is removed.
 pub fn unpack(
     bootstrap: &Bootstrap<'_>,
     store: &dyn BlobStore,
     target: &Path,
 ) -> Result<UnpackStats, ConvertError> {
     bootstrap.validate()?;
-    prepare_target(target)?;
+    check_target(target)?;
+    let name = target.file_name().ok_or_else(|| {
+        ConvertError::Invalid(format!("{}: not a directory name", target.display()))
+    })?;
+    let mut staging_name = std::ffi::OsString::from(".");
+    staging_name.push(name);
+    staging_name.push(format!(".skiff-unpack-{}", std::process::id()));
+    let staging = target.with_file_name(staging_name);
+    fs::create_dir(&staging).ctx(|| format!("creating {}", staging.display()))?;
+    match unpack_into(bootstrap, store, &staging) {
+        Ok(stats) => {
+            if target.exists() {
+                fs::remove_dir(target)
+                    .ctx(|| format!("replacing the empty {}", target.display()))?;
+            }
+            fs::rename(&staging, target)
+                .ctx(|| format!("moving the unpacked tree to {}", target.display()))?;
+            Ok(stats)
+        }
+        Err(e) => {
+            if let Err(cleanup) = fs::remove_dir_all(&staging) {
+                tracing::warn!(
+                    "could not remove the partial tree {}: {cleanup}",
+                    staging.display()
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+fn unpack_into(
+    bootstrap: &Bootstrap<'_>,
+    store: &dyn BlobStore,
+    target: &Path,
+) -> Result<UnpackStats, ConvertError> {
     let as_root = nix::unistd::geteuid().is_root();
     let mut stats = UnpackStats {
         ownership_restored: as_root,
@@ -96,20 +136,16 @@ pub fn unpack(
     Ok(stats)
 }
 
-fn prepare_target(target: &Path) -> Result<(), ConvertError> {
+fn check_target(target: &Path) -> Result<(), ConvertError> {
     match fs::read_dir(target) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(ConvertError::Invalid(format!(
-                    "{} is not empty: unpack writes only into a new or empty directory",
-                    target.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))
-        }
+        Ok(mut entries) => match entries.next() {
+            Some(_) => Err(ConvertError::Invalid(format!(
+                "{} is not empty: unpack writes only into a new or empty directory",
+                target.display()
+            ))),
+            None => Ok(()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ConvertError::Io {
             context: format!("opening {}", target.display()),
             source: e,
