@@ -16,7 +16,7 @@ use serde::Serialize;
 use skiff_format::{BlobInfo, Bootstrap, ChunkInfo, Digest};
 
 use crate::chunker::{Chunker, Chunking};
-use crate::decompress::{decompressed, HashingReader};
+use crate::decompress::DecodedLayer;
 use crate::error::ConvertError;
 use crate::pipeline::{BlobPipeline, BlobSink};
 use crate::tree::TreeBuilder;
@@ -215,14 +215,14 @@ impl Converter {
             total: counter.clone(),
             progress: self.progress.clone(),
         };
-        let (_, reader) = decompressed(Box::new(counted)).map_err(|e| ConvertError::Layer {
-            layer: label.to_string(),
-            message: format!("reading the layer: {e}"),
-        })?;
-        let mut hashing = HashingReader::new(reader);
+        let mut decoded =
+            DecodedLayer::spawn(Box::new(counted)).map_err(|e| ConvertError::Layer {
+                layer: label.to_string(),
+                message: format!("reading the layer: {e}"),
+            })?;
         self.tree.begin_layer();
-        self.read_tar(label, &mut hashing)?;
-        let (actual, len) = hashing.finish().map_err(|e| ConvertError::Layer {
+        self.read_tar(label, &mut decoded)?;
+        let (actual, len) = decoded.finish().map_err(|e| ConvertError::Layer {
             layer: label.to_string(),
             message: format!("reading the end of the layer: {e}"),
         })?;

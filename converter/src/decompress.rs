@@ -4,6 +4,9 @@
 //! some registries serve `application/octet-stream`) that the magic bytes
 //! decide: gzip `1f 8b`, zstd `28 b5 2f fd`, anything else is read as a plain
 //! tar and the tar reader judges it.
+//!
+//! [`DecodedLayer`] runs decompression and the diff ID hash on a thread of
+//! their own.
 
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -59,53 +62,109 @@ pub fn decompressed(raw: Box<dyn Read + Send>) -> io::Result<(Compression, Box<d
     Ok((kind, reader))
 }
 
-/// Hashes everything read through it; [`HashingReader::finish`] gives the digest.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
+/// The uncompressed stream of a layer, decoded and hashed on its own thread.
+///
+/// Decompression (gzip especially) is the slowest sequential step of a
+/// conversion; running it beside the tar reader and chunker lets the two
+/// overlap. Blocks travel through a bounded channel, so at most a few MiB
+/// are in flight.
+pub struct DecodedLayer {
+    rx: Option<crossbeam_channel::Receiver<io::Result<Vec<u8>>>>,
+    block: Vec<u8>,
+    pos: usize,
+    thread: Option<std::thread::JoinHandle<io::Result<(Digest, u64)>>>,
 }
 
-impl<R: Read> HashingReader<R> {
-    /// Wraps `inner`.
-    pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
+const DECODE_BLOCK: usize = 1 << 20;
+
+impl DecodedLayer {
+    /// Starts decoding `raw` (any supported compression).
+    pub fn spawn(raw: Box<dyn Read + Send>) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<io::Result<Vec<u8>>>(4);
+        let thread = std::thread::Builder::new()
+            .name("skiff-decode".into())
+            .spawn(move || -> io::Result<(Digest, u64)> {
+                let result = (|| {
+                    let (_, mut reader) = decompressed(raw)?;
+                    let mut hasher = Sha256::new();
+                    let mut total = 0u64;
+                    loop {
+                        let mut block = vec![0u8; DECODE_BLOCK];
+                        let mut filled = 0;
+                        while filled < block.len() {
+                            match reader.read(&mut block[filled..]) {
+                                Ok(0) => break,
+                                Ok(n) => filled += n,
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        if filled == 0 {
+                            return Ok((Digest(hasher.finalize().into()), total));
+                        }
+                        block.truncate(filled);
+                        hasher.update(&block);
+                        total += filled as u64;
+                        if tx.send(Ok(block)).is_err() {
+                            // The reader gave up (an error downstream): stop quietly.
+                            return Err(io::Error::other("layer reader stopped"));
+                        }
+                    }
+                })();
+                if let Err(e) = &result {
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                result
+            })?;
+        Ok(DecodedLayer {
+            rx: Some(rx),
+            block: Vec::new(),
+            pos: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// Reads whatever the consumer left (the padding after a tar's end
+    /// marker counts toward the diff ID) and returns the digest and length
+    /// of the whole uncompressed stream.
+    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        self.rx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            _ => Err(io::Error::other("the layer decoding thread panicked")),
         }
     }
-
-    /// Reads what is left (tar readers stop at the end-of-archive marker,
-    /// but the diff ID covers the padding after it too) and returns the
-    /// digest and length of the whole stream.
-    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
-        io::copy(
-            &mut self.inner,
-            &mut HashSink(&mut self.hasher, &mut self.count),
-        )?;
-        Ok((Digest(self.hasher.finalize().into()), self.count))
-    }
 }
 
-struct HashSink<'a>(&'a mut Sha256, &'a mut u64);
-
-impl io::Write for HashSink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        *self.1 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
+impl Read for DecodedLayer {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
+        while self.pos == self.block.len() {
+            let Some(rx) = &self.rx else {
+                return Ok(0);
+            };
+            match rx.recv() {
+                Ok(Ok(block)) => {
+                    self.block = block;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.pos);
+        buf[..n].copy_from_slice(&self.block[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
+    }
+}
+
+impl Drop for DecodedLayer {
+    fn drop(&mut self) {
+        // Closing the channel makes the thread's next send fail, so it ends.
+        self.rx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
