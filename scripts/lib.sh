@@ -1,0 +1,143 @@
+# shellcheck shell=bash
+# Shared helpers for Skiff's scripts. Source it from a script that runs under
+# `set -euo pipefail`:
+#
+#   . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+#
+# Provides: logging (log, info, warn, die, step), repo_root, have, need_root,
+# ensure_apt PKG..., ensure_rust, human_bytes, file_size.
+
+# Guard against being sourced twice.
+if [ -n "${SKIFF_LIB_SH:-}" ]; then
+  return 0
+fi
+SKIFF_LIB_SH=1
+
+# ---------------------------------------------------------------- logging --
+
+if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then
+  _skiff_c_step=$'\033[1;34m' _skiff_c_warn=$'\033[1;33m' _skiff_c_err=$'\033[1;31m' _skiff_c_off=$'\033[0m'
+else
+  _skiff_c_step='' _skiff_c_warn='' _skiff_c_err='' _skiff_c_off=''
+fi
+
+# The name that prefixes every message: the calling script's file name.
+SKIFF_SCRIPT_NAME=${SKIFF_SCRIPT_NAME:-$(basename "$0")}
+
+# log MSG...: a plain progress line on stderr.
+log() { printf '%s: %s\n' "$SKIFF_SCRIPT_NAME" "$*" >&2; }
+
+# info MSG...: an alias of log, for readability at call sites.
+info() { log "$@"; }
+
+# warn MSG...: a highlighted warning on stderr.
+warn() { printf '%s%s: warning: %s%s\n' "$_skiff_c_warn" "$SKIFF_SCRIPT_NAME" "$*" "$_skiff_c_off" >&2; }
+
+# die MSG...: an error on stderr, then exit 1.
+die() {
+  printf '%s%s: error: %s%s\n' "$_skiff_c_err" "$SKIFF_SCRIPT_NAME" "$*" "$_skiff_c_off" >&2
+  exit 1
+}
+
+# step MSG...: a section header on stderr.
+step() { printf '\n%s==> %s%s\n' "$_skiff_c_step" "$*" "$_skiff_c_off" >&2; }
+
+# ----------------------------------------------------------------- basics --
+
+# repo_root: prints the absolute path of the repository (the parent of scripts/).
+repo_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); }
+
+# have CMD: true when CMD is on PATH.
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# need_root WHAT: dies unless running as root.
+need_root() {
+  [ "$(id -u)" -eq 0 ] || die "$1 needs root (run this script as root, e.g. with sudo)"
+}
+
+# human_bytes N: prints N bytes as a short human-readable size (MB with one decimal).
+human_bytes() { awk -v b="$1" 'BEGIN { if (b < 1e6) printf "%.1f kB", b / 1e3; else printf "%.1f MB", b / 1e6 }'; }
+
+# file_size FILE: prints the size of FILE in bytes.
+file_size() { stat -c %s "$1"; }
+
+# now: seconds since the epoch, with nanoseconds.
+now() { date +%s.%N; }
+
+# elapsed START: seconds since START (from `now`), one decimal.
+elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
+
+# -------------------------------------------------------------------- apt --
+
+_skiff_apt_updated=0
+
+# apt_installed PKG: true when the Debian package PKG is installed.
+apt_installed() {
+  dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed
+}
+
+# ensure_apt PKG...: installs the Debian packages that are not installed yet.
+# Runs `apt-get update` once per process, and only when something is missing.
+ensure_apt() {
+  local missing=() p
+  have dpkg-query || die "ensure_apt: dpkg-query not found: this needs a Debian or Ubuntu system"
+  for p in "$@"; do
+    apt_installed "$p" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  need_root "installing ${missing[*]}"
+  local apt_opts=(-q -o DPkg::Lock::Timeout=600)
+  local apt_log=${TMPDIR:-/tmp}/skiff-apt.log
+  if [ "$_skiff_apt_updated" -eq 0 ]; then
+    log "apt-get update (to install: ${missing[*]})"
+    DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" update >"$apt_log" 2>&1 \
+      || { tail -n 30 "$apt_log" >&2; die "apt-get update failed (log: $apt_log)"; }
+    _skiff_apt_updated=1
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install -y --no-install-recommends \
+    "${missing[@]}" >"$apt_log" 2>&1 \
+    || { tail -n 30 "$apt_log" >&2; die "apt-get install ${missing[*]} failed (log: $apt_log)"; }
+  for p in "${missing[@]}"; do
+    apt_installed "$p" || die "package $p is still not installed after apt-get install (log: $apt_log)"
+  done
+}
+
+# ------------------------------------------------------------------- rust --
+
+# ensure_rust: makes cargo (with rustfmt and clippy) available on PATH.
+# Uses an existing toolchain (also ~/.cargo/bin), else tries Debian's `rustup`
+# package, else the rustup installer from sh.rustup.rs. Best effort: dies with
+# a clear message when no toolchain can be had.
+ensure_rust() {
+  if ! have cargo && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+  fi
+  if ! have cargo; then
+    warn "cargo not found: trying to install a Rust toolchain with rustup"
+    if ! have rustup; then
+      # Debian 13+ packages rustup; Debian 12 does not (ignore the failure).
+      if apt-cache show rustup >/dev/null 2>&1; then
+        ensure_apt rustup || true
+      fi
+    fi
+    if ! have rustup && have curl; then
+      curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+        | sh -s -- -y --profile minimal --component rustfmt,clippy >&2 || true
+      export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    fi
+    if have rustup && ! have cargo; then
+      rustup default stable >&2 || true
+    fi
+    have cargo || die "no Rust toolchain: install one (https://rustup.rs, Rust >= 1.85 with rustfmt and clippy) and re-run"
+  fi
+  if have rustup; then
+    local c
+    for c in rustfmt clippy; do
+      if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+        log "rustup component add $c"
+        rustup component add "$c" >&2 || warn "could not add the rustup component $c"
+      fi
+    done
+  fi
+}
