@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - `convert`: `skiff convert`, OCI image or layer tars to a Skiff image.
+//! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
 //! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
 //! - `progress`: the terminal progress bar for conversions.
 
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod convert;
+mod mount;
 mod progress;
 mod tools;
 
@@ -36,6 +38,8 @@ enum Command {
     Check(tools::CheckArgs),
     /// Write an image's merged file tree into a directory.
     Unpack(tools::UnpackArgs),
+    /// Mount an image read-only with FUSE (foreground; Ctrl-C unmounts).
+    Mount(mount::MountArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => tools::inspect(args),
         Command::Check(args) => tools::check(args),
         Command::Unpack(args) => tools::unpack(args),
+        Command::Mount(args) => mount::run(args),
     };
     match result {
         Ok(code) => code,

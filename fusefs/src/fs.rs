@@ -1,0 +1,889 @@
+//! The `fuser::Filesystem` over an [`Image`] and a [`ChunkSource`].
+//!
+//! Every trait method is a short adapter: it calls a private `do_*` method
+//! that returns `Result<_, FsError>` and turns the result into a reply;
+//! [`FsError::errno`] is the one place errors become errno values. State is
+//! immutable (the bootstrap) or internally synchronised (the chunk cache and
+//! the counters), so any number of fuser threads serve requests at once.
+//!
+//! Inode numbers are bootstrap inode indices plus one (the root, index 0, is
+//! FUSE inode 1), so they are stable across mounts and hard links share one.
+//! The image never changes, so replies carry long TTLs, opened files keep the
+//! page cache and directories are cached by the kernel; lookup counts need no
+//! bookkeeping because nothing is ever allocated per inode.
+//!
+//! Missing names are answered as negative entries (inode 0 with the same
+//! TTL), so the kernel caches misses too: interpreters probe many paths that
+//! do not exist. `SEEK_DATA`/`SEEK_HOLE` follow the chunk map; `ioctl` is
+//! `ENOTTY`, as for any regular file.
+//!
+//! Directory offsets are entry positions: 0 is `.`, 1 is `..`, and `i + 2` the
+//! `i`-th stored entry, so resuming a `readdir` is an index, not a scan.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
+
+use crate::cache::ChunkSource;
+use crate::chunk::ChunkRequest;
+use crate::error::FsError;
+use crate::image::Image;
+use crate::metrics::Metrics;
+
+/// How long the kernel may cache entries and attributes: the image is
+/// immutable, so only memory pressure should evict them.
+pub const TTL: Duration = Duration::from_secs(24 * 3600);
+/// `st_blksize` of every inode.
+const BLOCK_SIZE: u32 = 4096;
+/// Longest name any entry can have.
+const NAME_MAX: usize = 255;
+/// Background requests (readahead, async reads) the kernel may queue.
+const MAX_BACKGROUND: u16 = 64;
+
+type Result<T, E = FsError> = std::result::Result<T, E>;
+
+/// The read-only filesystem of one image.
+pub struct SkiffFs {
+    image: Arc<Image>,
+    source: Arc<ChunkSource>,
+    metrics: Arc<Metrics>,
+    /// Dropped with the filesystem, which tells the daemon the FUSE session
+    /// is over (the session drops the filesystem when its threads end).
+    _alive: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl SkiffFs {
+    /// A filesystem serving `image`, reading file data from `source`.
+    pub fn new(image: Arc<Image>, source: Arc<ChunkSource>) -> SkiffFs {
+        let metrics = source.metrics().clone();
+        SkiffFs {
+            image,
+            source,
+            metrics,
+            _alive: None,
+        }
+    }
+
+    /// Makes dropping this filesystem disconnect `alive`'s receiver.
+    pub(crate) fn with_drop_signal(mut self, alive: std::sync::mpsc::Sender<()>) -> SkiffFs {
+        self._alive = Some(alive);
+        self
+    }
+
+    fn b(&self) -> &Bootstrap<'_> {
+        self.image.bootstrap()
+    }
+
+    /// The bootstrap inode of a FUSE inode number.
+    fn id(&self, ino: INodeNo) -> Result<InodeId> {
+        match ino.0.checked_sub(1) {
+            Some(i) if i < u64::from(self.b().inode_count()) => {
+                Ok(InodeId(u32::try_from(i).map_err(|_| FsError::NotFound)?))
+            }
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Result<(InodeId, Inode<'_>)> {
+        let id = self.id(ino)?;
+        Ok((id, self.b().inode(id)?))
+    }
+
+    fn attr(&self, id: InodeId, inode: &Inode<'_>) -> Result<FileAttr> {
+        let kind = inode.kind()?;
+        let blocks = if kind == FileKind::Regular {
+            let mut stored = 0u64;
+            for fc in self.b().file_chunks(id)? {
+                stored += u64::from(self.b().chunk(fc.chunk_index())?.uncompressed_size);
+            }
+            stored.div_ceil(512)
+        } else {
+            0
+        };
+        let mtime = system_time(inode.mtime());
+        let (major, minor) = inode.rdev();
+        Ok(FileAttr {
+            ino: INodeNo(u64::from(id.0) + 1),
+            size: inode.size(),
+            blocks,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: file_type(kind),
+            perm: (inode.mode() & 0o7777) as u16,
+            nlink: inode.nlink(),
+            uid: inode.uid(),
+            gid: inode.gid(),
+            rdev: encode_dev(major, minor),
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        })
+    }
+
+    fn attr_of(&self, id: InodeId) -> Result<FileAttr> {
+        let inode = self.b().inode(id)?;
+        self.attr(id, &inode)
+    }
+
+    /// A missing name is not an error but a negative entry (inode 0 with a
+    /// TTL), so that the kernel caches the miss: interpreters probe many
+    /// paths that do not exist, again and again.
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr> {
+        let dir = self.id(parent)?;
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        match self.b().lookup(dir, name.as_bytes())? {
+            Some(id) => self.attr_of(id),
+            None => Ok(negative_entry()),
+        }
+    }
+
+    fn do_getattr(&self, ino: INodeNo) -> Result<FileAttr> {
+        let (id, inode) = self.inode(ino)?;
+        self.attr(id, &inode)
+    }
+
+    fn do_readlink(&self, ino: INodeNo) -> Result<&[u8]> {
+        let (id, inode) = self.inode(ino)?;
+        if inode.kind()? != FileKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(self.b().symlink_target(id)?)
+    }
+
+    fn do_open(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags> {
+        let (_, inode) = self.inode(ino)?;
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        if inode.kind()? == FileKind::Directory {
+            return Err(FsError::IsDir);
+        }
+        Ok(FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn do_opendir(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags> {
+        let (_, inode) = self.inode(ino)?;
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return Err(FsError::ReadOnly);
+        }
+        if inode.kind()? != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+    }
+
+    fn do_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
+        Metrics::add(&self.metrics.reads, 1);
+        let (id, inode) = self.inode(ino)?;
+        match inode.kind()? {
+            FileKind::Regular => {}
+            FileKind::Directory => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        }
+        let file_size = inode.size();
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset.saturating_add(u64::from(size)));
+        let len = end - offset;
+        let records = self.b().chunks_in_range(id, offset, len)?;
+        let mut reqs = Vec::with_capacity(records.len());
+        let mut starts = Vec::with_capacity(records.len());
+        for fc in records {
+            let info = self.b().chunk(fc.chunk_index())?;
+            let blob = self.b().blob(info.blob_index)?;
+            reqs.push(ChunkRequest {
+                index: fc.chunk_index(),
+                info,
+                blob: blob.digest,
+            });
+            starts.push(fc.file_offset());
+        }
+        let datas = self.source.get_many(&reqs).map_err(|(i, source)| {
+            let req = &reqs[i];
+            tracing::error!(
+                chunk = req.index,
+                digest = %req.info.digest,
+                blob = %req.blob,
+                blob_offset = req.info.compressed_offset,
+                ino = u64::from(id.0) + 1,
+                path = %self.path_of(id),
+                file_offset = starts[i],
+                "chunk {} ({}) of blob {} unusable: {source}",
+                req.index,
+                req.info.digest,
+                req.blob
+            );
+            FsError::Chunk {
+                index: req.index,
+                source,
+            }
+        })?;
+        // Holes (bytes no chunk covers) stay zero.
+        let mut out = vec![0u8; len as usize];
+        for (start, data) in starts.iter().copied().zip(&datas) {
+            let chunk_end = start.saturating_add(data.len() as u64);
+            let from = start.max(offset);
+            let to = chunk_end.min(end);
+            if from >= to {
+                continue;
+            }
+            let src = data
+                .get((from - start) as usize..(to - start) as usize)
+                .ok_or(FsError::Invalid)?;
+            let dst = out
+                .get_mut((from - offset) as usize..(to - offset) as usize)
+                .ok_or(FsError::Invalid)?;
+            dst.copy_from_slice(src);
+        }
+        Metrics::add(&self.metrics.bytes_read, len);
+        Ok(out)
+    }
+
+    /// The `index`-th entry of a directory listing: `.`, `..`, then the stored ones.
+    fn dir_slot(
+        &self,
+        dir: InodeId,
+        parent: InodeId,
+        index: u64,
+    ) -> Result<(InodeId, FileKind, &[u8])> {
+        match index {
+            0 => Ok((dir, FileKind::Directory, b".")),
+            1 => Ok((parent, FileKind::Directory, b"..")),
+            i => {
+                let i = u32::try_from(i - 2).map_err(|_| FsError::Invalid)?;
+                let e = self.b().dir_entry(dir, i)?;
+                Ok((e.inode, e.kind, e.name))
+            }
+        }
+    }
+
+    /// The directory, its parent and the number of listing slots.
+    fn dir_listing(&self, ino: INodeNo) -> Result<(InodeId, InodeId, u64)> {
+        let (id, inode) = self.inode(ino)?;
+        if inode.kind()? != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        Ok((id, inode.parent(), u64::from(self.b().dir_len(id)?) + 2))
+    }
+
+    fn do_readdir(&self, ino: INodeNo, offset: u64, reply: &mut ReplyDirectory) -> Result<()> {
+        let (dir, parent, slots) = self.dir_listing(ino)?;
+        for index in offset..slots {
+            let (id, kind, name) = self.dir_slot(dir, parent, index)?;
+            let ino = INodeNo(u64::from(id.0) + 1);
+            if reply.add(ino, index + 1, file_type(kind), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn do_readdirplus(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        reply: &mut ReplyDirectoryPlus,
+    ) -> Result<()> {
+        let (dir, parent, slots) = self.dir_listing(ino)?;
+        for index in offset..slots {
+            let (id, _, name) = self.dir_slot(dir, parent, index)?;
+            let attr = self.attr_of(id)?;
+            if reply.add(
+                attr.ino,
+                index + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn do_getxattr(&self, ino: INodeNo, name: &OsStr, size: u32) -> Result<Xattr<'_>> {
+        let id = self.id(ino)?;
+        let value = self
+            .b()
+            .getxattr(id, name.as_bytes())?
+            .ok_or(FsError::NoAttr)?;
+        sized_reply(value, size)
+    }
+
+    fn do_listxattr(&self, ino: INodeNo, size: u32) -> Result<XattrReply> {
+        let id = self.id(ino)?;
+        let mut names = Vec::new();
+        for x in self.b().xattrs(id)? {
+            let (name, _) = x?;
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        Ok(match sized_reply(&names, size)? {
+            Xattr::Size(n) => XattrReply::Size(n),
+            Xattr::Data(_) => XattrReply::Data(names),
+        })
+    }
+
+    /// `SEEK_DATA` / `SEEK_HOLE` from the chunk map (the kernel handles the
+    /// other whences itself).
+    fn do_lseek(&self, ino: INodeNo, offset: i64, whence: i32) -> Result<i64> {
+        let (id, inode) = self.inode(ino)?;
+        if inode.kind()? != FileKind::Regular {
+            return Err(FsError::Invalid);
+        }
+        let size = inode.size();
+        let offset = u64::try_from(offset).map_err(|_| FsError::Invalid)?;
+        if offset >= size {
+            return Err(FsError::NoSuchOffset);
+        }
+        let mut hole_at = offset;
+        for fc in self.b().file_chunks(id)? {
+            let start = fc.file_offset();
+            let end = start.saturating_add(u64::from(
+                self.b().chunk(fc.chunk_index())?.uncompressed_size,
+            ));
+            if end <= offset {
+                continue;
+            }
+            match whence {
+                libc::SEEK_DATA => return Ok(start.max(offset) as i64),
+                libc::SEEK_HOLE if start > hole_at => break,
+                libc::SEEK_HOLE => hole_at = end,
+                _ => return Err(FsError::Invalid),
+            }
+        }
+        match whence {
+            libc::SEEK_DATA => Err(FsError::NoSuchOffset),
+            libc::SEEK_HOLE => Ok(hole_at.min(size) as i64),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    fn do_access(&self, ino: INodeNo, mask: AccessFlags) -> Result<()> {
+        self.id(ino)?;
+        if mask.contains(AccessFlags::W_OK) {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn do_statfs(&self) -> Result<(u64, u64)> {
+        let b = self.b();
+        let mut bytes = 0u64;
+        for i in 0..b.blob_count() {
+            bytes = bytes.saturating_add(b.blob(i)?.uncompressed_size);
+        }
+        Ok((
+            bytes.div_ceil(u64::from(BLOCK_SIZE)),
+            u64::from(b.inode_count()),
+        ))
+    }
+
+    /// A best-effort path of an inode for log messages: the first name of
+    /// each ancestor, found by scanning its parent (only on error paths).
+    fn path_of(&self, id: InodeId) -> String {
+        let b = self.b();
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur = id;
+        for _ in 0..4096 {
+            if cur == b.root() {
+                break;
+            }
+            let Ok(inode) = b.inode(cur) else { break };
+            let parent = inode.parent();
+            let name = (0..b.dir_len(parent).unwrap_or(0))
+                .filter_map(|i| b.dir_entry(parent, i).ok())
+                .find(|e| e.inode == cur)
+                .map(|e| String::from_utf8_lossy(e.name).into_owned());
+            parts.push(name.unwrap_or_else(|| format!("<inode {}>", cur.0)));
+            cur = parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+}
+
+/// The attributes of a negative entry: inode 0 means "no such name".
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+/// An xattr answer: the size the caller asked for, or the data.
+enum Xattr<'a> {
+    Size(u32),
+    Data(&'a [u8]),
+}
+
+/// An owned xattr answer (the NUL-separated name list).
+enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// The xattr protocol: size 0 asks for the length; a buffer too small is ERANGE.
+fn sized_reply(value: &[u8], size: u32) -> Result<Xattr<'_>> {
+    let len = u32::try_from(value.len()).map_err(|_| FsError::Range)?;
+    if size == 0 {
+        Ok(Xattr::Size(len))
+    } else if len > size {
+        Err(FsError::Range)
+    } else {
+        Ok(Xattr::Data(value))
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+/// The kernel's `new_encode_dev`: what `fuse_attr.rdev` carries.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn system_time((sec, nsec): (i64, u32)) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(nsec.min(999_999_999)));
+    let t = if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+    };
+    t.and_then(|t| t.checked_add(nanos)).unwrap_or(UNIX_EPOCH)
+}
+
+fn errno(e: &FsError) -> Errno {
+    // Chunk errors are logged where they happen, with the file's details.
+    if let FsError::Format(_) = e {
+        tracing::error!("corrupt bootstrap record, replying EIO: {e}");
+    } else {
+        tracing::trace!("replying errno {}: {e}", e.errno());
+    }
+    Errno::from_i32(e.errno())
+}
+
+const EROFS: Errno = Errno::EROFS;
+
+impl Filesystem for SkiffFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES;
+        // Ask only for what this kernel offers; the rest is an optimisation.
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        // The kernel offers its largest readahead; take all of it (the
+        // daemon raises the bdi's read_ahead_kb after mounting).
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        tracing::debug!(capabilities = ?config.capabilities(), "FUSE init");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.do_readlink(ino) {
+            Ok(target) => reply.data(target),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino, flags) {
+            Ok(fopen) => reply.opened(FileHandle(0), fopen),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(ino, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                Metrics::add(&self.metrics.read_errors, 1);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino, flags) {
+            Ok(fopen) => reply.opened(FileHandle(0), fopen),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.do_readdir(ino, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.do_readdirplus(ino, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.do_statfs() {
+            Ok((blocks, files)) => reply.statfs(
+                blocks,
+                0,
+                0,
+                files,
+                0,
+                BLOCK_SIZE,
+                NAME_MAX as u32,
+                BLOCK_SIZE,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.do_getxattr(ino, name, size) {
+            Ok(Xattr::Size(n)) => reply.size(n),
+            Ok(Xattr::Data(d)) => reply.data(d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.do_listxattr(ino, size) {
+            Ok(XattrReply::Size(n)) => reply.size(n),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.do_lseek(ino, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// No ioctls: this is what a regular file answers to `isatty` (`TCGETS`).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.do_access(ino, mask) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    // Every modification is EROFS: the image is immutable. The kernel already
+    // refuses most of them on an `ro` mount; these answer the rest.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_encoding_matches_the_kernel() {
+        assert_eq!(encode_dev(1, 3), 0x0103);
+        assert_eq!(
+            encode_dev(8, 0x1_0005),
+            (0x05) | (8 << 8) | (0x1_0000 << 12)
+        );
+    }
+
+    #[test]
+    fn times_before_the_epoch() {
+        assert_eq!(system_time((0, 0)), UNIX_EPOCH);
+        assert!(system_time((-10, 0)) < UNIX_EPOCH);
+        assert_eq!(system_time((1, 5)), UNIX_EPOCH + Duration::new(1, 5));
+    }
+
+    #[test]
+    fn xattr_sizes() {
+        assert!(matches!(sized_reply(b"abc", 0), Ok(Xattr::Size(3))));
+        assert!(matches!(sized_reply(b"abc", 2), Err(FsError::Range)));
+        assert!(matches!(sized_reply(b"abc", 3), Ok(Xattr::Data(b"abc"))));
+    }
+}

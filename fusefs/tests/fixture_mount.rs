@@ -1,0 +1,441 @@
+//! `skiff mount` end to end on the fixture image (a real Debian + Python
+//! image): the mounted tree equals `umoci unpack`'s, Python imports numpy and
+//! pandas in a chroot of it, 16 threads reading random ranges get the right
+//! bytes, a damaged blob gives EIO (and a log line naming the chunk) on the
+//! file that needs it and nothing else, and SIGTERM unmounts cleanly.
+//!
+//! They drive the release `skiff` binary (`SKIFF_BIN`) and need root,
+//! `/dev/fuse`, `fusermount3`, umoci and the fixtures: without them they
+//! fail, they do not skip.
+
+// In a test a failed expectation is the failure we want reported.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use skiff_format::{Bootstrap, FileKind, InodeId};
+use skiff_registry::skiff::open_image;
+use skiff_registry::ImageRef;
+use skiff_tests::harness::{
+    fixture_image, on_path, remove_all, run, scratch_root, skiff, skiff_bin, umoci_rootfs,
+};
+use skiff_tests::treedump::{compare_named, dump, DumpOptions, MtimeMode};
+
+fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests need FUSE"
+    );
+    assert!(
+        on_path("fusermount3"),
+        "fusermount3 is missing: apt-get install fuse3"
+    );
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests mount filesystems: run them as root"
+    );
+}
+
+fn work_dir() -> PathBuf {
+    scratch_root().join("fusefs-mount")
+}
+
+/// The fixture converted once per test binary (an OCI layout, tag `python`).
+fn converted() -> &'static PathBuf {
+    static CONVERTED: OnceLock<PathBuf> = OnceLock::new();
+    CONVERTED.get_or_init(|| {
+        let dir = work_dir().join("image");
+        remove_all(&dir);
+        let t = Instant::now();
+        skiff([
+            "convert",
+            "--no-progress",
+            &fixture_image(),
+            &format!("oci:{}:python", dir.display()),
+        ]);
+        eprintln!(
+            "converted the fixture in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        dir
+    })
+}
+
+fn image_ref(layout: &Path) -> String {
+    format!("oci:{}:python", layout.display())
+}
+
+/// A running `skiff mount`; unmounted (and the daemon reaped) on drop, even
+/// when the test fails.
+struct SkiffMount {
+    child: Option<Child>,
+    mnt: PathBuf,
+    log: PathBuf,
+    ready_line: String,
+}
+
+impl SkiffMount {
+    fn start(image: &str, name: &str, extra: &[&str]) -> SkiffMount {
+        require_fuse();
+        let base = work_dir().join(name);
+        let mnt = base.join("mnt");
+        let log = base.join("daemon.log");
+        // A mount left by an earlier, killed run.
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status();
+        fs::create_dir_all(&mnt).expect("mountpoint");
+        let log_file = fs::File::create(&log).expect("log file");
+        let mut child = Command::new(skiff_bin())
+            .arg("mount")
+            .arg(image)
+            .arg(&mnt)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn skiff mount");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut m = SkiffMount {
+            child: Some(child),
+            mnt,
+            log,
+            ready_line: String::new(),
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.starts_with("skiff: mounted") => {
+                m.ready_line = line.trim().to_string()
+            }
+            other => panic!(
+                "skiff mount did not become ready ({other:?}); its log:\n{}",
+                m.logs()
+            ),
+        }
+        eprintln!("{}", m.ready_line);
+        m
+    }
+
+    fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel.trim_start_matches('/'))
+    }
+
+    /// SIGTERM, then the daemon's exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+        wait_timeout(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!(
+                "skiff mount did not exit within 30 s of SIGTERM:\n{}",
+                self.logs()
+            )
+        })
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for SkiffMount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status();
+            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+#[test]
+fn mount_equals_umoci_rootfs() {
+    let reference_root = umoci_rootfs();
+    let m = SkiffMount::start(&image_ref(converted()), "compare", &[]);
+    let opts = DumpOptions::all().with_mtime(MtimeMode::Exact);
+    let t = Instant::now();
+    let reference = dump(&reference_root, &opts).expect("dump reference");
+    eprintln!(
+        "dumped the reference ({} paths) in {:.1} s",
+        reference.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let got = dump(&m.mnt, &opts).expect("dump mount");
+    eprintln!(
+        "dumped the mount ({} paths, every file read) in {:.1} s",
+        got.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        reference.len() > 10_000,
+        "the reference is suspiciously small"
+    );
+    if let Err(exact) = compare_named(&reference, "umoci", &got, "mount") {
+        if let Err(report) = compare_named(
+            &reference.with_mtime_seconds(),
+            "umoci",
+            &got.with_mtime_seconds(),
+            "mount",
+        ) {
+            panic!("the mount differs from umoci unpack:\n{report}");
+        }
+        eprintln!("equal with mtimes to the second; to the nanosecond:\n{exact}");
+    }
+    assert!(!m.logs().contains("ERROR"), "errors logged:\n{}", m.logs());
+}
+
+#[test]
+fn python_imports_numpy_and_pandas_in_a_chroot() {
+    let m = SkiffMount::start(&image_ref(converted()), "python", &[]);
+    for run_name in ["cold", "warm"] {
+        let t = Instant::now();
+        let out = run(Command::new("chroot").arg(&m.mnt).args([
+            "python3",
+            "-c",
+            "import numpy, pandas; print(numpy.__version__, pandas.__version__)",
+        ]));
+        eprintln!(
+            "chroot python3 -c 'import numpy, pandas' ({run_name}): {:.2} s, {}",
+            t.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+}
+
+/// Regular files of a tree with their sizes (not following symlinks).
+fn regular_files(root: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in fs::read_dir(root.join(&rel)).expect("readdir") {
+            let e = e.expect("entry");
+            let rel = rel.join(e.file_name());
+            let md = e.metadata().expect("lstat");
+            if md.is_dir() {
+                stack.push(rel);
+            } else if md.is_file() && md.len() > 0 {
+                out.push((rel.to_string_lossy().into_owned(), md.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn sixteen_threads_read_random_ranges() {
+    const THREADS: u64 = 16;
+    const READS_PER_THREAD: u64 = 2_000;
+    let reference_root = umoci_rootfs();
+    let files = regular_files(&reference_root);
+    let m = SkiffMount::start(&image_ref(converted()), "stress", &[]);
+    let bytes = AtomicU64::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for thread in 0..THREADS {
+            let (files, m, reference_root, bytes) = (&files, &m, &reference_root, &bytes);
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(thread);
+                for i in 0..READS_PER_THREAD {
+                    let (path, size) = &files[rng.gen_range(0..files.len())];
+                    let off = rng.gen_range(0..*size);
+                    let len = rng.gen_range(1..=(512u64 << 10)).min(size - off + 64) as usize;
+                    let mut want = vec![0u8; len];
+                    let mut got = vec![0u8; len];
+                    let r = fs::File::open(reference_root.join(path)).expect("open reference");
+                    let wn = read_at_full(&r, &mut want, off);
+                    let f = fs::File::open(m.p(path))
+                        .unwrap_or_else(|e| panic!("thread {thread} read {i}: open {path}: {e}"));
+                    let gn = read_at_full(&f, &mut got, off);
+                    assert_eq!(
+                        gn, wn,
+                        "thread {thread} read {i}: {path} at {off}+{len}: length"
+                    );
+                    assert!(
+                        got[..gn] == want[..wn],
+                        "thread {thread} read {i}: {path} at {off}+{len}: bytes differ"
+                    );
+                    bytes.fetch_add(gn as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    eprintln!(
+        "{} random reads of {} files on {THREADS} threads: {:.1} MB in {:.1} s, no error, no mismatch",
+        THREADS * READS_PER_THREAD,
+        files.len(),
+        bytes.load(Ordering::Relaxed) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+}
+
+fn read_at_full(f: &fs::File, buf: &mut [u8], off: u64) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => panic!("read at {}: {e}", off + n as u64),
+        }
+    }
+    n
+}
+
+/// Paths of the regular files of a bootstrap, by inode (first name only).
+fn file_paths(b: &Bootstrap<'_>) -> HashMap<InodeId, String> {
+    let mut out = HashMap::new();
+    let mut stack = vec![(String::new(), b.root())];
+    while let Some((path, dir)) = stack.pop() {
+        for e in b.dir_entries(dir).expect("dir") {
+            let e = e.expect("entry");
+            let p = format!("{path}/{}", String::from_utf8_lossy(e.name));
+            match e.kind {
+                FileKind::Directory => stack.push((p, e.inode)),
+                FileKind::Regular => {
+                    out.entry(e.inode).or_insert(p);
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_damaged_blob_gives_eio_on_that_file_only() {
+    let reference_root = umoci_rootfs();
+    let layout = work_dir().join("damaged-image");
+    remove_all(&layout);
+    run(Command::new("cp").arg("-a").arg(converted()).arg(&layout));
+    let image = open_image(&image_ref(&layout).parse::<ImageRef>().expect("ref")).expect("open");
+    let b = Bootstrap::parse(&image.bootstrap).expect("parse");
+    let paths = file_paths(&b);
+    // Chunk -> number of files that use it.
+    let mut users: HashMap<u32, usize> = HashMap::new();
+    for id in paths.keys() {
+        let mut seen = HashSet::new();
+        for fc in b.file_chunks(*id).expect("chunks") {
+            if seen.insert(fc.chunk_index()) {
+                *users.entry(fc.chunk_index()).or_default() += 1;
+            }
+        }
+    }
+    // A file of a few chunks whose second chunk no other file uses, and a
+    // big file that does not use it either.
+    let mut candidates: Vec<(&InodeId, &String)> = paths.iter().collect();
+    candidates.sort_by(|a, b| a.1.cmp(b.1));
+    let (victim, victim_path, chunk_index) = candidates
+        .iter()
+        .find_map(|(id, p)| {
+            let chunks = b.file_chunks(**id).ok()?;
+            let c = chunks.get(1)?.chunk_index();
+            (chunks.len() >= 3 && users.get(&c) == Some(&1)).then_some((**id, (*p).clone(), c))
+        })
+        .expect("a file with a private chunk");
+    let info = b.chunk(chunk_index).expect("chunk");
+    let blob = b.blob(info.blob_index).expect("blob");
+    let blob_path = layout.join("blobs/sha256").join(blob.digest.to_hex());
+    let mut bytes = fs::read(&blob_path).expect("read blob");
+    bytes[(info.compressed_offset + u64::from(info.compressed_size) / 2) as usize] ^= 0x01;
+    fs::remove_file(&blob_path).expect("unlink blob copy");
+    fs::write(&blob_path, &bytes).expect("write damaged blob");
+    let (other_path, _) = candidates
+        .iter()
+        .filter(|(id, _)| **id != victim)
+        .map(|(id, p)| (*p, b.inode(**id).map(|i| i.size()).unwrap_or(0)))
+        .filter(|(_, size)| *size > 1 << 20)
+        .max_by_key(|(_, size)| *size)
+        .expect("a big file");
+    drop(image);
+
+    let m = SkiffMount::start(&image_ref(&layout), "damaged", &[]);
+    for _ in 0..2 {
+        let err = fs::read(m.p(&victim_path)).expect_err("reading a damaged chunk must fail");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{victim_path}: {err}");
+    }
+    let want =
+        fs::read(reference_root.join(other_path.trim_start_matches('/'))).expect("reference");
+    assert!(
+        fs::read(m.p(other_path)).expect("other file") == want,
+        "{other_path} differs"
+    );
+    // The first chunk of the damaged file is still fine.
+    let f = fs::File::open(m.p(&victim_path)).expect("open");
+    let mut head = vec![0u8; 100];
+    assert_eq!(f.read_at(&mut head, 0).expect("read head"), 100);
+    let logs = m.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains(&info.digest.to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no log line names chunk {chunk_index} ({}):\n{logs}",
+                info.digest
+            )
+        });
+    assert!(
+        line.contains(&format!("chunk {chunk_index}")) && line.contains(&victim_path),
+        "{line}"
+    );
+    eprintln!("damaged {victim_path} (chunk {chunk_index}): EIO; {other_path} served; log: {line}");
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let mut m = SkiffMount::start(&image_ref(converted()), "sigterm", &[]);
+    let md = fs::metadata(m.p("/usr/bin")).expect("stat");
+    assert!(md.is_dir());
+    assert_eq!(fs::metadata(&m.mnt).expect("root").ino(), 1);
+    assert!(is_mounted(&m.mnt));
+    let status = m.terminate();
+    assert!(status.success(), "exit status {status}:\n{}", m.logs());
+    assert!(!is_mounted(&m.mnt), "still mounted after SIGTERM");
+    assert!(m.logs().contains("unmounted"), "{}", m.logs());
+}
