@@ -6,6 +6,7 @@
 //! `--pid-file`); logs go to stderr (`RUST_LOG`). SIGINT or SIGTERM
 //! unmounts and exits 0.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -85,6 +86,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     if let Some(pid_file) = &args.pid_file {
         let _ = std::fs::remove_file(pid_file);
     }
-    tracing::info!("final counters: {metrics}");
+    // The exit summary: what this mount read and fetched, for the operator.
+    // Not println!: whoever started us may have closed our stdout by now.
+    let _ = writeln!(
+        std::io::stdout(),
+        "skiff: unmounted {}: {metrics}",
+        args.mountpoint.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -68,6 +68,8 @@ impl MountOptions {
 
 /// A mounted image being served.
 pub struct Daemon {
+    /// Set by the SIGINT/SIGTERM handlers.
+    stop: Arc<AtomicBool>,
     session: Option<BackgroundSession>,
     /// Disconnects when the filesystem is dropped, i.e. the session is over.
     fs_gone: std::sync::mpsc::Receiver<()>,
@@ -95,6 +97,15 @@ impl Daemon {
         fetcher: Arc<dyn ChunkFetcher>,
     ) -> Result<Daemon, DaemonError> {
         let t0 = Instant::now();
+        // Handlers go in before the mount exists: a signal that arrives as
+        // soon as the mount is announced must unmount it, not kill us.
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, stop.clone()).map_err(|e| DaemonError::Io {
+                context: "installing signal handlers".into(),
+                source: e,
+            })?;
+        }
         check_mountpoint(&opts.mountpoint, opts.force_unmount)?;
         let image = Arc::new(Image::new(bootstrap)?);
         let metrics = Arc::new(Metrics::default());
@@ -129,6 +140,7 @@ impl Daemon {
             ready_in.as_secs_f64() * 1e3
         );
         Ok(Daemon {
+            stop,
             session: Some(session),
             fs_gone,
             mountpoint: opts.mountpoint.clone(),
@@ -161,15 +173,8 @@ impl Daemon {
     /// Serves until SIGINT/SIGTERM (then unmounts) or until the mount is
     /// unmounted by someone else; returns why, with the final counters.
     pub fn wait(mut self) -> Result<(Stopped, MetricsSnapshot), DaemonError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, stop.clone()).map_err(|e| DaemonError::Io {
-                context: "installing signal handlers".into(),
-                source: e,
-            })?;
-        }
         let why = loop {
-            if stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) {
                 break Stopped::Signal;
             }
             if self.session.as_ref().is_none_or(|s| s.guard.is_finished()) {
