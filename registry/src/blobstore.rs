@@ -1,7 +1,7 @@
 //! The read side used by mount, check and unpack: ranges of blobs by digest.
 //!
 //! [`BlobStore`] is the seam: [`LocalBlobStore`] reads an OCI layout on
-//! disk; a registry-backed store (HTTP range requests) will implement the
+//! disk; [`RegistryBlobStore`](crate::RegistryBlobStore) (HTTP range requests) implements the
 //! same trait. A store never returns short data: a blob too short for the
 //! range asked is an error naming the blob.
 

@@ -78,9 +78,46 @@ pub enum RegistryError {
         /// The platforms the index offers, comma-separated.
         available: String,
     },
-    /// A feature that is planned but not built yet (e.g. `docker://`).
+    /// A feature that is planned but not built yet.
     #[error("{0}")]
     Unsupported(String),
+    /// A registry answered with an HTTP status the operation cannot use.
+    #[error("registry {registry}, repository {repository}: {what}: HTTP {status}{detail}")]
+    Http {
+        /// The registry (`host[:port]`).
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// The operation, e.g. `GET blob sha256:...`.
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The registry's error message, if it sent one (starts with `: `).
+        detail: String,
+    },
+    /// A registry could not be reached, or kept failing, through all retries.
+    #[error("registry {registry}: {what}: failed after {attempts} attempt(s): {detail}")]
+    Network {
+        /// The registry (`host[:port]`) or mirror.
+        registry: String,
+        /// The operation.
+        what: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last error.
+        detail: String,
+    },
+    /// A registry refused the credentials, or needs some and has none.
+    #[error("registry {registry}: authentication failed: {detail}")]
+    Auth {
+        /// The registry (`host[:port]`).
+        registry: String,
+        /// What went wrong (never a secret).
+        detail: String,
+    },
+    /// A registry configuration that cannot be used.
+    #[error("registry configuration: {0}")]
+    Config(String),
 }
 
 impl RegistryError {

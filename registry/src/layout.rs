@@ -129,7 +129,7 @@ fn platform_matches(d: &Descriptor, wanted: &Platform) -> bool {
 
 /// Chooses among index entries: a lone entry is taken if it has no
 /// platform or a matching one; among several, the first matching one.
-fn choose<'a>(
+pub(crate) fn choose<'a>(
     image: &str,
     entries: &[&'a Descriptor],
     wanted: &Platform,
@@ -338,7 +338,7 @@ impl OciLayout {
     }
 }
 
-fn looks_like_index(bytes: &[u8]) -> bool {
+pub(crate) fn looks_like_index(bytes: &[u8]) -> bool {
     serde_json::from_slice::<Value>(bytes)
         .ok()
         .is_some_and(|v| v.get("manifests").is_some() && v.get("layers").is_none())

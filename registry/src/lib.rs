@@ -1,7 +1,7 @@
 //! Where images come from and where converted images go.
 //!
 //! Skiff reads ordinary container images (an OCI image layout, a
-//! `docker save` archive, later a registry) and writes converted images as
+//! `docker save` archive, a registry) and writes converted images as
 //! OCI image layouts. This crate is that boundary: it parses image
 //! references, resolves tags and platforms to manifests, streams layers
 //! while verifying their digests, writes layouts crash-safely, and serves
@@ -32,24 +32,53 @@
 //! - [`skiff`](mod@skiff): [`skiff::open_image`], a converted Skiff image by reference.
 //! - [`verify`]: [`VerifyingReader`], which checks digest and size at EOF.
 //! - [`error`]: the one error type, [`RegistryError`].
+//!
+//! The registry side (OCI distribution over HTTP):
+//!
+//! - [`config`]: [`RegistryConfig`] (TLS, insecure registries, mirrors,
+//!   proxy, timeouts, retries, credentials), loadable from TOML or JSON.
+//! - [`credentials`]: credentials from the config, the Docker config file
+//!   and credential helpers.
+//! - `auth` (private): challenges, Basic, Bearer tokens (cached, refreshed).
+//! - [`client`]: [`RegistryClient`], one repository: retries, redirects,
+//!   mirrors, auth.
+//! - [`remote`]: manifests, verified blobs, ranges and resumable streams;
+//!   `docker://` as a source.
+//! - [`store`]: [`RegistryBlobStore`], the [`BlobStore`] of a repository
+//!   (HTTP Range reads), with [`FetchStats`] from [`stats`].
+//! - [`push`]: [`RegistryWriter`] and [`RegistryBlobWriter`], uploads and
+//!   manifests.
 
+mod auth;
 pub mod blobstore;
+pub mod client;
+pub mod config;
+pub mod credentials;
 mod docker_archive;
 pub mod error;
 pub mod layout;
 pub mod media;
 pub mod platform;
+pub mod push;
 pub mod reference;
+pub mod remote;
 pub mod skiff;
 pub mod source;
+pub mod stats;
+pub mod store;
 pub mod verify;
 
 pub use blobstore::{BlobStore, LocalBlobStore};
+pub use client::RegistryClient;
+pub use config::{Credentials, Mirror, RegistryConfig, RetryConfig};
 pub use error::RegistryError;
 pub use layout::{BlobWriter, OciLayout, OciLayoutWriter};
 pub use media::LayerCompression;
 pub use platform::Platform;
+pub use push::{RegistryBlobWriter, RegistryWriter};
 pub use reference::{DockerRef, ImageRef};
 pub use skiff_format::Digest;
-pub use source::{open_source, LayerInfo, LayerOpener, SourceImage};
+pub use source::{open_source, open_source_with, LayerInfo, LayerOpener, SourceImage};
+pub use stats::FetchStats;
+pub use store::RegistryBlobStore;
 pub use verify::VerifyingReader;

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `oci:DIR[:TAG]` | an OCI image layout directory, optionally a tag in it |
 //! | `docker-archive:FILE[:REF]` | a `docker save` tar, optionally one image in it (`name:tag` or `@N`) |
-//! | `docker://REF` | an image in a registry (parsed now, opened by a later version) |
+//! | `docker://REF` | an image in a registry |
 //!
 //! In `oci:`, the text after the *last* `:` is a tag only if it looks like
 //! one (`[A-Za-z0-9_.-]+`, in particular no `/`): `oci:/tmp/a:b/c` is the

@@ -15,7 +15,11 @@ use std::sync::Arc;
 use serde_json::Value;
 use skiff_format::{Bootstrap, Digest};
 
+use crate::client::RegistryClient;
+use crate::config::RegistryConfig;
 use crate::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP as MEDIA_BOOTSTRAP};
+use crate::platform::Platform;
+use crate::store::RegistryBlobStore;
 use crate::{BlobStore, ImageRef, LocalBlobStore, OciLayout, RegistryError};
 
 /// Largest bootstrap accepted (uncompressed): far above any real image, low
@@ -36,30 +40,87 @@ pub struct SkiffImage {
     pub bootstrap_digest: Digest,
     /// Where the data blobs are read from.
     pub store: Arc<dyn BlobStore>,
+    /// The same store when it is a registry (`docker://`), for its
+    /// [`stats`](RegistryBlobStore::stats); `None` for local images.
+    pub registry_store: Option<Arc<RegistryBlobStore>>,
 }
 
 fn invalid(reference: &str, message: impl std::fmt::Display) -> RegistryError {
     RegistryError::Invalid(format!("{reference}: {message}"))
 }
 
-/// Opens a Skiff image (`oci:DIR[:TAG]`).
+/// Opens a Skiff image (`oci:DIR[:TAG]` or `docker://REF`). Registries are
+/// reached with the configuration of [`RegistryConfig::from_env`].
 pub fn open_image(reference: &ImageRef) -> Result<SkiffImage, RegistryError> {
+    match reference {
+        ImageRef::Docker(_) => open_image_with(reference, &RegistryConfig::from_env()?),
+        _ => open_image_with(reference, &RegistryConfig::default()),
+    }
+}
+
+/// [`open_image`] with an explicit registry configuration.
+///
+/// For `docker://`, only the manifest (through an index for the host
+/// platform, if the reference names one) and the bootstrap layer are
+/// fetched; data blobs are read later through
+/// [`SkiffImage::store`], a [`RegistryBlobStore`] that knows their sizes
+/// from the manifest.
+pub fn open_image_with(
+    reference: &ImageRef,
+    config: &RegistryConfig,
+) -> Result<SkiffImage, RegistryError> {
     let name = reference.to_string();
-    let ImageRef::Oci { dir, tag } = reference else {
-        return Err(invalid(
+    match reference {
+        ImageRef::Oci { dir, tag } => {
+            let layout = OciLayout::open(dir)?;
+            let (manifest_digest, manifest_bytes) = layout.resolve(tag.as_deref())?;
+            let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir)?);
+            finish_open(
+                name,
+                manifest_digest,
+                &manifest_bytes,
+                |digest, _size| layout.read_blob(digest),
+                store,
+                None,
+            )
+        }
+        ImageRef::Docker(d) => {
+            let client = RegistryClient::new(d, config)?;
+            let m = client.resolve_manifest(d, &Platform::host())?;
+            let remote = Arc::new(RegistryBlobStore::from_client(client.clone()));
+            let store: Arc<dyn BlobStore> = remote.clone();
+            finish_open(
+                name,
+                m.digest,
+                &m.bytes,
+                |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
+                store,
+                Some(remote),
+            )
+        }
+        ImageRef::DockerArchive { .. } => Err(invalid(
             &name,
-            "only oci:DIR[:TAG] images can be opened for now (docker:// comes with registry support)",
-        ));
-    };
-    let layout = OciLayout::open(dir)?;
-    let (manifest_digest, manifest_bytes) = layout.resolve(tag.as_deref())?;
-    let manifest: Value = serde_json::from_slice(&manifest_bytes)
+            "Skiff images are opened from oci:DIR[:TAG] or docker://REF, not from docker-archive:",
+        )),
+    }
+}
+
+fn finish_open(
+    name: String,
+    manifest_digest: Digest,
+    manifest_bytes: &[u8],
+    read_blob: impl FnOnce(&Digest, Option<u64>) -> Result<Vec<u8>, RegistryError>,
+    store: Arc<dyn BlobStore>,
+    registry_store: Option<Arc<RegistryBlobStore>>,
+) -> Result<SkiffImage, RegistryError> {
+    let manifest: Value = serde_json::from_slice(manifest_bytes)
         .map_err(|e| invalid(&name, format!("manifest is not JSON: {e}")))?;
     let layers = manifest
         .get("layers")
         .and_then(Value::as_array)
         .ok_or_else(|| invalid(&name, "manifest has no layers array"))?;
     let mut data_blobs = Vec::new();
+    let mut sizes = Vec::new();
     let mut bootstrap_layer = None;
     for layer in layers {
         let media = layer.get("mediaType").and_then(Value::as_str).unwrap_or("");
@@ -69,22 +130,29 @@ pub fn open_image(reference: &ImageRef) -> Result<SkiffImage, RegistryError> {
             .ok_or_else(|| invalid(&name, "a layer has no digest"))?
             .parse()
             .map_err(|e| invalid(&name, format!("a layer digest: {e}")))?;
+        let size = layer.get("size").and_then(Value::as_u64);
+        if let Some(s) = size {
+            sizes.push((digest, s));
+        }
         if media == MEDIA_BOOTSTRAP {
             if bootstrap_layer.is_some() {
                 return Err(invalid(&name, "manifest has two bootstrap layers"));
             }
-            bootstrap_layer = Some((digest, layer));
+            bootstrap_layer = Some((digest, size, layer));
         } else {
             data_blobs.push(digest);
         }
     }
-    let Some((bootstrap_layer_digest, layer)) = bootstrap_layer else {
+    let Some((bootstrap_layer_digest, bootstrap_size, layer)) = bootstrap_layer else {
         return Err(invalid(
             &name,
             format!("not a Skiff image: no layer of media type {MEDIA_BOOTSTRAP} (convert it with `skiff convert` first)"),
         ));
     };
-    let compressed = layout.read_blob(&bootstrap_layer_digest)?;
+    if let Some(remote) = &registry_store {
+        remote.add_known_sizes(sizes);
+    }
+    let compressed = read_blob(&bootstrap_layer_digest, bootstrap_size)?;
     let mut bootstrap = Vec::new();
     zstd::stream::read::Decoder::new(compressed.as_slice())
         .map_err(|e| invalid(&name, format!("bootstrap layer: {e}")))?
@@ -129,6 +197,7 @@ pub fn open_image(reference: &ImageRef) -> Result<SkiffImage, RegistryError> {
         manifest,
         bootstrap,
         bootstrap_digest,
-        store: Arc::new(LocalBlobStore::new(dir)?),
+        store,
+        registry_store,
     })
 }

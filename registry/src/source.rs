@@ -16,6 +16,7 @@ use oci_spec::image::ImageManifest;
 use serde_json::Value;
 use skiff_format::Digest;
 
+use crate::config::RegistryConfig;
 use crate::layout::{to_digest, OciLayout, MAX_CONFIG_SIZE};
 use crate::media::LayerCompression;
 use crate::platform::Platform;
@@ -91,10 +92,30 @@ pub trait LayerOpener: Send + Sync {
 /// Opens the image `r` for conversion. `platform` chooses a manifest from a
 /// multi-platform index (default: linux and the host architecture).
 ///
-/// `docker://` references parse but cannot be opened yet.
+/// `docker://` references are read from the registry with the configuration
+/// of [`RegistryConfig::from_env`]; [`open_source_with`] takes one.
 pub fn open_source(
     r: &ImageRef,
     platform: Option<&Platform>,
+) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
+    match r {
+        ImageRef::Docker(_) => open_source_with(r, platform, &RegistryConfig::from_env()?),
+        _ => open_source_with(r, platform, &RegistryConfig::default()),
+    }
+}
+
+/// [`open_source`] with an explicit registry configuration (used for
+/// `docker://` references only).
+///
+/// For `docker://`, the manifest (and the index, if the reference names one,
+/// choosing `platform`) and the config are fetched and verified now; layers
+/// stream from the registry when opened, verified as they stream, and a
+/// broken connection resumes with a Range request where it stopped. Nothing
+/// is stored locally.
+pub fn open_source_with(
+    r: &ImageRef,
+    platform: Option<&Platform>,
+    config: &RegistryConfig,
 ) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
     let host = Platform::host();
     let platform = platform.unwrap_or(&host);
@@ -106,10 +127,7 @@ pub fn open_source(
         ImageRef::DockerArchive { path, reference } => {
             docker_archive::open(path, reference.as_deref(), r.to_string())
         }
-        ImageRef::Docker(d) => Err(RegistryError::Unsupported(format!(
-            "docker://{d}: reading from registries is not supported yet; \
-             copy the image locally first, e.g. `skopeo copy docker://{d} oci:DIR:TAG`"
-        ))),
+        ImageRef::Docker(d) => crate::remote::open_docker_source(d, platform, config),
     }
 }
 
@@ -147,14 +165,39 @@ fn open_oci(
     platform: &Platform,
 ) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
     let (manifest_digest, manifest_bytes) = layout.resolve_for(tag, platform)?;
+    let (source, blobs) = source_from_manifest(
+        image.clone(),
+        manifest_digest,
+        &manifest_bytes,
+        |desc, what| layout.read_descriptor(desc, what, MAX_CONFIG_SIZE),
+    )?;
+    Ok((
+        source,
+        Box::new(OciLayerOpener {
+            layout,
+            image,
+            blobs,
+        }),
+    ))
+}
+
+/// Builds a [`SourceImage`] from a verified image manifest, fetching its
+/// config (verified) with `fetch_config(descriptor, what)`. Returns the
+/// layers' digests and sizes too.
+pub(crate) fn source_from_manifest(
+    image: String,
+    manifest_digest: Digest,
+    manifest_bytes: &[u8],
+    fetch_config: impl FnOnce(&oci_spec::image::Descriptor, &str) -> Result<Vec<u8>, RegistryError>,
+) -> Result<(SourceImage, Vec<(Digest, u64)>), RegistryError> {
     let what = format!("manifest {manifest_digest} of {image}");
-    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+    let manifest: ImageManifest = serde_json::from_slice(manifest_bytes)
         .map_err(|e| RegistryError::Invalid(format!("{what}: not an image manifest: {e}")))?;
-    let manifest_json: Value = serde_json::from_slice(&manifest_bytes)
+    let manifest_json: Value = serde_json::from_slice(manifest_bytes)
         .map_err(|e| RegistryError::Invalid(format!("{what}: not JSON: {e}")))?;
     let config_digest = to_digest(manifest.config().digest(), &what)?;
     let config_what = format!("config {config_digest} of {image}");
-    let config = layout.read_descriptor(manifest.config(), &config_what, MAX_CONFIG_SIZE)?;
+    let config = fetch_config(manifest.config(), &config_what)?;
     let ids = diff_ids(&config, &config_what)?;
     if !ids.is_empty() && ids.len() != manifest.layers().len() {
         return Err(RegistryError::Invalid(format!(
@@ -181,21 +224,14 @@ fn open_oci(
         });
     }
     let source = SourceImage {
-        reference: image.clone(),
+        reference: image,
         manifest_digest,
         manifest: manifest_json,
         config_digest,
         config,
         layers,
     };
-    Ok((
-        source,
-        Box::new(OciLayerOpener {
-            layout,
-            image,
-            blobs,
-        }),
-    ))
+    Ok((source, blobs))
 }
 
 struct OciLayerOpener {

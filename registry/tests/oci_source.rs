@@ -273,13 +273,32 @@ fn layer_size_lie_is_caught() -> TestResult {
 }
 
 #[test]
-fn docker_transport_is_not_supported_yet() -> TestResult {
-    let r: ImageRef = "docker://busybox:latest".parse()?;
-    match open_source(&r, None) {
-        Err(RegistryError::Unsupported(m)) => {
-            assert!(m.contains("docker.io/library/busybox:latest"), "{m}")
+fn docker_transport_reports_an_unreachable_registry() -> TestResult {
+    // A closed port on loopback: plain HTTP, connection refused, retried,
+    // then an error naming the registry and the operation.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let r: ImageRef = format!("docker://127.0.0.1:{port}/library/busybox:latest").parse()?;
+    let config = skiff_registry::RegistryConfig {
+        use_docker_config: false,
+        use_env_proxy: false,
+        retry: skiff_registry::RetryConfig {
+            max_attempts: 2,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            deadline_ms: 5_000,
+        },
+        ..Default::default()
+    };
+    match skiff_registry::open_source_with(&r, None, &config) {
+        Err(RegistryError::Network {
+            registry, attempts, ..
+        }) => {
+            assert_eq!(registry, format!("127.0.0.1:{port}"));
+            assert_eq!(attempts, 2);
         }
-        other => panic!("expected Unsupported, got {:?}", other.map(|(i, _)| i)),
+        other => panic!("expected a network error, got {:?}", other.map(|(i, _)| i)),
     }
     Ok(())
 }

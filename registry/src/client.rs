@@ -1,0 +1,813 @@
+//! The HTTP side of the OCI distribution protocol: [`RegistryClient`], one
+//! repository of one registry (plus its mirrors).
+//!
+//! Every request goes through one path that
+//! - adds the endpoint's extra headers and its `Authorization` (Basic, or a
+//!   Bearer token fetched on a `WWW-Authenticate` challenge and cached per
+//!   scope, see [`auth`](crate::auth));
+//! - retries once with fresh credentials after a 401;
+//! - follows redirects of GET and HEAD (301/302/303/307/308) by hand, up to
+//!   [`MAX_REDIRECTS`], sending neither `Authorization` nor the mirror's
+//!   extra headers to any other origin (scheme, host, port);
+//! - retries connect errors, timeouts, broken bodies, 408, 429 and 5xx
+//!   (except 501/505) with jittered exponential backoff, honouring
+//!   `Retry-After`, within [`RetryConfig::max_attempts`] and
+//!   [`RetryConfig::deadline_ms`]; then returns the error.
+//!
+//! Pulls of content-addressed things (blobs, manifests by digest) try the
+//! configured mirrors first, each with at most two attempts, then the
+//! registry itself. Tags are always resolved at the registry. Pushes go to
+//! the registry only.
+//!
+//! The client is blocking (reqwest's blocking client, HTTP/1.1, keep-alive
+//! pool) and `Send + Sync`: share it between threads freely. Do not call it
+//! from inside a tokio runtime (use `spawn_blocking`).
+
+use std::fmt;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng as _;
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+
+use crate::auth::{url_no_query, AuthHeader, AuthState};
+use crate::config::{is_loopback, Credentials, Mirror, RegistryConfig, RetryConfig};
+use crate::stats::{Counters, FetchStats};
+use crate::{credentials, DockerRef, RegistryError};
+
+/// Redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+/// Attempts per mirror before falling back to the next one.
+const MIRROR_ATTEMPTS: u32 = 2;
+/// Largest error body read to explain a failure.
+const MAX_ERROR_BODY: u64 = 8 << 10;
+
+/// One place requests can go: the registry or one of its mirrors.
+pub(crate) struct Endpoint {
+    /// For messages: `host[:port]` of the registry, or the mirror's URL.
+    pub(crate) name: String,
+    /// `scheme://host[:port]/[prefix/]`, always ending in `/`.
+    base: Url,
+    /// The plain-HTTP base to fall back to when the endpoint may be reached
+    /// insecurely and does not speak TLS.
+    http_base: Option<Url>,
+    use_http: AtomicBool,
+    headers: HeaderMap,
+    pub(crate) auth: AuthState,
+    pub(crate) is_mirror: bool,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("base", &self.base().as_str())
+            .field("is_mirror", &self.is_mirror)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// The base URL in use (HTTPS, or plain HTTP after a fallback).
+    fn base(&self) -> &Url {
+        match &self.http_base {
+            Some(h) if self.use_http.load(Ordering::Relaxed) => h,
+            _ => &self.base,
+        }
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// A failed attempt: whether to retry, and after how long at least.
+pub(crate) struct Failure {
+    pub(crate) err: Box<RegistryError>,
+    pub(crate) retryable: bool,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Failure {
+    pub(crate) fn fatal(err: RegistryError) -> Failure {
+        Failure {
+            err: Box::new(err),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+    pub(crate) fn retry(err: RegistryError) -> Failure {
+        Failure {
+            err: Box::new(err),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+}
+
+/// Formats an error with its chain of causes.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// One request, as the retry loop re-sends it.
+pub(crate) struct Call<'a> {
+    pub(crate) method: Method,
+    pub(crate) url: Url,
+    pub(crate) headers: Vec<(HeaderName, String)>,
+    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) scope: &'a [String],
+    pub(crate) what: &'a str,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(method: Method, url: Url, scope: &'a [String], what: &'a str) -> Self {
+        Call {
+            method,
+            url,
+            headers: Vec::new(),
+            body: None,
+            scope,
+            what,
+            timeout: None,
+        }
+    }
+
+    pub(crate) fn header(mut self, name: HeaderName, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+struct Inner {
+    http: Client,
+    registry: String,
+    repository: String,
+    origin: Endpoint,
+    mirrors: Vec<Endpoint>,
+    retry: RetryConfig,
+    read_timeout: Duration,
+    upload_chunk_size: u64,
+    monolithic_upload_limit: u64,
+    counters: Counters,
+    pull_scope: Vec<String>,
+    push_scope: Vec<String>,
+}
+
+/// A client for one repository of one registry. Cheap to clone (shared
+/// connection pool, token cache and counters).
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("registry", &self.inner.registry)
+            .field("repository", &self.inner.repository)
+            .field("origin", &self.inner.origin)
+            .field("mirrors", &self.inner.mirrors)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The base URL for `spec` (`host[:port]` or a URL): HTTPS unless the
+/// URL names a scheme. Returns also the plain-HTTP fallback when `insecure`
+/// and no scheme was named (Docker's rule: try HTTPS, then HTTP).
+fn base_url(spec: &str, insecure: bool, what: &str) -> Result<(Url, Option<Url>), RegistryError> {
+    if spec.contains("://") {
+        return Ok((parse_base(spec, spec, what)?, None));
+    }
+    let https = parse_base(&format!("https://{spec}"), spec, what)?;
+    let http = if insecure {
+        Some(parse_base(&format!("http://{spec}"), spec, what)?)
+    } else {
+        None
+    };
+    Ok((https, http))
+}
+
+fn parse_base(with_scheme: &str, spec: &str, what: &str) -> Result<Url, RegistryError> {
+    let mut url = Url::parse(with_scheme)
+        .map_err(|e| RegistryError::Config(format!("{what} '{spec}' is not a valid URL: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(RegistryError::Config(format!(
+            "{what} '{spec}': only http and https are supported"
+        )));
+    }
+    if url.host_str().is_none() || !url.username().is_empty() || url.query().is_some() {
+        return Err(RegistryError::Config(format!(
+            "{what} '{spec}' must be scheme://host[:port][/prefix] (no user, no query)"
+        )));
+    }
+    if !url.path().ends_with('/') {
+        let p = format!("{}/", url.path());
+        url.set_path(&p);
+    }
+    Ok(url)
+}
+
+fn authority(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+pub(crate) fn build_http(config: &RegistryConfig) -> Result<Client, RegistryError> {
+    let mut b = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.connect_timeout())
+        .timeout(config.read_timeout())
+        .pool_max_idle_per_host(config.max_idle_connections_per_host)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http1_only()
+        .tcp_nodelay(true)
+        .use_rustls_tls()
+        .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")));
+    if let Some(p) = &config.proxy {
+        let proxy = reqwest::Proxy::all(p)
+            .map_err(|e| {
+                RegistryError::Config(format!(
+                    "proxy '{}': {}",
+                    crate::config::redact_url(p),
+                    e.without_url()
+                ))
+            })?
+            .no_proxy(reqwest::NoProxy::from_env());
+        b = b.proxy(proxy);
+    } else if !config.use_env_proxy {
+        b = b.no_proxy();
+    }
+    if let Some(ca) = &config.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| RegistryError::io(ca, e))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::Config(format!("ca_file {}: {}", ca.display(), chain(&e)))
+        })?;
+        if certs.is_empty() {
+            return Err(RegistryError::Config(format!(
+                "ca_file {}: no PEM certificate in it",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| RegistryError::Config(format!("HTTP client: {}", chain(&e))))
+}
+
+/// `Retry-After`: delta seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The registry's error message from a JSON error body (`: CODE: message`),
+/// or the start of a text body.
+pub(crate) fn error_detail(resp: Response) -> String {
+    let mut body = Vec::new();
+    let _ = resp.take(MAX_ERROR_BODY).read_to_end(&mut body);
+    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+        if let Some(errs) = v.get("errors").and_then(Value::as_array) {
+            let parts: Vec<String> = errs
+                .iter()
+                .map(|e| {
+                    let code = e.get("code").and_then(Value::as_str).unwrap_or("");
+                    let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+                    format!("{code}: {msg}")
+                })
+                .collect();
+            if !parts.is_empty() {
+                return format!(": {}", parts.join("; "));
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    let text: String = text.trim().chars().take(200).collect();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Whether a status is worth retrying.
+fn retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS
+        || s == StatusCode::REQUEST_TIMEOUT
+        || (s.is_server_error()
+            && s != StatusCode::NOT_IMPLEMENTED
+            && s != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+}
+
+impl RegistryClient {
+    /// A client for the repository of `r`, configured by `config`
+    /// (credentials looked up for the registry and each mirror).
+    pub fn new(r: &DockerRef, config: &RegistryConfig) -> Result<RegistryClient, RegistryError> {
+        let http = build_http(config)?;
+        let registry = r.registry.clone();
+        let connect = r.connect_host().to_owned();
+        let origin_creds = credentials::lookup(config, &registry)?;
+        let (base, http_base) = base_url(
+            &connect,
+            config.is_insecure(&registry) || config.is_insecure(&connect),
+            "registry",
+        )?;
+        let origin = Endpoint {
+            name: registry.clone(),
+            base,
+            http_base,
+            use_http: AtomicBool::new(false),
+            headers: HeaderMap::new(),
+            auth: AuthState::new(registry.clone(), origin_creds),
+            is_mirror: false,
+        };
+        let mirrors = config
+            .mirrors
+            .get(&registry)
+            .map(|ms| ms.iter().map(|m| mirror_endpoint(m, config)).collect())
+            .transpose()?
+            .unwrap_or_default();
+        let repo = &r.repository;
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                http,
+                registry,
+                repository: repo.clone(),
+                origin,
+                mirrors,
+                retry: config.retry.clone(),
+                read_timeout: config.read_timeout(),
+                upload_chunk_size: config.upload_chunk_size.clamp(1 << 20, 1 << 30),
+                monolithic_upload_limit: config.monolithic_upload_limit,
+                counters: Counters::default(),
+                pull_scope: vec![format!("repository:{repo}:pull")],
+                push_scope: vec![format!("repository:{repo}:pull,push")],
+            }),
+        })
+    }
+
+    /// The registry (`host[:port]`, as in the reference).
+    pub fn registry(&self) -> &str {
+        &self.inner.registry
+    }
+
+    /// The repository.
+    pub fn repository(&self) -> &str {
+        &self.inner.repository
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> FetchStats {
+        self.inner.counters.snapshot()
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub(crate) fn pull_scope(&self) -> &[String] {
+        &self.inner.pull_scope
+    }
+
+    pub(crate) fn push_scope(&self) -> &[String] {
+        &self.inner.push_scope
+    }
+
+    pub(crate) fn upload_chunk_size(&self) -> u64 {
+        self.inner.upload_chunk_size
+    }
+
+    pub(crate) fn monolithic_upload_limit(&self) -> u64 {
+        self.inner.monolithic_upload_limit
+    }
+
+    pub(crate) fn read_timeout(&self) -> Duration {
+        self.inner.read_timeout
+    }
+
+    pub(crate) fn max_attempts(&self) -> u32 {
+        self.inner.retry.max_attempts.max(1)
+    }
+
+    pub(crate) fn origin(&self) -> &Endpoint {
+        &self.inner.origin
+    }
+
+    /// `…/v2/REPO/SUFFIX` on `ep`.
+    pub(crate) fn url(&self, ep: &Endpoint, suffix: &str) -> Result<Url, RegistryError> {
+        let rel = format!("v2/{}/{suffix}", self.inner.repository);
+        ep.base()
+            .join(&rel)
+            .map_err(|e| RegistryError::Invalid(format!("{}: bad URL for {rel}: {e}", ep.name)))
+    }
+
+    /// Resolves an upload `Location` (relative or absolute) against `ep`.
+    pub(crate) fn resolve(&self, ep: &Endpoint, location: &str) -> Result<Url, RegistryError> {
+        ep.base().join(location).map_err(|e| RegistryError::Http {
+            registry: self.inner.registry.clone(),
+            repository: self.inner.repository.clone(),
+            what: format!("bad Location '{location}'"),
+            status: 0,
+            detail: format!(": {e}"),
+        })
+    }
+
+    /// An HTTP error for this repository.
+    pub(crate) fn http_error(
+        &self,
+        what: &str,
+        status: StatusCode,
+        detail: String,
+    ) -> RegistryError {
+        RegistryError::Http {
+            registry: self.inner.registry.clone(),
+            repository: self.inner.repository.clone(),
+            what: what.to_owned(),
+            status: status.as_u16(),
+            detail,
+        }
+    }
+
+    /// One attempt: auth, one re-send after a 401, redirects. Retryable
+    /// statuses come back as a retryable failure; every other response is
+    /// returned for the caller to judge.
+    pub(crate) fn send_once(&self, ep: &Endpoint, call: &Call<'_>) -> Result<Response, Failure> {
+        let inner = &self.inner;
+        let follow = call.method == Method::GET || call.method == Method::HEAD;
+        let mut url = call.url.clone();
+        let mut trusted = true;
+        // One re-send after a 401 to an anonymous request (to learn the
+        // challenge) and one after a 401 to an authenticated one (stale token).
+        let mut anon_retried = false;
+        let mut authed_retried = false;
+        let mut redirects = 0;
+        loop {
+            let mut rb = inner.http.request(call.method.clone(), url.clone());
+            if let Some(t) = call.timeout {
+                rb = rb.timeout(t);
+            }
+            for (k, v) in &call.headers {
+                rb = rb.header(k.clone(), v.as_str());
+            }
+            let mut sent_auth = false;
+            if trusted {
+                for (k, v) in &ep.headers {
+                    rb = rb.header(k.clone(), v.clone());
+                }
+                if let AuthHeader::Value(v) = ep
+                    .auth
+                    .header(&inner.http, call.scope, &inner.counters)
+                    .map_err(Failure::fatal)?
+                {
+                    let mut hv = HeaderValue::from_str(&v).map_err(|_| {
+                        Failure::fatal(RegistryError::Auth {
+                            registry: ep.name.clone(),
+                            detail: "the credentials or token contain characters not allowed in an HTTP header".to_owned(),
+                        })
+                    })?;
+                    hv.set_sensitive(true);
+                    rb = rb.header(AUTHORIZATION, hv);
+                    sent_auth = true;
+                }
+            }
+            if let Some(b) = &call.body {
+                rb = rb.body(b.clone());
+            }
+            inner.counters.request();
+            let resp = match rb.send() {
+                Ok(r) => r,
+                Err(e) => {
+                    let detail = chain(&e);
+                    if self.downgrade(ep, &url, &e, &detail) {
+                        let _ = url.set_scheme("http");
+                        continue;
+                    }
+                    let kind = if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "failed"
+                    };
+                    return Err(Failure::retry(RegistryError::Network {
+                        registry: ep.name.clone(),
+                        what: call.what.to_owned(),
+                        attempts: 1,
+                        detail: format!(
+                            "request to {} {kind}: {}",
+                            url_no_query(&url),
+                            chain(&e.without_url())
+                        ),
+                    }));
+                }
+            };
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && trusted {
+                let retried = if sent_auth {
+                    &mut authed_retried
+                } else {
+                    &mut anon_retried
+                };
+                if *retried {
+                    return Err(Failure::fatal(ep.auth.refused(call.what)));
+                }
+                *retried = true;
+                let challenge = resp
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned);
+                let again = ep
+                    .auth
+                    .on_unauthorized(challenge.as_deref(), call.scope, sent_auth)
+                    .map_err(Failure::fatal)?;
+                if !again {
+                    return Err(Failure::fatal(ep.auth.refused(call.what)));
+                }
+                continue;
+            }
+            if follow && matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                redirects += 1;
+                let bad = |m: String| {
+                    Failure::fatal(self.http_error(call.what, status, format!(": {m}")))
+                };
+                if redirects > MAX_REDIRECTS {
+                    return Err(bad(format!("more than {MAX_REDIRECTS} redirects")));
+                }
+                let loc = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .ok_or_else(|| bad("redirect without a Location".to_owned()))?;
+                let next = url
+                    .join(loc)
+                    .map_err(|e| bad(format!("bad redirect Location: {e}")))?;
+                if next.scheme() != "http" && next.scheme() != "https" {
+                    return Err(bad(format!("redirect to a {} URL", next.scheme())));
+                }
+                if url.scheme() == "https"
+                    && next.scheme() == "http"
+                    && !is_loopback(&authority(&next))
+                {
+                    return Err(bad(format!(
+                        "refusing a redirect from HTTPS to plain HTTP ({})",
+                        url_no_query(&next)
+                    )));
+                }
+                // Credentials and extra headers go to the endpoint's own origin only.
+                trusted = trusted && same_origin(&next, ep.base());
+                tracing::debug!(
+                    "{}: {} redirected to {} (credentials {})",
+                    ep.name,
+                    call.what,
+                    url_no_query(&next),
+                    if trusted { "kept" } else { "dropped" }
+                );
+                url = next;
+                continue;
+            }
+            if retryable_status(status) {
+                let after = retry_after(resp.headers());
+                let detail = error_detail(resp);
+                return Err(Failure {
+                    err: Box::new(self.http_error(call.what, status, detail)),
+                    retryable: true,
+                    retry_after: after,
+                });
+            }
+            return Ok(resp);
+        }
+    }
+
+    /// After a failed HTTPS request to an endpoint that may use plain HTTP:
+    /// whether it failed because the server does not speak TLS (then the
+    /// endpoint switches to HTTP for good), as Docker does. Refused
+    /// connections, DNS and certificate errors do not switch; a TLS handshake
+    /// that times out (a server waiting for an HTTP request line) does.
+    fn downgrade(&self, ep: &Endpoint, url: &Url, e: &reqwest::Error, detail: &str) -> bool {
+        if ep.http_base.is_none()
+            || url.scheme() != "https"
+            || !e.is_connect()
+            || !same_origin(url, &ep.base)
+        {
+            return false;
+        }
+        let d = detail.to_ascii_lowercase();
+        let not_tls = !["refused", "dns", "certificate", "unreachable"]
+            .iter()
+            .any(|w| d.contains(w));
+        if not_tls {
+            ep.use_http.store(true, Ordering::Relaxed);
+            tracing::info!(
+                "{}: no TLS on {}; using plain HTTP (the registry is insecure or loopback)",
+                ep.name,
+                url_no_query(&ep.base)
+            );
+        }
+        not_tls
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or the retry budget of
+    /// the client (at most `max_attempts`) is spent.
+    pub(crate) fn retrying<T>(
+        &self,
+        ep: &Endpoint,
+        what: &str,
+        max_attempts: u32,
+        mut op: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        let policy = &self.inner.retry;
+        let max = max_attempts.clamp(1, policy.max_attempts.max(1));
+        let deadline = Instant::now() + Duration::from_millis(policy.deadline_ms);
+        let mut attempt = 1;
+        loop {
+            let f = match op() {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            if !f.retryable {
+                return Err(*f.err);
+            }
+            let give_up = |why: String| -> RegistryError {
+                let detail = match &*f.err {
+                    RegistryError::Network { detail, .. } => detail.clone(),
+                    other => other.to_string(),
+                };
+                RegistryError::Network {
+                    registry: ep.name.clone(),
+                    what: what.to_owned(),
+                    attempts: attempt,
+                    detail: format!("{detail}{why}"),
+                }
+            };
+            if attempt >= max {
+                return Err(give_up(String::new()));
+            }
+            let exp = policy
+                .initial_backoff_ms
+                .saturating_mul(1u64 << (attempt - 1).min(20))
+                .min(policy.max_backoff_ms);
+            let jittered = rand::thread_rng().gen_range(exp / 2..=exp.max(1));
+            let wait = match f.retry_after {
+                Some(ra) => ra.max(Duration::from_millis(jittered / 4)),
+                None => Duration::from_millis(jittered),
+            };
+            if Instant::now() + wait > deadline {
+                return Err(give_up(format!(
+                    " (the {} ms deadline does not allow waiting {} ms more)",
+                    policy.deadline_ms,
+                    wait.as_millis()
+                )));
+            }
+            tracing::debug!(
+                "{}: {what}: attempt {attempt} failed, retrying in {} ms: {}",
+                ep.name,
+                wait.as_millis(),
+                f.err
+            );
+            self.inner.counters.retry();
+            std::thread::sleep(wait);
+            attempt += 1;
+        }
+    }
+
+    /// Runs `op` against each mirror in order (two attempts each), then
+    /// against the registry; the first success wins. Errors from mirrors
+    /// are logged; the registry's error is returned.
+    pub(crate) fn pull<T>(
+        &self,
+        what: &str,
+        mut op: impl FnMut(&Endpoint) -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        for m in &self.inner.mirrors {
+            match self.retrying(m, what, MIRROR_ATTEMPTS, || op(m)) {
+                Ok(v) => return Ok(v),
+                Err(e) => tracing::warn!("mirror {}: {what}: {e}; trying the next source", m.name),
+            }
+        }
+        let origin = &self.inner.origin;
+        self.retrying(origin, what, u32::MAX, || op(origin))
+    }
+
+    /// Counts a final error.
+    pub(crate) fn count<T>(&self, r: Result<T, RegistryError>) -> Result<T, RegistryError> {
+        if r.is_err() {
+            self.inner.counters.error();
+        }
+        r
+    }
+
+    pub(crate) fn not_found(&self, what: &str, ep: &Endpoint) -> RegistryError {
+        RegistryError::NotFound(format!(
+            "registry {}, repository {}: {what}: not found (HTTP 404{})",
+            self.inner.registry,
+            self.inner.repository,
+            if ep.is_mirror {
+                format!(" from mirror {}", ep.name)
+            } else {
+                String::new()
+            }
+        ))
+    }
+}
+
+fn mirror_endpoint(m: &Mirror, config: &RegistryConfig) -> Result<Endpoint, RegistryError> {
+    let insecure_host = |spec: &str| m.insecure || config.is_insecure(spec);
+    let (base, http_base) = base_url(&m.url, insecure_host(&m.url), "mirror")?;
+    let host = authority(&base);
+    let mut headers = HeaderMap::new();
+    for (k, v) in &m.headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+            RegistryError::Config(format!("mirror {}: invalid header name '{k}'", m.url))
+        })?;
+        let mut value = HeaderValue::from_str(v).map_err(|_| {
+            RegistryError::Config(format!("mirror {}: invalid value for header '{k}'", m.url))
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    let creds: Option<Credentials> = credentials::lookup(config, &host)?;
+    Ok(Endpoint {
+        name: format!("mirror {}", url_no_query(&base)),
+        base,
+        http_base,
+        use_http: AtomicBool::new(false),
+        headers,
+        auth: AuthState::new(host, creds),
+        is_mirror: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() -> Result<(), RegistryError> {
+        assert_eq!(
+            base_url("r.io", false, "x")?,
+            (
+                Url::parse("https://r.io/").map_err(|e| RegistryError::Config(e.to_string()))?,
+                None
+            )
+        );
+        let (https, http) = base_url("localhost:5000", true, "x")?;
+        assert_eq!(https.as_str(), "https://localhost:5000/");
+        assert_eq!(
+            http.map(String::from).as_deref(),
+            Some("http://localhost:5000/")
+        );
+        assert_eq!(
+            base_url("https://m.io/prefix", false, "x")?.0.as_str(),
+            "https://m.io/prefix/"
+        );
+        assert!(base_url("http://m.io", true, "x")?.1.is_none());
+        assert!(base_url("ftp://m.io", false, "x").is_err());
+        assert!(base_url("https://u:p@m.io", false, "x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn retry_after_header() {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}
