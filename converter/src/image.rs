@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use skiff_format::{Bootstrap, Digest};
-use skiff_registry::{BlobStore, ImageRef, OciLayoutWriter};
+use skiff_registry::{BlobStore, ImageRef, OciLayoutWriter, RegistryConfig, RegistryWriter};
 
 use crate::convert::{BlobOrigin, ConvertOptions, Converter, Progress, Stats};
 use crate::error::{ConvertError, IoContext};
@@ -42,7 +42,7 @@ pub enum SourceSpec {
 pub struct ConvertRequest {
     /// The source.
     pub source: SourceSpec,
-    /// Where to publish (`oci:DIR[:TAG]`).
+    /// Where to publish (`oci:DIR[:TAG]` or `docker://REF`).
     pub dest: ImageRef,
     /// Earlier Skiff images whose chunks are referenced, not stored again.
     pub chunk_dicts: Vec<ImageRef>,
@@ -70,8 +70,92 @@ pub struct ConvertResult {
     pub stats: Stats,
 }
 
-/// Data blobs go into the destination layout's `blobs/sha256/`.
-struct LayoutSink(Arc<OciLayoutWriter>);
+/// Where a converted image is published.
+#[derive(Clone)]
+enum Destination {
+    /// An OCI image layout directory.
+    Layout(Arc<OciLayoutWriter>),
+    /// A repository of a registry.
+    Registry(RegistryWriter),
+}
+
+impl Destination {
+    fn open(dest: &ImageRef, config: &RegistryConfig) -> Result<(Self, String), ConvertError> {
+        match dest {
+            ImageRef::Oci { dir, tag } => Ok((
+                Destination::Layout(Arc::new(OciLayoutWriter::open_or_create(dir)?)),
+                tag.clone().unwrap_or_else(|| "latest".into()),
+            )),
+            ImageRef::Docker(r) => {
+                if r.digest.is_some() {
+                    return Err(ConvertError::Invalid(format!(
+                        "cannot publish to {dest}: name a tag, not a digest"
+                    )));
+                }
+                Ok((
+                    Destination::Registry(RegistryWriter::new(r, config)?),
+                    r.tag.clone().unwrap_or_else(|| "latest".into()),
+                ))
+            }
+            other => Err(ConvertError::Invalid(format!(
+                "cannot publish to {other}: destinations are oci:DIR[:TAG] or docker://REF"
+            ))),
+        }
+    }
+
+    fn has_blob(&self, digest: &Digest) -> Result<bool, ConvertError> {
+        Ok(match self {
+            Destination::Layout(w) => w.has_blob(digest),
+            Destination::Registry(w) => w.has_blob(digest)?,
+        })
+    }
+
+    fn blob_out(&self) -> Result<Box<dyn BlobOut>, ConvertError> {
+        Ok(match self {
+            Destination::Layout(w) => Box::new(LayoutBlob(w.blob_writer()?)),
+            Destination::Registry(w) => Box::new(RegistryBlob(w.blob_writer()?)),
+        })
+    }
+
+    fn put_blob_bytes(&self, bytes: &[u8]) -> Result<(Digest, u64), ConvertError> {
+        Ok(match self {
+            Destination::Layout(w) => w.put_blob_bytes(bytes)?,
+            Destination::Registry(w) => w.put_blob_bytes(bytes)?,
+        })
+    }
+
+    /// Publishes the manifest under `tag`: the commit point of a conversion.
+    fn put_manifest(&self, tag: &str, manifest: &[u8]) -> Result<Digest, ConvertError> {
+        let media = skiff_registry::media::OCI_MANIFEST;
+        Ok(match self {
+            Destination::Layout(w) => w.set_tag(tag, manifest, media)?,
+            Destination::Registry(w) => w.put_manifest(tag, manifest, media)?,
+        })
+    }
+}
+
+impl BlobSink for Destination {
+    fn create(&self) -> Result<Box<dyn BlobOut>, ConvertError> {
+        self.blob_out()
+    }
+}
+
+struct RegistryBlob(skiff_registry::RegistryBlobWriter);
+
+impl std::io::Write for RegistryBlob {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl BlobOut for RegistryBlob {
+    fn commit(self: Box<Self>) -> Result<(Digest, u64), ConvertError> {
+        Ok(self.0.commit()?)
+    }
+}
 
 struct LayoutBlob(skiff_registry::BlobWriter);
 
@@ -90,38 +174,21 @@ impl BlobOut for LayoutBlob {
     }
 }
 
-impl BlobSink for LayoutSink {
-    fn create(&self) -> Result<Box<dyn BlobOut>, ConvertError> {
-        Ok(Box::new(LayoutBlob(self.0.blob_writer()?)))
-    }
-}
-
 /// Converts and publishes an image.
 pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError> {
-    let (dir, tag) = match &req.dest {
-        ImageRef::Oci { dir, tag } => (dir.clone(), tag.clone().unwrap_or_else(|| "latest".into())),
-        other => {
-            return Err(ConvertError::Invalid(format!(
-                "cannot publish to {other}: destinations are oci:DIR[:TAG] for now"
-            )))
-        }
-    };
-    let writer = Arc::new(OciLayoutWriter::open_or_create(&dir)?);
+    let registry_config = RegistryConfig::from_env()?;
+    let (dest, tag) = Destination::open(&req.dest, &registry_config)?;
     let chunking = req.options.chunking.to_string();
-    let mut conv = Converter::new(
-        req.options,
-        Arc::new(LayoutSink(writer.clone())),
-        req.progress,
-    )?;
+    let mut conv = Converter::new(req.options, Arc::new(dest.clone()), req.progress)?;
 
-    let mut dict_stores: Vec<Arc<dyn BlobStore>> = Vec::new();
+    let mut dict_stores: Vec<(ImageRef, Arc<dyn BlobStore>)> = Vec::new();
     for d in &req.chunk_dicts {
-        let image = skiff_registry::skiff::open_image(d)
+        let image = skiff_registry::skiff::open_image_with(d, &registry_config)
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
         let bootstrap = Bootstrap::parse(&image.bootstrap)
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
         conv.add_dictionary(&bootstrap)?;
-        dict_stores.push(image.store.clone());
+        dict_stores.push((d.clone(), image.store.clone()));
     }
 
     let (source_config, source_manifest) = match &req.source {
@@ -133,7 +200,8 @@ pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError>
                 .as_deref()
                 .map(str::parse::<skiff_registry::Platform>)
                 .transpose()?;
-            let (image, opener) = skiff_registry::open_source(reference, platform.as_ref())?;
+            let (image, opener) =
+                skiff_registry::open_source_with(reference, platform.as_ref(), &registry_config)?;
             let count = image.layers.len();
             for (i, layer) in image.layers.iter().enumerate() {
                 let label = match &layer.digest {
@@ -175,13 +243,22 @@ pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError>
     // so that the image is complete on its own.
     for (blob, origin) in &converted.blobs {
         if let BlobOrigin::Dictionary { dict } = origin {
-            if writer.has_blob(&blob.digest) {
+            if dest.has_blob(&blob.digest)? {
                 continue;
             }
-            let store = dict_stores.get(*dict).ok_or_else(|| {
+            let (dict_ref, store) = dict_stores.get(*dict).ok_or_else(|| {
                 ConvertError::Invalid("internal error: unknown dictionary".into())
             })?;
-            let mut out = writer.blob_writer()?;
+            // Same registry: let the registry link the blob into our
+            // repository instead of sending its bytes again.
+            if let (Destination::Registry(w), ImageRef::Docker(from), ImageRef::Docker(to)) =
+                (&dest, dict_ref, &req.dest)
+            {
+                if from.registry == to.registry && w.mount_blob(&blob.digest, &from.repository)? {
+                    continue;
+                }
+            }
+            let mut out = dest.blob_out()?;
             copy_blob(store.as_ref(), &blob.digest, blob.size, &mut out)?;
             let (digest, _) = out.commit()?;
             if digest != blob.digest {
@@ -195,9 +272,9 @@ pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError>
 
     let bootstrap_digest = Digest::of(&converted.bootstrap);
     let layer = publish::bootstrap_layer(&converted.bootstrap)?;
-    let (layer_digest, layer_size) = writer.put_blob_bytes(&layer)?;
+    let (layer_digest, layer_size) = dest.put_blob_bytes(&layer)?;
     let config = publish::build_config(source_config.as_deref(), &converted, bootstrap_digest)?;
-    let (config_digest, config_size) = writer.put_blob_bytes(&config)?;
+    let (config_digest, config_size) = dest.put_blob_bytes(&config)?;
     let manifest = publish::build_manifest(
         &converted,
         publish::Descriptor {
@@ -212,7 +289,7 @@ pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError>
         source_manifest,
         &chunking,
     )?;
-    let manifest_digest = writer.set_tag(&tag, &manifest, skiff_registry::media::OCI_MANIFEST)?;
+    let manifest_digest = dest.put_manifest(&tag, &manifest)?;
 
     let stats = &mut converted.stats;
     stats.bootstrap_layer_bytes = layer_size;
