@@ -96,7 +96,16 @@ impl DecodedLayer {
                                 Ok(0) => break,
                                 Ok(n) => filled += n,
                                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(e),
+                                Err(e) => {
+                                    // Hand over what was decoded before the error, so
+                                    // that it is reported where it happened (in which
+                                    // entry), not up to a block earlier.
+                                    if filled > 0 {
+                                        block.truncate(filled);
+                                        let _ = tx.send(Ok(block));
+                                    }
+                                    return Err(e);
+                                }
                             }
                         }
                         if filled == 0 {

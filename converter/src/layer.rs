@@ -5,9 +5,17 @@
 //! PAX global headers (their keys apply to every later entry that does not set
 //! them itself), PAX `mtime` with nanoseconds, `uid`/`gid` beyond the header
 //! fields, and xattrs from `SCHILY.xattr.*` records.
+//!
+//! PAX records are read here, by their length prefix, from the raw bytes of
+//! the extended header (see [`Tap`]): the `tar` crate (0.4.46) splits a PAX
+//! body on newlines, which breaks values that hold one (binary xattrs such
+//! as a `security.capability` with byte 0x0a, a path with a newline) and can
+//! frame the tail of such a value as a record of its own.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{self, Read};
+use std::rc::Rc;
 
 use skiff_format::{Attrs, FileChunk, Node, NodeData};
 use tar::EntryType;
@@ -23,13 +31,32 @@ struct Pax {
 }
 
 impl Pax {
-    fn read(ext: Option<tar::PaxExtensions<'_>>) -> Result<Self, String> {
+    /// Parses a PAX extended header body: `LEN KEY=VALUE\n` records, each
+    /// framed by its length (so values may hold any byte, `\n` included).
+    fn parse(mut body: &[u8]) -> Result<Self, String> {
         let mut records = BTreeMap::new();
-        if let Some(ext) = ext {
-            for e in ext {
-                let e = e.map_err(|err| format!("malformed PAX header: {err}"))?;
-                records.insert(e.key_bytes().to_vec(), e.value_bytes().to_vec());
+        while !body.iter().all(|&b| b == 0) {
+            let bad = |what: &str| format!("malformed PAX header: {what}");
+            let space = body
+                .iter()
+                .position(|&b| b == b' ')
+                .ok_or_else(|| bad("a record has no length"))?;
+            let len: usize = std::str::from_utf8(&body[..space])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("a record length is not a number"))?;
+            if len <= space + 1 || len > body.len() {
+                return Err(bad("a record length is out of range"));
             }
+            let record = body[space + 1..len]
+                .strip_suffix(b"\n")
+                .ok_or_else(|| bad("a record does not end in a newline"))?;
+            let eq = record
+                .iter()
+                .position(|&b| b == b'=')
+                .ok_or_else(|| bad("a record has no '='"))?;
+            records.insert(record[..eq].to_vec(), record[eq + 1..].to_vec());
+            body = &body[len..];
         }
         Ok(Pax { records })
     }
@@ -93,44 +120,184 @@ impl Pax {
     }
 }
 
+/// What the tar reader read while it looked for the next entry.
+#[derive(Default)]
+struct TapState {
+    /// Record what is read (only around `Entries::next`).
+    recording: bool,
+    /// Bytes read so far: the stream position.
+    pos: u64,
+    /// Stream position of `bytes[0]`.
+    start: u64,
+    /// The bytes read while recording.
+    bytes: Vec<u8>,
+}
+
+/// A reader that lets [`Converter::read_tar`] see the raw extension headers
+/// (PAX `x`, GNU `L`/`K`) the `tar` crate consumed before an entry, so that
+/// PAX records are framed by their length, not split on newlines.
+struct Tap<R> {
+    inner: R,
+    state: Rc<RefCell<TapState>>,
+}
+
+impl<R: Read> Read for Tap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut state = self.state.borrow_mut();
+        if state.recording {
+            state.bytes.extend_from_slice(&buf[..n]);
+        }
+        state.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// A tar header's size field: octal, or base-256 when the top bit is set.
+fn header_size(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|&b| b & 0x80 != 0) {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let text = std::str::from_utf8(field).ok()?;
+    let text = text.trim_matches(|c| c == ' ' || c == '\0');
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+/// The extension headers before the entry whose header is at stream
+/// position `header_pos`: the raw body of its PAX `x` header (if any), and
+/// whether a GNU long name (`L`) and long link (`K`) came with it.
+///
+/// The previous entry's data was read to its end, so the extension headers
+/// start at the first 512-byte boundary of what was recorded; they must
+/// lead exactly to `header_pos`, where the `tar` crate found the entry.
+fn extension_headers(
+    t: &TapState,
+    header_pos: u64,
+) -> Result<(Option<Vec<u8>>, bool, bool), String> {
+    let lost = || "cannot find the entry's extension headers in the tar stream".to_string();
+    let mut at = t.start.div_ceil(512) * 512;
+    let (mut pax, mut long_name, mut long_link) = (None, false, false);
+    while at < header_pos {
+        let i = usize::try_from(at - t.start).map_err(|_| lost())?;
+        let block = t.bytes.get(i..i + 512).ok_or_else(lost)?;
+        let size = header_size(&block[124..136]).ok_or_else(lost)?;
+        let len = usize::try_from(size).map_err(|_| lost())?;
+        match block[156] {
+            b'x' => {
+                let body = t.bytes.get(i + 512..i + 512 + len).ok_or_else(lost)?;
+                pax = Some(body.to_vec());
+            }
+            b'L' => long_name = true,
+            b'K' => long_link = true,
+            _ => return Err(lost()),
+        }
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    if at != header_pos {
+        return Err(lost());
+    }
+    Ok((pax, long_name, long_link))
+}
+
 impl Converter {
     /// Applies every entry of one decompressed layer stream.
     pub(crate) fn read_tar<R: Read>(&mut self, layer: &str, reader: R) -> Result<(), ConvertError> {
-        let mut archive = tar::Archive::new(reader);
-        let entries = archive.entries().map_err(|e| ConvertError::Layer {
+        let tap = Rc::new(RefCell::new(TapState::default()));
+        let mut archive = tar::Archive::new(Tap {
+            inner: reader,
+            state: tap.clone(),
+        });
+        let mut entries = archive.entries().map_err(|e| ConvertError::Layer {
             layer: layer.to_string(),
             message: format!("not a tar stream: {e}"),
         })?;
         let mut global = Pax::default();
-        for entry in entries {
+        loop {
+            {
+                let mut t = tap.borrow_mut();
+                t.recording = true;
+                t.start = t.pos;
+                t.bytes.clear();
+            }
+            let next = entries.next();
+            tap.borrow_mut().recording = false;
+            let Some(entry) = next else {
+                break;
+            };
             let mut entry = entry.map_err(|e| ConvertError::Layer {
                 layer: layer.to_string(),
                 message: format!("unreadable tar entry (truncated or corrupt layer?): {e}"),
             })?;
-            let path = entry.path_bytes().into_owned();
-            let fail = |message: String| ConvertError::Entry {
+            let tar_path = entry.path_bytes().into_owned();
+            let fail_at = |path: &[u8], message: String| ConvertError::Entry {
                 layer: layer.to_string(),
-                entry: String::from_utf8_lossy(&path).into_owned(),
+                entry: String::from_utf8_lossy(path).into_owned(),
                 message,
             };
+            let (local, long_name, long_link) =
+                extension_headers(&tap.borrow(), entry.raw_header_position())
+                    .map_err(|m| fail_at(&tar_path, m))?;
+            let local = match local {
+                Some(body) => Pax::parse(&body).map_err(|m| fail_at(&tar_path, m))?,
+                None => Pax::default(),
+            };
+            // Names: a GNU long name wins, as in the `tar` crate and Go's
+            // archive/tar; then a PAX record as framed here; then the header.
+            // Never the `tar` crate's own PAX lookup, which can take the
+            // tail of a value holding a newline for a record.
+            let path = match local.get("path") {
+                _ if long_name => tar_path.clone(),
+                Some(p) => p.to_vec(),
+                None => entry.header().path_bytes().into_owned(),
+            };
+            let link = match local.get("linkpath") {
+                _ if long_link => entry.link_name_bytes().map(|l| l.into_owned()),
+                Some(l) => Some(l.to_vec()),
+                None => entry.header().link_name_bytes().map(|l| l.into_owned()),
+            };
+            let fail = |message: String| fail_at(&path, message);
             let kind = entry.header().entry_type();
+            if local.records.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
+                return Err(fail(
+                    "PAX sparse files (GNU.sparse.* records) are not supported".into(),
+                ));
+            }
+            if let Some(size) = local.number("size").map_err(fail)? {
+                if size != entry.size() && kind != EntryType::GNUSparse {
+                    return Err(fail(format!(
+                        "the PAX size record says {size} bytes, the tar reader framed {}",
+                        entry.size()
+                    )));
+                }
+            }
             if kind == EntryType::XGlobalHeader {
                 let mut body = Vec::new();
                 entry
                     .read_to_end(&mut body)
                     .map_err(|e| fail(format!("reading a PAX global header: {e}")))?;
-                let g = Pax::read(Some(tar::PaxExtensions::new(&body))).map_err(fail)?;
+                let g = Pax::parse(&body).map_err(fail)?;
                 global = g.over(&global);
                 continue;
             }
-            let pax = Pax::read(entry.pax_extensions().map_err(|e| fail(e.to_string()))?)
-                .map_err(fail)?
-                .over(&global);
-            self.apply_entry(&mut entry, kind, &path, &pax)
+            let pax = local.over(&global);
+            self.apply_entry(&mut entry, kind, &path, link, &pax)
                 .map_err(|e| match e {
                     ConvertError::Invalid(message) => fail(message),
                     other => other,
                 })?;
+            // Read what the entry left (a whiteout's or a link's content), so
+            // that the next entry's headers start at the next block boundary.
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| ConvertError::Layer {
+                layer: layer.to_string(),
+                message: format!("unreadable tar entry (truncated or corrupt layer?): {e}"),
+            })?;
         }
         Ok(())
     }
@@ -140,6 +307,7 @@ impl Converter {
         entry: &mut tar::Entry<'_, R>,
         kind: EntryType,
         path: &[u8],
+        link: Option<Vec<u8>>,
         pax: &Pax,
     ) -> Result<(), ConvertError> {
         let parts = split_path(path)?;
@@ -199,17 +367,23 @@ impl Converter {
         let data = match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
+                let before = self.stats.file_bytes;
                 let chunks = self.chunk_file(entry)?;
+                let read = self.stats.file_bytes - before;
+                if read != size {
+                    return Err(ConvertError::Invalid(format!(
+                        "the layer ends inside this file: {read} of its {size} bytes are there \
+                         (truncated layer?)"
+                    )));
+                }
                 NodeData::Regular { size, chunks }
             }
             EntryType::Directory => NodeData::Directory {
                 entries: BTreeMap::new(),
             },
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| ConvertError::Invalid("symlink without a target".into()))?
-                    .into_owned();
+                let target =
+                    link.ok_or_else(|| ConvertError::Invalid("symlink without a target".into()))?;
                 if target.is_empty() || target.contains(&0) {
                     return Err(ConvertError::Invalid(
                         "symlink target is empty or has a NUL byte".into(),
@@ -218,10 +392,8 @@ impl Converter {
                 NodeData::Symlink { target }
             }
             EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| ConvertError::Invalid("hard link without a target".into()))?
-                    .into_owned();
+                let target =
+                    link.ok_or_else(|| ConvertError::Invalid("hard link without a target".into()))?;
                 let target_parts = split_path(&target)?;
                 self.stats.hard_links += 1;
                 self.tree.hard_link(&parts, &target_parts).map_err(|m| {

@@ -7,6 +7,10 @@
 //! - `.wh.NAME` removes `NAME` from the directory (as seen in lower layers);
 //!   `.wh..wh..opq` hides every entry of the directory that lower layers put
 //!   there, while entries of the same layer stay, whatever their order in the tar.
+//!   A whiteout applies to lower layers only (OCI image spec), at any depth:
+//!   what the same layer wrote below a hidden name (also below a directory it
+//!   only walked through, or one it redeclared) stays, and what lower layers
+//!   put there goes.
 //! - An entry replaces whatever was at its path, except that a directory over a
 //!   directory only updates the attributes and keeps the children.
 //! - Parent directories that a layer leaves out (umoci does) are created with
@@ -64,6 +68,11 @@ pub struct TreeBuilder {
     /// Names created or replaced by the current layer, as (directory, name):
     /// an opaque whiteout must keep them.
     layer_names: HashSet<(NodeId, Vec<u8>)>,
+    /// Directories of lower layers that the current layer walked through or
+    /// redeclared: a whiteout keeps them, hiding only their lower content.
+    layer_dirs: HashSet<NodeId>,
+    /// Nodes from this index on were created by the current layer.
+    layer_start: NodeId,
 }
 
 impl Default for TreeBuilder {
@@ -88,12 +97,16 @@ impl TreeBuilder {
                 ..ImageTree::default()
             },
             layer_names: HashSet::new(),
+            layer_dirs: HashSet::new(),
+            layer_start: 0,
         }
     }
 
     /// Marks the start of a new layer (for opaque whiteouts).
     pub fn begin_layer(&mut self) {
         self.layer_names.clear();
+        self.layer_dirs.clear();
+        self.layer_start = self.tree.nodes.len();
     }
 
     /// The tree built so far.
@@ -145,7 +158,12 @@ impl TreeBuilder {
                 _ => return Err("internal error: parent is not a directory".into()),
             };
             cur = match existing {
-                Some(id) if matches!(self.tree.nodes[id].data, NodeData::Directory { .. }) => id,
+                Some(id) if matches!(self.tree.nodes[id].data, NodeData::Directory { .. }) => {
+                    if id < self.layer_start {
+                        self.layer_dirs.insert(id);
+                    }
+                    id
+                }
                 _ => {
                     let id = self.push(Node {
                         attrs: default_dir_attrs(),
@@ -198,6 +216,7 @@ impl TreeBuilder {
                 old.attrs = node.attrs;
                 old.xattrs = node.xattrs;
                 self.layer_names.insert((dir, name.to_vec()));
+                self.layer_dirs.insert(id);
                 return Ok(id);
             }
         }
@@ -231,19 +250,48 @@ impl TreeBuilder {
             // Whiting out inside a directory that does not exist hides nothing.
             return Ok(());
         };
-        let layer_names = &self.layer_names;
-        let NodeData::Directory { entries } = &mut self.tree.nodes[dir].data else {
+        let NodeData::Directory { entries } = &self.tree.nodes[dir].data else {
             return Ok(());
         };
         if *name == WHITEOUT_OPAQUE {
-            entries.retain(|n, _| layer_names.contains(&(dir, n.clone())));
+            let names = entries.keys().cloned().collect();
+            self.hide_lower(dir, names);
         } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
                 return Err("whiteout of an invalid name".into());
             }
-            entries.remove(hidden);
+            self.hide_lower(dir, vec![hidden.to_vec()]);
         }
         Ok(())
+    }
+
+    /// Hides what lower layers put at each of `names` in `dir`, keeping what
+    /// the current layer wrote: a name the layer wrote, or a directory it
+    /// walked through, stays, and below a lower directory that stays the
+    /// same rule applies again.
+    fn hide_lower(&mut self, dir: NodeId, names: Vec<Vec<u8>>) {
+        let mut work = vec![(dir, names)];
+        while let Some((dir, names)) = work.pop() {
+            for name in names {
+                let NodeData::Directory { entries } = &mut self.tree.nodes[dir].data else {
+                    break;
+                };
+                let Some(&id) = entries.get(&name) else {
+                    continue;
+                };
+                // A node created by this layer holds only this layer's names.
+                if id >= self.layer_start {
+                    continue;
+                }
+                let ours = self.layer_dirs.contains(&id)
+                    || self.layer_names.contains(&(dir, name.clone()));
+                if !ours {
+                    entries.remove(&name);
+                } else if let NodeData::Directory { entries } = &self.tree.nodes[id].data {
+                    work.push((id, entries.keys().cloned().collect()));
+                }
+            }
+        }
     }
 }
 
