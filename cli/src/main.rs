@@ -8,6 +8,7 @@
 //! # Layout
 //! - `convert`: `skiff convert`, OCI image or layer tars to a Skiff image.
 //! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
+//! - `snapshotter`: `skiff snapshotter`, the containerd remote snapshotter.
 //! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
 //! - `progress`: the terminal progress bar for conversions.
 
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 mod convert;
 mod mount;
 mod progress;
+mod snapshotter;
 mod tools;
 
 /// Skiff: lazy-loading container images.
@@ -40,6 +42,8 @@ enum Command {
     Unpack(tools::UnpackArgs),
     /// Mount an image read-only with FUSE (foreground; Ctrl-C unmounts).
     Mount(mount::MountArgs),
+    /// Serve containerd's snapshots API (a remote snapshotter for Skiff images).
+    Snapshotter(snapshotter::SnapshotterArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Check(args) => tools::check(args),
         Command::Unpack(args) => tools::unpack(args),
         Command::Mount(args) => mount::run(args),
+        Command::Snapshotter(args) => snapshotter::run(args),
     };
     match result {
         Ok(code) => code,

@@ -37,9 +37,9 @@ pub const DOCKER_LAYER_FOREIGN_TAR_GZIP: &str =
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
 /// A Skiff data blob.
-pub const SKIFF_BLOB: &str = "application/vnd.skiff.blob.v1";
+pub const SKIFF_BLOB: &str = "application/vnd.oci.image.layer.skiff.blob.v1";
 /// A Skiff bootstrap, compressed as one zstd frame.
-pub const SKIFF_BOOTSTRAP: &str = "application/vnd.skiff.bootstrap.v1+zstd";
+pub const SKIFF_BOOTSTRAP: &str = "application/vnd.oci.image.layer.skiff.bootstrap.v1+zstd";
 
 /// Layer annotation marking a Skiff data blob (value `true`).
 pub const ANNOTATION_BLOB: &str = "dev.skiff.blob";

@@ -1,0 +1,164 @@
+//! [`Config`]: the snapshotter's configuration file (TOML).
+//!
+//! Every field has a default, so an empty file (or none) works:
+//!
+//! ```toml
+//! root = "/var/lib/skiff-snapshotter"     # metadata, snapshots, image mounts
+//! address = "/run/skiff/snapshotter.sock" # the gRPC socket (created 0600)
+//! # skiff_bin = "/usr/local/bin/skiff"    # binary for `skiff mount` (default: this one)
+//!
+//! [mount]                                 # the per-image FUSE daemons
+//! threads = 8
+//! cache_mb = 256                          # memory cache of decompressed chunks
+//! readahead_kb = 1024
+//! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
+//!
+//! # How the snapshotter and its daemons talk to registries: the registry
+//! # configuration of Skiff (insecure registries, mirrors, credentials, CA,
+//! # proxy, timeouts; see the registry crate). Written to ROOT/registry.toml
+//! # and passed on through SKIFF_REGISTRY_CONFIG. Credentials also come from
+//! # the Docker config file (~/.docker/config.json, $DOCKER_CONFIG).
+//! [registry]
+//! insecure_registries = ["registry.lan:5000"]
+//! [[registry.mirrors."docker.io"]]
+//! url = "https://mirror.corp"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The default root directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/skiff-snapshotter";
+/// The default socket address.
+pub const DEFAULT_ADDRESS: &str = "/run/skiff/snapshotter.sock";
+
+/// The snapshotter's configuration. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where metadata, snapshots and image mounts live.
+    pub root: PathBuf,
+    /// The unix socket to serve on.
+    pub address: PathBuf,
+    /// The `skiff` binary that runs the FUSE daemons (`skiff mount`); by
+    /// default the running executable.
+    pub skiff_bin: Option<PathBuf>,
+    /// Settings of the per-image FUSE daemons.
+    pub mount: MountConfig,
+    /// Skiff's registry configuration, passed on as a file through
+    /// `SKIFF_REGISTRY_CONFIG` (see the registry crate for its fields).
+    pub registry: Option<toml::Table>,
+}
+
+/// Settings of the per-image FUSE daemons (`skiff mount` options).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MountConfig {
+    /// FUSE worker threads per daemon.
+    pub threads: usize,
+    /// Memory cache of decompressed chunks per daemon, in MiB.
+    pub cache_mb: u64,
+    /// Readahead of each mount in KiB.
+    pub readahead_kb: u32,
+    /// How long a daemon may take to have its mount ready, in seconds.
+    pub ready_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            skiff_bin: None,
+            mount: MountConfig::default(),
+            registry: None,
+        }
+    }
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            threads: 8,
+            cache_mb: 256,
+            readahead_kb: 1024,
+            ready_timeout_secs: 120,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, Error> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Config::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks the values that would only fail later.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.root.is_absolute() {
+            return Err(Error::Config(format!(
+                "root must be an absolute path, not {}",
+                self.root.display()
+            )));
+        }
+        if self.address.as_os_str().is_empty() {
+            return Err(Error::Config("address is empty".into()));
+        }
+        if self.mount.threads == 0 {
+            return Err(Error::Config("mount.threads must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_default() {
+        assert_eq!(Config::from_toml(""), Ok(Config::default()));
+    }
+
+    #[test]
+    fn full_file() {
+        let c = Config::from_toml(
+            r#"
+root = "/tmp/r"
+address = "/tmp/s.sock"
+[mount]
+threads = 2
+cache_mb = 16
+[registry]
+insecure_registries = ["a:5000"]
+"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(c.root, PathBuf::from("/tmp/r"));
+        assert_eq!(c.mount.threads, 2);
+        assert_eq!(c.mount.cache_mb, 16);
+        assert_eq!(c.mount.readahead_kb, 1024);
+        assert!(c.registry.is_some());
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let c = Config::from_toml(include_str!("../../contrib/snapshotter.toml"));
+        assert_eq!(c, Ok(Config::default()));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        assert!(Config::from_toml("rot = \"/x\"").is_err());
+    }
+}

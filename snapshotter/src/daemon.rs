@@ -1,0 +1,279 @@
+//! The per-image FUSE daemons: `skiff mount` processes, one per image.
+//!
+//! Each daemon runs in its own session (through `setsid`) with its output
+//! in a log file, so that it outlives a restart of the snapshotter and
+//! keeps serving the containers whose overlays sit on its mount. Files of
+//! image `ID` live in `ROOT/mounts/ID/`: `mnt` (the mount point), `pid`
+//! (written by the daemon once the mount is ready) and `daemon.log`.
+//!
+//! Everything here that touches the mount point (`statfs`, unmount) runs on
+//! a blocking thread: a FUSE mount whose daemon hangs would otherwise stall
+//! the runtime.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::statfs::{statfs, FUSE_SUPER_MAGIC};
+use nix::unistd::Pid;
+
+use crate::config::MountConfig;
+use crate::Error;
+
+/// How long a stopping daemon gets before its mount is detached anyway.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a health check of a mount may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts, checks and stops `skiff mount` daemons.
+#[derive(Debug, Clone)]
+pub struct Daemons {
+    dir: PathBuf,
+    skiff_bin: PathBuf,
+    options: MountConfig,
+}
+
+/// Whether a recorded daemon still serves its mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The process lives and the mount answers.
+    Alive,
+    /// The process is gone, or the mount does not answer.
+    Dead,
+}
+
+impl Daemons {
+    /// Daemons with their files under `dir` (`ROOT/mounts`), run from
+    /// `skiff_bin`.
+    pub fn new(dir: PathBuf, skiff_bin: PathBuf, options: MountConfig) -> Daemons {
+        Daemons {
+            dir,
+            skiff_bin,
+            options,
+        }
+    }
+
+    /// The mount point of image `id`.
+    pub fn mount_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("mnt")
+    }
+
+    fn pid_file(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("pid")
+    }
+
+    /// The log file of image `id`'s daemon.
+    pub fn log_file(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("daemon.log")
+    }
+
+    /// Starts a daemon mounting `source` for image `id`; returns its PID
+    /// once the mount is ready. A stale mount left on the mount point is
+    /// detached first.
+    pub async fn start(&self, id: &str, source: &str) -> Result<i32, Error> {
+        let mnt = self.mount_dir(id);
+        let pid_file = self.pid_file(id);
+        let log_file = self.log_file(id);
+        let mount_err = |message: String| Error::Mount {
+            dir: mnt.clone(),
+            message,
+        };
+        {
+            let mnt = mnt.clone();
+            let pid_file = pid_file.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                detach_if_mounted(&mnt);
+                fs::create_dir_all(&mnt).map_err(|e| Error::io(&mnt, e))?;
+                match fs::remove_file(&pid_file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(Error::io(&pid_file, e))
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await??;
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)
+            .map_err(|e| Error::io(&log_file, e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io(&log_file, e))?;
+        let setsid = ["/usr/bin/setsid", "/bin/setsid"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file());
+        let mut cmd = match setsid {
+            Some(s) => {
+                let mut c = tokio::process::Command::new(s);
+                c.arg(&self.skiff_bin);
+                c
+            }
+            None => {
+                // No setsid(1): at least leave our process group, so that
+                // a signal to it (a terminal's Ctrl-C) spares the daemon.
+                let mut c = tokio::process::Command::new(&self.skiff_bin);
+                c.process_group(0);
+                c
+            }
+        };
+        cmd.arg("mount")
+            .arg(source)
+            .arg(&mnt)
+            .args(["--allow-other", "--dev", "--suid", "--force-unmount"])
+            .arg("--threads")
+            .arg(self.options.threads.to_string())
+            .arg("--cache-mb")
+            .arg(self.options.cache_mb.to_string())
+            .arg("--readahead-kb")
+            .arg(self.options.readahead_kb.to_string())
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        tracing::info!(image = id, source, mountpoint = %mnt.display(), "starting skiff mount");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| mount_err(format!("cannot run {}: {e}", self.skiff_bin.display())))?;
+        let deadline = Instant::now() + Duration::from_secs(self.options.ready_timeout_secs);
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| mount_err(e.to_string()))? {
+                return Err(mount_err(format!(
+                    "skiff mount {source} exited ({status}) before its mount was ready: {}",
+                    log_tail(&log_file)
+                )));
+            }
+            if let Some(pid) = read_pid(&pid_file) {
+                if is_fuse_mount(&mnt).await {
+                    tracing::info!(image = id, pid, "image mounted");
+                    // The child handle is dropped: tokio reaps it if it
+                    // exits while we run; after a restart, init does.
+                    return Ok(pid);
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(mount_err(format!(
+                    "skiff mount {source} was not ready after {} s: {}",
+                    self.options.ready_timeout_secs,
+                    log_tail(&log_file)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the daemon `pid` of image `id` still serves its mount.
+    pub async fn check(&self, id: &str, pid: Option<i32>) -> Health {
+        let mnt = self.mount_dir(id);
+        let alive = pid.is_some_and(|p| process_serves(p, &mnt));
+        if alive && is_fuse_mount(&mnt).await {
+            Health::Alive
+        } else {
+            Health::Dead
+        }
+    }
+
+    /// Stops the daemon of image `id` (SIGTERM; it unmounts and exits),
+    /// detaches the mount if it is still there, and removes its files.
+    pub async fn stop(&self, id: &str, pid: Option<i32>) -> Result<(), Error> {
+        let mnt = self.mount_dir(id);
+        if let Some(pid) = pid.filter(|p| process_serves(*p, &mnt)) {
+            tracing::info!(image = id, pid, "stopping skiff mount");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while process_serves(pid, &mnt) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let dir = self.dir.join(id);
+        tokio::task::spawn_blocking(move || {
+            detach_if_mounted(&mnt);
+            // Only our own files: never recurse into a mount point.
+            let _ = fs::remove_dir(&mnt);
+            for f in ["pid", "daemon.log"] {
+                let _ = fs::remove_file(dir.join(f));
+            }
+            let _ = fs::remove_dir(&dir);
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Reads a PID file.
+fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether process `pid` lives (not a zombie) and is a `skiff mount` of `mnt`.
+pub fn process_serves(pid: i32, mnt: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    if matches!(state, Some("Z" | "X") | None) {
+        return false;
+    }
+    let Ok(cmdline) = fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let mnt = mnt.as_os_str().as_encoded_bytes();
+    args.contains(&&b"mount"[..]) && args.contains(&mnt)
+}
+
+/// Whether `dir` is a FUSE mount that answers `statfs` (on a blocking
+/// thread, with a timeout).
+pub async fn is_fuse_mount(dir: &Path) -> bool {
+    let dir = dir.to_path_buf();
+    let check = tokio::task::spawn_blocking(move || {
+        statfs(&dir).is_ok_and(|s| s.filesystem_type() == FUSE_SUPER_MAGIC)
+    });
+    matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, check).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Lazily detaches whatever is mounted on `dir` (a stale FUSE mount of a
+/// dead daemon answers ENOTCONN); blocking.
+pub fn detach_if_mounted(dir: &Path) {
+    // A mount point is on another device than its parent, or answers
+    // ENOTCONN when its FUSE daemon is gone.
+    let stale = match (fs::metadata(dir), dir.parent().map(fs::metadata)) {
+        (Err(e), _) => e.raw_os_error() == Some(nix::libc::ENOTCONN),
+        (Ok(m), Some(Ok(p))) => {
+            use std::os::unix::fs::MetadataExt as _;
+            m.dev() != p.dev()
+        }
+        _ => false,
+    };
+    if stale {
+        match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "detached a stale mount"),
+            Err(e) => tracing::warn!(dir = %dir.display(), "cannot detach a stale mount: {e}"),
+        }
+    }
+}
+
+/// The last lines of a daemon's log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        format!("(nothing in {})", path.display())
+    } else {
+        let mut lines = lines;
+        lines.reverse();
+        format!("{} (log: {})", lines.join(" | "), path.display())
+    }
+}

@@ -1,0 +1,152 @@
+//! Serving the snapshots service on a unix socket, and [`run`], the whole
+//! daemon (what `skiff snapshotter` calls).
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use skiff_registry::RegistryConfig;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::daemon::Daemons;
+use crate::resolver::RegistryResolver;
+use crate::service::SnapshotsService;
+use crate::{Config, Error, Snapshotter};
+
+/// Binds `address`: creates its directory (0711), removes a stale socket
+/// (refusing when another server answers on it), makes it 0600.
+pub fn bind(address: &Path) -> Result<UnixListener, Error> {
+    if let Some(dir) = address.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
+                .map_err(|e| Error::io(dir, e))?;
+        }
+    }
+    match fs::symlink_metadata(address) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(address).is_ok() {
+                return Err(Error::Server(format!(
+                    "{} is in use by another server",
+                    address.display()
+                )));
+            }
+            fs::remove_file(address).map_err(|e| Error::io(address, e))?;
+        }
+        Ok(_) => {
+            return Err(Error::Server(format!(
+                "{} exists and is not a socket",
+                address.display()
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(address).map_err(|e| Error::io(address, e))?;
+    fs::set_permissions(address, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(address, e))?;
+    Ok(listener)
+}
+
+/// Serves `sn` on `listener` until `shutdown` completes.
+pub async fn serve(
+    sn: Arc<Snapshotter>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    tonic::transport::Server::builder()
+        .add_service(SnapshotsService::new(sn).into_server())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Server(e.to_string()))
+}
+
+/// SIGINT or SIGTERM.
+async fn signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The registry configuration: the `[registry]` table of the snapshotter's
+/// configuration, written to `ROOT/registry.toml` for the mount daemons; or,
+/// without one, Skiff's default (`SKIFF_REGISTRY_CONFIG`, the Docker config).
+fn registry_config(config: &Config) -> Result<(RegistryConfig, Option<PathBuf>), Error> {
+    let Some(table) = &config.registry else {
+        let rc = RegistryConfig::from_env().map_err(|e| Error::Config(e.to_string()))?;
+        return Ok((rc, None));
+    };
+    let rc: RegistryConfig = table
+        .clone()
+        .try_into()
+        .map_err(|e| Error::Config(format!("[registry]: {e}")))?;
+    let text = toml::to_string(table).map_err(|e| Error::Config(format!("[registry]: {e}")))?;
+    let path = config.root.join("registry.toml");
+    let tmp = config.root.join("registry.toml.tmp");
+    fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok((rc, Some(path)))
+}
+
+/// Runs the snapshotter until SIGINT or SIGTERM: opens the root (bringing
+/// image mounts back), binds the socket and serves. Image mounts are left
+/// running on exit, for the containers that use them.
+///
+/// Call it before any other thread runs: it points `SKIFF_REGISTRY_CONFIG`
+/// at the registry configuration for the mount daemons it starts.
+pub fn run(config: Config) -> Result<(), Error> {
+    config.validate()?;
+    fs::create_dir_all(&config.root).map_err(|e| Error::io(&config.root, e))?;
+    fs::set_permissions(&config.root, fs::Permissions::from_mode(0o711))
+        .map_err(|e| Error::io(&config.root, e))?;
+    let (registry, registry_file) = registry_config(&config)?;
+    if let Some(file) = registry_file {
+        // Single-threaded still: the runtime starts below.
+        std::env::set_var(skiff_registry::config::ENV_CONFIG, file);
+    }
+    let skiff_bin = match &config.skiff_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| Error::Config(format!("cannot find the running executable: {e}")))?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .thread_name("skiff-snapshotter")
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async move {
+        let daemons = Daemons::new(config.root.join("mounts"), skiff_bin, config.mount.clone());
+        let resolver = Arc::new(RegistryResolver::new(registry));
+        let sn = Snapshotter::open(&config.root, daemons, resolver).await?;
+        let listener = bind(&config.address)?;
+        tracing::info!(
+            address = %config.address.display(),
+            root = %config.root.display(),
+            "skiff snapshotter serving"
+        );
+        eprintln!(
+            "skiff: snapshotter serving on {} (root {})",
+            config.address.display(),
+            config.root.display()
+        );
+        serve(sn, listener, signalled()).await?;
+        let _ = fs::remove_file(&config.address);
+        tracing::info!("skiff snapshotter stopped (image mounts keep running)");
+        Ok(())
+    })
+}

@@ -1,0 +1,571 @@
+//! Real parts for the snapshotter's end-to-end tests: a private containerd
+//! (root, state, socket) with the skiff proxy plugin, the snapshotter itself
+//! (`skiff snapshotter`), a registry on 127.0.0.1, and the fixture image.
+//!
+//! Every part is a guard that stops what it started when dropped (tasks,
+//! containers, the FUSE daemons the snapshotter started, lazily unmounting
+//! whatever is left under the test directory). A missing program fails the
+//! test with a message naming the package; nothing is skipped.
+
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use skiff_tests::harness::{fixture_image, fixture_layout, run, scratch_root, skiff_bin};
+
+/// Fails unless `program` is installed, naming its Debian package.
+pub fn need(program: &str, package: &str) {
+    if !skiff_tests::harness::on_path(program) {
+        panic!("{program} is missing: install it (scripts/setup does: apt-get install {package})");
+    }
+}
+
+/// Fails unless the test runs as root (containerd, mounts).
+pub fn need_root() {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("the containerd tests need root (containerd, runc, FUSE and overlay mounts)");
+    }
+}
+
+/// A fresh directory under the scratch root, removed (after unmounting
+/// anything left below it) when dropped.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        // Short: unix socket paths must stay below 108 bytes.
+        let path = scratch_root().join(format!("sn-{name}-{}", std::process::id()));
+        unmount_below(&path);
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        TestDir { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        unmount_below(&self.path);
+        if std::env::var_os("SKIFF_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Runs `cmd` with a deadline; returns its output (killed at the deadline).
+pub fn run_for(cmd: &mut Command, limit: Duration) -> Output {
+    let line = skiff_tests::harness::command_line(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{line}`: {e}"));
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out_pipe.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err_pipe.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let s = child.wait().unwrap();
+            eprintln!("`{line}` killed after {} s", limit.as_secs());
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Like [`run_for`], panicking (with the output) unless the command succeeds.
+pub fn check_for(cmd: &mut Command, limit: Duration) -> String {
+    let line = skiff_tests::harness::command_line(cmd);
+    let out = run_for(cmd, limit);
+    if !out.status.success() {
+        panic!(
+            "command failed ({}): {line}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stop_child(child: &mut Child, what: &str) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{what} did not stop on SIGTERM: killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Text appended to a log file since a mark.
+pub struct LogMark {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl LogMark {
+    pub fn new(path: &Path) -> LogMark {
+        let offset = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        LogMark {
+            path: path.to_path_buf(),
+            offset,
+        }
+    }
+
+    pub fn since(&self) -> String {
+        let mut f = fs::File::open(&self.path).unwrap();
+        f.seek(SeekFrom::Start(self.offset)).unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        s
+    }
+}
+
+/// The tail of a file, for failure messages.
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A private containerd with the skiff proxy plugin.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub plugin_socket: PathBuf,
+    pub namespace: String,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd in `dir` with the plugin's socket at
+    /// `DIR/skiff.sock`; `namespace` is used by [`Containerd::ctr`].
+    pub fn start(dir: &Path, namespace: &str) -> Containerd {
+        need_root();
+        need("containerd", "containerd");
+        need("ctr", "containerd");
+        need("runc", "runc");
+        let socket = dir.join("ctd.sock");
+        let plugin_socket = dir.join("skiff.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[proxy_plugins.skiff]
+  type = "snapshot"
+  address = "{plugin}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            plugin = plugin_socket.display(),
+        );
+        fs::write(dir.join("containerd.toml"), config).unwrap();
+        // containerd 1.6 puts shim sockets there whatever the config says.
+        fs::create_dir_all("/run/containerd/s").unwrap();
+        fs::create_dir_all(dir.join("fifo")).unwrap();
+        fs::create_dir_all(dir.join("runc")).unwrap();
+        let log = fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("containerd.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start containerd: {e}"));
+        let ctd = Containerd {
+            dir: dir.to_path_buf(),
+            socket,
+            plugin_socket,
+            namespace: namespace.to_owned(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = run_for(
+                Command::new("ctr")
+                    .arg("--address")
+                    .arg(&ctd.socket)
+                    .arg("version"),
+                Duration::from_secs(10),
+            );
+            if out.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "containerd did not answer within 30 s:\n{}",
+                    tail_of(&dir.join("containerd.log"), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ctd
+    }
+
+    /// A `ctr` command against this containerd, in its namespace.
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(&self.namespace);
+        c
+    }
+
+    /// `ctr run --snapshotter skiff --rm IMAGE ID ARGS...`: its stdout.
+    pub fn run_container(&self, image: &str, id: &str, args: &[&str]) -> String {
+        let mut c = self.ctr();
+        c.args(["run", "--snapshotter", "skiff", "--rm", "--fifo-dir"])
+            .arg(self.dir.join("fifo"))
+            .arg("--runc-root")
+            .arg(self.dir.join("runc"))
+            .arg(image)
+            .arg(id)
+            .args(args);
+        check_for(&mut c, Duration::from_secs(180))
+    }
+
+    /// `ctr run -d`: starts a container in the background.
+    pub fn start_container(&self, image: &str, id: &str, args: &[&str]) {
+        let mut c = self.ctr();
+        c.args(["run", "-d", "--snapshotter", "skiff", "--fifo-dir"])
+            .arg(self.dir.join("fifo"))
+            .arg("--runc-root")
+            .arg(self.dir.join("runc"))
+            .arg(image)
+            .arg(id)
+            .args(args);
+        check_for(&mut c, Duration::from_secs(180));
+    }
+
+    /// `ctr tasks exec`: runs a process in a running container; its output.
+    pub fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> Output {
+        let mut c = self.ctr();
+        c.args(["tasks", "exec", "--fifo-dir"])
+            .arg(self.dir.join("fifo"))
+            .args(["--exec-id", exec_id, id])
+            .args(args);
+        run_for(&mut c, Duration::from_secs(60))
+    }
+
+    /// Waits until containerd reaches the skiff plugin
+    /// (`ctr snapshots --snapshotter skiff ls` answers).
+    pub fn wait_for_plugin(&self, sn_log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = self.ctr();
+            c.args(["snapshots", "--snapshotter", "skiff", "ls"]);
+            if run_for(&mut c, Duration::from_secs(10)).status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "containerd cannot reach the skiff snapshotter after 30 s\n--- snapshotter ---\n{}\n--- containerd ---\n{}",
+                    tail_of(sn_log, 30),
+                    tail_of(&self.dir.join("containerd.log"), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Removes every task, container and image of the namespace.
+    pub fn clean_namespace(&self) {
+        let list = |what: &[&str]| -> Vec<String> {
+            let mut c = self.ctr();
+            c.args(what);
+            let out = run_for(&mut c, Duration::from_secs(20));
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        for task in list(&["tasks", "ls", "-q"]) {
+            let mut c = self.ctr();
+            c.args(["tasks", "kill", "-s", "SIGKILL", &task]);
+            run_for(&mut c, Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(200));
+            let mut c = self.ctr();
+            c.args(["tasks", "delete", "-f", &task]);
+            run_for(&mut c, Duration::from_secs(20));
+        }
+        for container in list(&["containers", "ls", "-q"]) {
+            let mut c = self.ctr();
+            c.args(["containers", "delete", &container]);
+            run_for(&mut c, Duration::from_secs(20));
+        }
+        for image in list(&["images", "ls", "-q"]) {
+            let mut c = self.ctr();
+            c.args(["images", "rm", "--sync", &image]);
+            run_for(&mut c, Duration::from_secs(60));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.clean_namespace();
+        stop_child(&mut self.child, "containerd");
+    }
+}
+
+/// The snapshotter (`skiff snapshotter`).
+pub struct Snapshotter {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Snapshotter {
+    /// Starts `skiff snapshotter --root ROOT --address SOCKET` (log in
+    /// `ROOT.log`) and waits for its socket.
+    pub fn start(root: &Path, socket: &Path) -> Snapshotter {
+        let mut sn = Snapshotter {
+            root: root.to_path_buf(),
+            socket: socket.to_path_buf(),
+            log: root.with_extension("log"),
+            child: None,
+        };
+        sn.spawn();
+        sn
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(skiff_bin())
+            .arg("snapshotter")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,skiff_snapshotter=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start skiff snapshotter: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "skiff snapshotter exited ({status}):\n{}",
+                        tail_of(&self.log, 30)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "skiff snapshotter did not serve within 60 s:\n{}",
+                    tail_of(&self.log, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it (SIGTERM) and starts it again on the same root and socket.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, "skiff snapshotter");
+        }
+        self.spawn();
+    }
+
+    /// PIDs of the image mount daemons its metadata records.
+    pub fn daemon_pids(&self) -> Vec<i32> {
+        let Ok(bytes) = fs::read(self.root.join("metadata.json")) else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        v.get("images")
+            .and_then(|i| i.as_object())
+            .map(|images| {
+                images
+                    .values()
+                    .filter_map(|m| m.get("pid").and_then(|p| p.as_i64()))
+                    .map(|p| p as i32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Mount points of the image mounts (`ROOT/mounts/*/mnt`).
+    pub fn mount_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.root.join("mounts"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path().join("mnt"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        let pids = self.daemon_pids();
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, "skiff snapshotter");
+        }
+        for pid in pids {
+            if pid > 1 && daemon_alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        unmount_below(&self.root);
+    }
+}
+
+/// Whether process `pid` is a live `skiff mount` (not a zombie).
+pub fn daemon_alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !matches!(state, Some("Z" | "X") | None) && cmdline.split(|b| *b == 0).any(|a| a == b"mount")
+}
+
+/// A registry (Debian's `docker-registry`) on 127.0.0.1, with its access log.
+pub struct Registry {
+    pub port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Registry {
+        need("docker-registry", "docker-registry");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry").display()
+        );
+        fs::write(dir.join("registry.yml"), config).unwrap();
+        let log = dir.join("registry.log");
+        let f = fs::File::create(&log).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("registry.yml"))
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                panic!(
+                    "the registry did not listen within 20 s:\n{}",
+                    tail_of(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { port, log, child }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, "docker-registry");
+    }
+}
+
+/// The blob digests GET in an access log excerpt.
+pub fn blobs_fetched(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter_map(|l| {
+            let i = l.find("/blobs/sha256:")?;
+            let rest = &l[i + "/blobs/".len()..];
+            Some(rest.chars().take(7 + 64).collect())
+        })
+        .collect()
+}

@@ -1,0 +1,429 @@
+//! End-to-end tests with real containerd (Debian's 1.6), runc, a registry
+//! on 127.0.0.1 and `skiff snapshotter` as containerd's proxy plugin.
+//!
+//! - A plain OCI image (imported with `ctr images import`, no labels) is
+//!   unpacked by containerd into the snapshotter's overlay snapshots and
+//!   runs; a container's writes do not leak into the image.
+//! - A Skiff image pulled with `ctr-remote image rpull` is mounted lazily:
+//!   the pull fetches manifest, config and bootstrap only, and containers
+//!   run from it.
+//! - Restarting the snapshotter while a container runs: it keeps reading.
+//!
+//! Needs root, containerd, runc, ctr-remote (stargz-snapshotter), skopeo,
+//! docker-registry and the `skiff` binary (`SKIFF_BIN`); a missing one fails
+//! the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest as _, Sha256};
+
+const PLAIN_IMAGE: &str = "skiff.test/plain:1";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+/// The fixture's manifest in `layout` (tag `python`).
+fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
+    let index = read_json(&layout.join("index.json"));
+    let desc = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()))
+        .clone();
+    read_json(&blob_path(layout, desc["digest"].as_str().unwrap()))
+}
+
+/// An OCI archive of a small two-layer image: the fixture's Debian base
+/// layer and a layer of our own (`/skiff-layer2.txt`), named
+/// [`PLAIN_IMAGE`].
+fn plain_image_archive(dir: &Path) -> PathBuf {
+    let fixture = fixture_layout();
+    let manifest = manifest_of(&fixture, "python");
+    let base = manifest["layers"][0].clone();
+    let mut config = read_json(&blob_path(
+        &fixture,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ));
+
+    let mut layer2 = tar::Builder::new(Vec::new());
+    let body = b"second layer\n";
+    let mut h = tar::Header::new_ustar();
+    h.set_size(body.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    layer2
+        .append_data(&mut h, "skiff-layer2.txt", &body[..])
+        .unwrap();
+    let layer2 = layer2.into_inner().unwrap();
+    let layer2_digest = format!("sha256:{}", sha256_hex(&layer2));
+
+    let diff0 = config["rootfs"]["diff_ids"][0].clone();
+    config["rootfs"]["diff_ids"] = serde_json::json!([diff0, layer2_digest]);
+    config.as_object_mut().unwrap().remove("history");
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = format!("sha256:{}", sha256_hex(&config));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [
+            base,
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer2_digest, "size": layer2.len()},
+        ],
+    }))
+    .unwrap();
+    let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": PLAIN_IMAGE, "org.opencontainers.image.ref.name": "1"},
+        }],
+    }))
+    .unwrap();
+
+    let path = dir.join("plain.tar");
+    let mut ar = tar::Builder::new(fs::File::create(&path).unwrap());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        ar.append_data(&mut h, name, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", &index);
+    for (digest, bytes) in [
+        (&manifest_digest, &manifest),
+        (&config_digest, &config),
+        (&layer2_digest, &layer2),
+    ] {
+        add(
+            &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
+            bytes,
+        );
+    }
+    let base_digest = base["digest"].as_str().unwrap();
+    ar.append_path_with_name(
+        blob_path(&fixture, base_digest),
+        format!("blobs/sha256/{}", base_digest.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    ar.into_inner().unwrap().flush().unwrap();
+    path
+}
+
+/// The parts of one test: its directory, the snapshotter, containerd
+/// (dropped in reverse: containerd cleans its namespace while the
+/// snapshotter still serves).
+struct Rig {
+    ctd: Containerd,
+    sn: Snapshotter,
+    dir: TestDir,
+}
+
+impl Rig {
+    fn new(name: &str) -> Rig {
+        need_root();
+        let dir = TestDir::new(name);
+        let sn = Snapshotter::start(&dir.path.join("sn"), &dir.path.join("skiff.sock"));
+        let ctd = Containerd::start(&dir.path, &format!("skiff-test-{name}"));
+        assert_eq!(ctd.plugin_socket, sn.socket);
+        ctd.wait_for_plugin(&sn.log);
+        Rig { ctd, sn, dir }
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir.path
+    }
+
+    fn import_plain(&self) {
+        let archive = plain_image_archive(self.path());
+        let mut c = self.ctd.ctr();
+        c.args(["images", "import", "--snapshotter", "skiff"])
+            .arg(&archive);
+        check_for(&mut c, Duration::from_secs(300));
+    }
+
+    fn snapshots(&self) -> String {
+        let mut c = self.ctd.ctr();
+        c.args(["snapshots", "--snapshotter", "skiff", "ls"]);
+        check_for(&mut c, Duration::from_secs(30))
+    }
+}
+
+#[test]
+fn plain_oci_image_runs_through_the_snapshotter() {
+    let rig = Rig::new("plain");
+    rig.import_plain();
+    let snaps = rig.snapshots();
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "two committed layer snapshots expected:\n{snaps}"
+    );
+    let out = rig.ctd.run_container(
+        PLAIN_IMAGE,
+        "plain-1",
+        &[
+            "sh",
+            "-c",
+            "cat /etc/os-release; cat /skiff-layer2.txt; echo leaked > /leak.txt; cat /leak.txt",
+        ],
+    );
+    assert!(out.contains("Debian GNU/Linux 12"), "os-release: {out}");
+    assert!(
+        out.contains("second layer"),
+        "the upper layer is missing: {out}"
+    );
+    assert!(out.contains("leaked"), "the container cannot write: {out}");
+    let out = rig.ctd.run_container(
+        PLAIN_IMAGE,
+        "plain-2",
+        &["sh", "-c", "test -e /leak.txt && echo LEAK || echo clean"],
+    );
+    assert_eq!(
+        out.trim(),
+        "clean",
+        "a container's write leaked into the image"
+    );
+    // Only the image's layers are left: the containers' snapshots are gone.
+    let snaps = rig.snapshots();
+    assert_eq!(snaps.lines().count(), 3, "{snaps}");
+}
+
+/// Converts the fixture into a Skiff image (an OCI layout in `dir`) and
+/// pushes it to `registry` as `skiff/python:1`; returns the reference and
+/// the layout.
+fn push_skiff_image(dir: &Path, registry: &Registry) -> (String, PathBuf) {
+    need("skopeo", "skopeo");
+    let layout = dir.join("skiff-image");
+    skiff_tests::harness::skiff([
+        "convert".to_owned(),
+        fixture_image(),
+        format!("oci:{}:python", layout.display()),
+    ]);
+    let reference = format!("{}/skiff/python:1", registry.host());
+    let mut c = Command::new("skopeo");
+    c.args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:python", layout.display()))
+        .arg(format!("docker://{reference}"));
+    check_for(&mut c, Duration::from_secs(300));
+    (reference, layout)
+}
+
+/// `ctr-remote image rpull` of a Skiff image: fetches manifest, config and
+/// bootstrap only; returns the digests of the data blobs.
+fn rpull_skiff(rig: &Rig, registry: &Registry, reference: &str, layout: &Path) -> Vec<String> {
+    need("ctr-remote", "stargz-snapshotter");
+    let manifest = manifest_of(layout, "python");
+    let layers = manifest["layers"].as_array().unwrap();
+    let data_blobs: Vec<String> = layers
+        .iter()
+        .filter(|l| l["annotations"]["dev.skiff.bootstrap"] != "true")
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    let media_types: Vec<&str> = layers
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    let mark = LogMark::new(&registry.log);
+    let mut c = Command::new("ctr-remote");
+    c.arg("--address")
+        .arg(&rig.ctd.socket)
+        .args(["--namespace", &rig.ctd.namespace])
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "skiff",
+            reference,
+        ]);
+    let out = run_for(&mut c, Duration::from_secs(300));
+    let fetched = blobs_fetched(&mark.since());
+    let data_fetched: Vec<&String> = fetched.iter().filter(|d| data_blobs.contains(d)).collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let not_layers: Vec<&&str> = media_types
+        .iter()
+        .filter(|m| !m.starts_with("application/vnd.oci.image.layer."))
+        .collect();
+    assert!(
+        not_layers.is_empty() && data_fetched.is_empty() && out.status.success(),
+        "ctr-remote rpull of a Skiff image must fetch only manifest, config and bootstrap and succeed.\n\
+         Layer media types containerd does not treat as layers (it fetches them whole as \
+         plain blobs and then fails to unpack them; they must start with \
+         'application/vnd.oci.image.layer.' for containerd 1.6's images.IsLayerType): {not_layers:?}\n\
+         data blobs fetched: {data_fetched:?}\nexit: {}\n--- ctr-remote stderr ---\n{}\n--- snapshotter ---\n{}",
+        out.status,
+        stderr.lines().rev().take(15).collect::<Vec<_>>().join("\n"),
+        tail_of(&rig.sn.log, 20)
+    );
+    data_blobs
+}
+
+#[test]
+fn skiff_image_is_pulled_lazily_and_runs() {
+    need("docker-registry", "docker-registry");
+    let rig = Rig::new("skiff");
+    let registry = Registry::start(rig.path());
+    let (reference, layout) = push_skiff_image(rig.path(), &registry);
+    rpull_skiff(&rig, &registry, &reference, &layout);
+    assert_eq!(rig.sn.daemon_pids().len(), 1, "one image mount expected");
+
+    let out = rig.ctd.run_container(
+        &reference,
+        "skiff-1",
+        &[
+            "sh",
+            "-c",
+            "cat /etc/os-release; echo leaked > /leak.txt; cat /leak.txt",
+        ],
+    );
+    assert!(out.contains("Debian GNU/Linux 12"), "os-release: {out}");
+    assert!(out.contains("leaked"), "{out}");
+    let out = rig.ctd.run_container(
+        &reference,
+        "skiff-2",
+        &[
+            "python3",
+            "-c",
+            "import numpy, pandas, os; print('ok', os.path.exists('/leak.txt'))",
+        ],
+    );
+    assert_eq!(
+        out.trim(),
+        "ok False",
+        "python import or leak check failed: {out}"
+    );
+    for mnt in rig.sn.mount_dirs() {
+        assert!(
+            !mnt.join("leak.txt").exists(),
+            "a write reached the image mount"
+        );
+    }
+
+    // Removing the image releases its mount.
+    let pids = rig.sn.daemon_pids();
+    rig.ctd.clean_namespace();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|p| daemon_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the image mount daemon still runs 30 s after the image was removed:\n{}",
+            rig.snapshots()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a container reading files in a loop, restarts the snapshotter,
+/// and checks that the container kept reading and that new containers
+/// still start.
+fn restart_while_running(rig: &mut Rig, image: &str, files: &str) {
+    let script = format!(
+        "i=0; while true; do cat {files} > /dev/null && i=$((i+1)) && echo $i > /count; sleep 0.05; done"
+    );
+    rig.ctd
+        .start_container(image, "reader", &["sh", "-c", &script]);
+    let count = |rig: &Rig, n: u32| -> u64 {
+        let out = rig
+            .ctd
+            .exec("reader", &format!("count-{n}"), &["cat", "/count"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while count(rig, n) == 0 {
+        n += 1;
+        assert!(Instant::now() < deadline, "the reader never read its files");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pids = rig.sn.daemon_pids();
+    let before = count(rig, 1000);
+    rig.sn.restart();
+    rig.ctd.wait_for_plugin(&rig.sn.log);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = count(rig, 1001);
+    assert!(
+        after > before,
+        "the container stopped reading across the restart ({before} -> {after})"
+    );
+    assert_eq!(
+        rig.sn.daemon_pids(),
+        pids,
+        "the image mount daemons changed"
+    );
+    for p in &pids {
+        assert!(daemon_alive(*p), "image mount daemon {p} died");
+    }
+    let out = rig
+        .ctd
+        .exec("reader", "cat-after", &["cat", "/etc/os-release"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Debian"),
+        "reading after the restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rig
+        .ctd
+        .run_container(image, "after-restart", &["cat", "/etc/os-release"]);
+    assert!(out.contains("Debian"), "{out}");
+}
+
+#[test]
+fn restart_with_a_plain_image_keeps_the_container_reading() {
+    let mut rig = Rig::new("restart-plain");
+    rig.import_plain();
+    restart_while_running(&mut rig, PLAIN_IMAGE, "/etc/os-release /skiff-layer2.txt");
+}
+
+#[test]
+fn restart_with_a_skiff_image_keeps_the_container_reading() {
+    need("docker-registry", "docker-registry");
+    let mut rig = Rig::new("restart-skiff");
+    let registry = Registry::start(rig.path());
+    let (reference, layout) = push_skiff_image(rig.path(), &registry);
+    rpull_skiff(&rig, &registry, &reference, &layout);
+    restart_while_running(&mut rig, &reference, "/etc/os-release /usr/bin/python3");
+    // Files never read before the restart still load (fetched afterwards).
+    let out = rig.ctd.exec(
+        "reader",
+        "python-after",
+        &["python3", "-c", "import pandas; print('ok')"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
