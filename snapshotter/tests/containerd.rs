@@ -347,7 +347,7 @@ fn skiff_image_is_pulled_lazily_and_runs() {
 /// still start.
 fn restart_while_running(rig: &mut Rig, image: &str, files: &str) {
     let script = format!(
-        "i=0; while true; do cat {files} > /dev/null && i=$((i+1)) && echo $i > /count; sleep 0.05; done"
+        "i=0; while true; do cat {files} > /dev/null && i=$((i+1)) && echo $i > /count.tmp && mv /count.tmp /count; sleep 0.05; done"
     );
     rig.ctd
         .start_container(image, "reader", &["sh", "-c", &script]);
