@@ -12,10 +12,13 @@
 //!   fixtures ([`harness::fixtures_dir`]), running commands with useful
 //!   failure messages ([`harness::run`]), and the reference root filesystem of
 //!   the fixture image ([`harness::umoci_rootfs`]).
+//! - [`services`]: a registry on loopback and a `skiff mount` daemon, stopped
+//!   and unmounted on drop.
 //!
 //! Missing parts (the binary, the fixtures, `umoci`) make the helpers panic
 //! with a message that says what to do: an end-to-end test fails, it never
 //! skips silently.
 
 pub mod harness;
+pub mod services;
 pub mod treedump;

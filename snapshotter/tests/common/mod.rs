@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use skiff_tests::services::{stop_child, tail_of, Registry};
+
 pub use skiff_tests::harness::{fixture_image, fixture_layout, run, scratch_root, skiff_bin};
 
 /// Fails unless `program` is installed, naming its Debian package.
@@ -132,24 +134,6 @@ pub fn check_for(cmd: &mut Command, limit: Duration) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn stop_child(child: &mut Child, what: &str) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("{what} did not stop on SIGTERM: killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// Text appended to a log file since a mark.
 pub struct LogMark {
     path: PathBuf,
@@ -172,13 +156,6 @@ impl LogMark {
         f.read_to_string(&mut s).unwrap();
         s
     }
-}
-
-/// The tail of a file, for failure messages.
-pub fn tail_of(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A private containerd with the skiff proxy plugin.
@@ -501,61 +478,6 @@ pub fn daemon_alive(pid: i32) -> bool {
         .and_then(|(_, r)| r.split_whitespace().next());
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     !matches!(state, Some("Z" | "X") | None) && cmdline.split(|b| *b == 0).any(|a| a == b"mount")
-}
-
-/// A registry (Debian's `docker-registry`) on 127.0.0.1, with its access log.
-pub struct Registry {
-    pub port: u16,
-    pub log: PathBuf,
-    child: Child,
-}
-
-impl Registry {
-    pub fn start(dir: &Path) -> Registry {
-        need("docker-registry", "docker-registry");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry").display()
-        );
-        fs::write(dir.join("registry.yml"), config).unwrap();
-        let log = dir.join("registry.log");
-        let f = fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("registry.yml"))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                panic!(
-                    "the registry did not listen within 20 s:\n{}",
-                    tail_of(&log, 20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { port, log, child }
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, "docker-registry");
-    }
 }
 
 /// The blob digests GET in an access log excerpt.

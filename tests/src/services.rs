@@ -1,0 +1,233 @@
+//! Real services for end-to-end tests: a registry on loopback and a
+//! `skiff mount` daemon, each stopped (and unmounted) when dropped, even when
+//! the test fails.
+//!
+//! These panic with a clear message when a component is missing or does not
+//! come up: a test that cannot run its real parts fails, it never skips.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{on_path, skiff_bin};
+
+/// Stops a child: SIGTERM, then SIGKILL after 10 s.
+pub fn stop_child(child: &mut Child, what: &str) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{what} did not stop on SIGTERM: killing it");
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// The last `n` lines of a text file (for failure messages).
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Debian's `docker-registry` (distribution 2.8) on 127.0.0.1, storage in a
+/// directory of the test, access log on.
+pub struct Registry {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its log (access log included).
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Registry {
+    /// Starts a registry keeping its data and log under `dir`.
+    pub fn start(dir: &Path) -> Registry {
+        assert!(
+            on_path("docker-registry"),
+            "docker-registry is missing: run scripts/setup (Debian package docker-registry)"
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"));
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry").display()
+        );
+        let config_path = dir.join("registry.yml");
+        fs::write(&config_path, config)
+            .unwrap_or_else(|e| panic!("writing the registry config: {e}"));
+        let log = dir.join("registry.log");
+        let f =
+            fs::File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let err = f.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}"));
+        let mut registry = Registry { port, log, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || matches!(registry.child.try_wait(), Ok(Some(_))) {
+                panic!(
+                    "the registry did not listen on 127.0.0.1:{port}:\n{}",
+                    tail_of(&registry.log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, "docker-registry");
+    }
+}
+
+/// A running `skiff mount IMAGE MNT`; unmounted and reaped on drop.
+pub struct SkiffMount {
+    child: Option<Child>,
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// The daemon's stdout and stderr.
+    pub log: PathBuf,
+    /// The "skiff: mounted ..." line.
+    pub ready_line: String,
+}
+
+impl SkiffMount {
+    /// Mounts `image` at `dir/mnt` with `extra` flags and waits until it
+    /// serves (120 s at most).
+    pub fn start(image: &str, dir: &Path, extra: &[&str]) -> SkiffMount {
+        assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
+        assert!(
+            on_path("fusermount3"),
+            "fusermount3 is missing: install fuse3"
+        );
+        let mnt = dir.join("mnt");
+        let log = dir.join("mount.log");
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status();
+        fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+        let log_file = fs::File::create(&log).unwrap_or_else(|e| panic!("creating the log: {e}"));
+        let mut child = Command::new(skiff_bin())
+            .arg("mount")
+            .arg(image)
+            .arg(&mnt)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start skiff mount: {e}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut m = SkiffMount {
+            child: Some(child),
+            mnt,
+            log,
+            ready_line: String::new(),
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.starts_with("skiff: mounted") => m.ready_line = line,
+            other => panic!(
+                "skiff mount did not become ready ({other:?}):\n{}",
+                tail_of(&m.log, 30)
+            ),
+        }
+        // Later stdout lines (the exit summary) go to the log's side file.
+        let summary = m.log.with_extension("stdout");
+        std::thread::spawn(move || {
+            let lines: Vec<String> = rx.iter().collect();
+            let _ = fs::write(summary, lines.join("\n"));
+        });
+        m
+    }
+
+    /// A path inside the mount.
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel.trim_start_matches('/'))
+    }
+
+    /// SIGTERM; returns the exit status and the exit summary line.
+    pub fn terminate(&mut self) -> (Option<ExitStatus>, String) {
+        let status = self
+            .child
+            .take()
+            .and_then(|mut c| stop_child(&mut c, "skiff mount"));
+        let side = self.log.with_extension("stdout");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut summary = String::new();
+        while Instant::now() < deadline {
+            summary = fs::read_to_string(&side).unwrap_or_default();
+            if summary.contains("skiff: unmounted") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (status, summary)
+    }
+}
+
+impl Drop for SkiffMount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status();
+            stop_child(&mut child, "skiff mount");
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A counter of an exit summary line (`name=VALUE`).
+pub fn summary_value(summary: &str, name: &str) -> Option<u64> {
+    summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
