@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use skiff_converter::image::{convert_image, ConvertRequest, SourceSpec};
+use skiff_converter::image::{convert_image_with_prefetch, ConvertRequest, SourceSpec};
 use skiff_converter::{Chunking, ConvertOptions};
 use skiff_registry::ImageRef;
 
@@ -46,6 +46,11 @@ pub struct ConvertArgs {
     /// Platform to pick from a multi-platform source: os/arch[/variant].
     #[arg(long)]
     platform: Option<String>,
+    /// Files to fetch first after mounting: one absolute path per line, in
+    /// order (as `skiff mount --record-access` writes them); stored in the
+    /// image's prefetch table. Paths not in the image are skipped with a warning.
+    #[arg(long, value_name = "FILE")]
+    prefetch_list: Option<PathBuf>,
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
@@ -104,7 +109,17 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         options,
         progress: Some(Arc::new(Bar::new(show))),
     };
-    let result = convert_image(request)?;
+    let prefetch = match &args.prefetch_list {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the prefetch list {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let result = convert_image_with_prefetch(request, prefetch)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {

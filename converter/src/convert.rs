@@ -146,6 +146,8 @@ pub struct Converter {
     dict_count: usize,
     origins: Vec<BlobOrigin>,
     current: Option<CurrentBlob>,
+    /// Paths for the PREFETCH table, resolved at [`Converter::finish`].
+    prefetch_paths: Vec<String>,
 }
 
 impl Converter {
@@ -178,6 +180,7 @@ impl Converter {
             dict_count: 0,
             origins: Vec::new(),
             current: None,
+            prefetch_paths: Vec::new(),
         })
     }
 
@@ -361,6 +364,34 @@ impl Converter {
         Ok(())
     }
 
+    /// Sets the files to fetch first after mounting, in order: absolute
+    /// paths in the merged tree (as `skiff mount --record-access` writes
+    /// them). They are resolved by [`finish`](Self::finish), without
+    /// following symlinks; a path that names nothing is skipped with a
+    /// warning, and repeats are dropped.
+    pub fn set_prefetch_list(&mut self, paths: Vec<String>) {
+        self.prefetch_paths = paths;
+    }
+
+    /// The PREFETCH table for the paths given to `set_prefetch_list`.
+    fn resolve_prefetch(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for path in &self.prefetch_paths {
+            let parts: Vec<&[u8]> = path
+                .split('/')
+                .filter(|p| !p.is_empty() && *p != ".")
+                .map(str::as_bytes)
+                .collect();
+            match self.tree.resolve(&parts) {
+                Some(id) if seen.insert(id) => out.push(id),
+                Some(_) => {}
+                None => tracing::warn!("prefetch list: {path}: not in the image; skipped"),
+            }
+        }
+        out
+    }
+
     /// Writes the bootstrap. Unreachable nodes (whited out, replaced) are dropped.
     pub fn finish(mut self) -> Result<Converted, ConvertError> {
         if self.current.is_some() {
@@ -368,7 +399,9 @@ impl Converter {
                 "internal error: a layer blob is unfinished".into(),
             ));
         }
-        let tree = self.tree.into_tree();
+        let prefetch = self.resolve_prefetch();
+        let mut tree = self.tree.into_tree();
+        tree.prefetch = prefetch;
         let bootstrap = skiff_format::write_bootstrap(&tree)?;
         self.stats.bootstrap_bytes = bootstrap.len() as u64;
         let stored: u64 = self.stats.unique_bytes;

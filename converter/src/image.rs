@@ -176,10 +176,20 @@ impl BlobOut for LayoutBlob {
 
 /// Converts and publishes an image.
 pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError> {
+    convert_image_with_prefetch(req, Vec::new())
+}
+
+/// Converts and publishes an image whose PREFETCH table lists `prefetch`
+/// (absolute paths, in order; see [`Converter::set_prefetch_list`]).
+pub fn convert_image_with_prefetch(
+    req: ConvertRequest,
+    prefetch: Vec<String>,
+) -> Result<ConvertResult, ConvertError> {
     let registry_config = RegistryConfig::from_env()?;
     let (dest, tag) = Destination::open(&req.dest, &registry_config)?;
     let chunking = req.options.chunking.to_string();
     let mut conv = Converter::new(req.options, Arc::new(dest.clone()), req.progress)?;
+    conv.set_prefetch_list(prefetch);
 
     let mut dict_stores: Vec<(ImageRef, Arc<dyn BlobStore>)> = Vec::new();
     for d in &req.chunk_dicts {
