@@ -8,6 +8,7 @@
 //! # Layout
 //! - `convert`: `skiff convert`, OCI image or layer tars to a Skiff image.
 //! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
+//! - `cache`: `skiff cache`, the disk cache of fetched chunks.
 //! - `snapshotter`: `skiff snapshotter`, the containerd remote snapshotter.
 //! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
 //! - `progress`: the terminal progress bar for conversions.
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cache;
 mod convert;
 mod mount;
 mod progress;
@@ -42,6 +44,8 @@ enum Command {
     Unpack(tools::UnpackArgs),
     /// Mount an image read-only with FUSE (foreground; Ctrl-C unmounts).
     Mount(mount::MountArgs),
+    /// Show, trim or clear the disk cache of fetched chunks.
+    Cache(cache::CacheArgs),
     /// Serve containerd's snapshots API (a remote snapshotter for Skiff images).
     Snapshotter(snapshotter::SnapshotterArgs),
 }
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Unpack(args) => tools::unpack(args),
         Command::Mount(args) => mount::run(args),
         Command::Snapshotter(args) => snapshotter::run(args),
+        Command::Cache(args) => cache::run(args),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,12 @@
 //! stdout says when the mount is ready (scripts wait for it, or for
 //! `--pid-file`); logs go to stderr (`RUST_LOG`). SIGINT or SIGTERM
 //! unmounts and exits 0.
+//!
+//! The store stack: the image's blob store (`LocalBlobStore` for `oci:`,
+//! `RegistryBlobStore` for `docker://`, with its request/retry counters)
+//! under the coalescing fetch path, the disk cache (`--cache-dir`, shared by
+//! every mount on the node, bounded by `--cache-size`) and the memory cache
+//! (`--cache-mb`).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -14,7 +20,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use skiff_fusefs::{Daemon, MountOptions, StoreFetcher};
+use skiff_fusefs::disk::parse_size;
+use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode};
 use skiff_registry::skiff::open_image;
 use skiff_registry::ImageRef;
 
@@ -34,6 +41,11 @@ pub struct MountArgs {
     /// Readahead of the mount in KiB (0: the kernel's default).
     #[arg(long, default_value_t = 1024)]
     pub readahead_kb: u32,
+    /// On a miss, also fetch the chunks that follow in the same blob, up to
+    /// this many KiB of stored data per request (0: only what a read needs).
+    /// Trades bytes for round trips, which dominate a cold start.
+    #[arg(long, default_value_t = skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW / 1024)]
+    pub fetch_window_kb: u64,
     /// Let users other than the one mounting access the mount.
     #[arg(long)]
     pub allow_other: bool,
@@ -49,6 +61,79 @@ pub struct MountArgs {
     /// Write the daemon's PID to this file once the mount is ready.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
+    /// Disk cache of fetched chunks, shared by all mounts of the node
+    /// [default: /var/cache/skiff as root, else $XDG_CACHE_HOME/skiff or ~/.cache/skiff].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of the disk cache (e.g. 10g, 512m); least recently used chunks
+    /// are evicted beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Keep fetched chunks in memory only.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_disk_cache: bool,
+    /// Largest merged range request for a read, in KiB.
+    #[arg(long, default_value_t = 4096)]
+    pub max_request_kb: u64,
+    /// Read this many KiB ahead of sequential readers, in the background (0: off).
+    #[arg(long, default_value_t = skiff_fusefs::daemon::DEFAULT_CHUNK_READAHEAD / 1024)]
+    pub chunk_readahead_kb: u64,
+    /// Fetch every file of the image in the background after mounting
+    /// (default: only the image's prefetch list, if it has one).
+    #[arg(long, conflicts_with = "no_prefetch")]
+    pub prefetch_all: bool,
+    /// Do not prefetch anything.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Write the paths of the files read, in first-read order, to FILE
+    /// (every few seconds and at unmount); for `skiff convert --prefetch-list`.
+    #[arg(long, value_name = "FILE")]
+    pub record_access: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+}
+
+/// The default disk cache directory: /var/cache/skiff for root, else the
+/// user's cache directory.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if is_root() {
+        return Some(PathBuf::from("/var/cache/skiff"));
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("skiff"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("skiff"))
+}
+
+fn is_root() -> bool {
+    // /proc/self is owned by the effective user.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Opens the disk cache: an explicit --cache-dir must work; the default
+/// one falls back to memory only, with a warning.
+fn open_disk_cache(args: &MountArgs) -> anyhow::Result<Option<Arc<DiskCache>>> {
+    if args.no_disk_cache {
+        return Ok(None);
+    }
+    let explicit = args.cache_dir.is_some();
+    let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
+        tracing::warn!("no cache directory (no HOME): caching in memory only");
+        return Ok(None);
+    };
+    match DiskCache::open(&dir, args.cache_size) {
+        Ok(c) => Ok(Some(Arc::new(c))),
+        Err(e) if !explicit => {
+            tracing::warn!("disk cache {}: {e}; caching in memory only", dir.display());
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("disk cache {}", dir.display())),
+    }
 }
 
 /// Runs `skiff mount`: returns once the mount is gone.
@@ -63,12 +148,28 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     opts.threads = args.threads.max(1);
     opts.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
     opts.readahead_kb = args.readahead_kb;
+    opts.fetch_window = args.fetch_window_kb.saturating_mul(1024);
     opts.allow_other = args.allow_other;
     opts.dev = args.dev;
     opts.suid = args.suid;
     opts.force_unmount = args.force_unmount;
-    let fetcher = Arc::new(StoreFetcher::new(image.store.clone()));
-    let daemon = Daemon::start(&opts, Box::new(image.bootstrap), fetcher)
+    opts.disk_cache = open_disk_cache(&args)?;
+    opts.max_request_bytes = args.max_request_kb.saturating_mul(1024).max(1);
+    opts.chunk_readahead = args.chunk_readahead_kb.saturating_mul(1024);
+    opts.prefetch = if args.no_prefetch {
+        PrefetchMode::None
+    } else if args.prefetch_all {
+        PrefetchMode::All
+    } else {
+        PrefetchMode::List
+    };
+    opts.record_access = args.record_access.clone();
+    opts.metrics_socket = args.metrics_socket.clone();
+    let mut backend = Backend::new(image.store.clone());
+    if let Some(registry) = image.registry_store.clone() {
+        backend = backend.with_stats(move || registry.stats());
+    }
+    let daemon = Daemon::start(&opts, Box::new(image.bootstrap), backend)
         .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     if let Some(pid_file) = &args.pid_file {
         std::fs::write(pid_file, format!("{}\n", std::process::id()))

@@ -1,17 +1,33 @@
-//! Where stored chunk bytes come from: the [`ChunkFetcher`] seam.
+//! Where stored chunk bytes come from: the blob store behind a [`Backend`],
+//! and the planning of range requests ([`plan_runs`]).
 //!
-//! A fetcher returns the *stored* form of a chunk (a zstd frame or raw bytes)
-//! exactly as it sits in its blob; verifying and decompressing is the job of
-//! [`crate::cache::ChunkSource`], above every fetcher, so that no fetcher can
-//! let unverified bytes through. Today the one real fetcher is
-//! [`StoreFetcher`], a range read on a [`BlobStore`]; a disk cache, HTTP range
-//! fetches and coalescing of adjacent chunks slot in here as further
-//! implementations (or wrappers) without touching the filesystem.
+//! The seam at the network boundary is [`skiff_registry::BlobStore`]: a
+//! `LocalBlobStore` for a layout on disk, a `RegistryBlobStore` for HTTP
+//! Range requests (which retries inside). A store returns the *stored* form
+//! of chunks exactly as they sit in their blob; verifying and decompressing
+//! is the job of [`crate::cache::ChunkSource`], above every store, so that
+//! no store can let unverified bytes through.
+//!
+//! # Coalescing
+//!
+//! A blob stores its chunks back to back in the order the converter met
+//! them, so the chunks of one file usually sit next to each other. When a
+//! read needs several chunks that no cache has, [`plan_runs`] sorts them by
+//! (blob, offset) and merges neighbours into *runs*: one `read_range` per
+//! run instead of one per chunk. Two chunks join a run when they are in the
+//! same blob, the gap between the end of the run and the next chunk is at
+//! most `max_gap` bytes (0 for reads: only exactly adjacent chunks, so not a
+//! byte more is fetched than asked for; up to 64 KiB for prefetch, where a
+//! few wasted bytes cost less than a round trip), and the run stays within
+//! `max_bytes` (4 MiB for reads, 8 MiB for prefetch): long enough to make
+//! round trips rare, short enough that one slow request does not hold up a
+//! reader for long and that independent runs can go in parallel. A chunk
+//! larger than `max_bytes` is a run of its own.
 
 use std::sync::Arc;
 
 use skiff_format::{ChunkInfo, Digest};
-use skiff_registry::BlobStore;
+use skiff_registry::{BlobStore, FetchStats};
 
 /// One chunk to produce: its CHUNKS record and the digest of its blob.
 #[derive(Debug, Clone, Copy)]
@@ -24,39 +40,152 @@ pub struct ChunkRequest {
     pub blob: Digest,
 }
 
-/// Produces the stored bytes of chunks.
-pub trait ChunkFetcher: Send + Sync {
-    /// Returns the `compressed_size` stored bytes of `req` from its blob.
-    fn fetch(&self, req: &ChunkRequest) -> Result<Vec<u8>, String>;
-}
+impl ChunkRequest {
+    /// First byte of the stored chunk in its blob.
+    pub fn start(&self) -> u64 {
+        self.info.compressed_offset
+    }
 
-/// A [`ChunkFetcher`] that reads byte ranges of blobs from a [`BlobStore`].
-pub struct StoreFetcher {
-    store: Arc<dyn BlobStore>,
-}
-
-impl StoreFetcher {
-    /// Fetches from `store`.
-    pub fn new(store: Arc<dyn BlobStore>) -> StoreFetcher {
-        StoreFetcher { store }
+    /// One past the last byte of the stored chunk in its blob.
+    pub fn end(&self) -> u64 {
+        self.info
+            .compressed_offset
+            .saturating_add(u64::from(self.info.compressed_size))
     }
 }
 
-impl ChunkFetcher for StoreFetcher {
-    fn fetch(&self, req: &ChunkRequest) -> Result<Vec<u8>, String> {
-        let len = u64::from(req.info.compressed_size);
-        let bytes = self
-            .store
-            .read_range(&req.blob, req.info.compressed_offset, len)
-            .map_err(|e| e.to_string())?;
-        if bytes.len() as u64 != len {
-            return Err(format!(
-                "blob {} gave {} bytes at offset {}, expected {len}",
-                req.blob,
-                bytes.len(),
-                req.info.compressed_offset
-            ));
+/// A counter snapshot provided by a store that keeps counters.
+pub type StatsFn = Arc<dyn Fn() -> FetchStats + Send + Sync>;
+
+/// The blob store a mount reads from, with its counters if it has any.
+#[derive(Clone)]
+pub struct Backend {
+    /// Where ranges of blobs are read.
+    pub store: Arc<dyn BlobStore>,
+    /// The store's own counters (requests, retries, errors), for metrics.
+    pub stats: Option<StatsFn>,
+}
+
+impl Backend {
+    /// A backend without counters of its own.
+    pub fn new(store: Arc<dyn BlobStore>) -> Backend {
+        Backend { store, stats: None }
+    }
+
+    /// Adds the store's counters: e.g. `move || registry_store.stats()`.
+    pub fn with_stats(mut self, stats: impl Fn() -> FetchStats + Send + Sync + 'static) -> Backend {
+        self.stats = Some(Arc::new(stats));
+        self
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("stats", &self.stats.is_some())
+            .finish()
+    }
+}
+
+/// One range request: a span of a blob covering some chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// The blob.
+    pub blob: Digest,
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Positions (in the slice given to [`plan_runs`]) of the chunks it covers,
+    /// by offset.
+    pub members: Vec<usize>,
+}
+
+/// Groups `reqs` into runs; see the module documentation. Every position of
+/// `reqs` is in exactly one run.
+pub fn plan_runs(reqs: &[ChunkRequest], max_bytes: u64, max_gap: u64) -> Vec<Run> {
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&i| (reqs[i].blob.0, reqs[i].start()));
+    let mut runs: Vec<Run> = Vec::new();
+    for i in order {
+        let r = &reqs[i];
+        if let Some(run) = runs.last_mut() {
+            let end = run.offset.saturating_add(run.len);
+            let new_end = end.max(r.end());
+            if run.blob == r.blob
+                && r.start() >= run.offset
+                && r.start().saturating_sub(end) <= max_gap
+                && new_end - run.offset <= max_bytes
+            {
+                run.len = new_end - run.offset;
+                run.members.push(i);
+                continue;
+            }
         }
-        Ok(bytes)
+        runs.push(Run {
+            blob: r.blob,
+            offset: r.start(),
+            len: r.end() - r.start(),
+            members: vec![i],
+        });
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(blob: u8, offset: u64, size: u32) -> ChunkRequest {
+        ChunkRequest {
+            index: 0,
+            info: ChunkInfo {
+                digest: Digest::of(&offset.to_le_bytes()),
+                blob_index: 0,
+                compressed: true,
+                compressed_offset: offset,
+                compressed_size: size,
+                uncompressed_size: size * 2,
+            },
+            blob: Digest([blob; 32]),
+        }
+    }
+
+    #[test]
+    fn adjacent_chunks_merge_up_to_the_bound() {
+        // Ten adjacent 100-byte chunks, given out of order.
+        let reqs: Vec<_> = (0..10).rev().map(|i| req(1, i * 100, 100)).collect();
+        let runs = plan_runs(&reqs, 450, 0);
+        let lens: Vec<u64> = runs.iter().map(|r| r.len).collect();
+        assert_eq!(lens, [400, 400, 200]);
+        assert_eq!(runs[0].offset, 0);
+        assert_eq!(runs[0].members, [9, 8, 7, 6]);
+        let mut all: Vec<usize> = runs.iter().flat_map(|r| r.members.clone()).collect();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn gaps_and_blobs_split_runs() {
+        let reqs = [
+            req(1, 0, 100),
+            req(1, 150, 100),
+            req(2, 250, 100),
+            req(1, 250, 10),
+        ];
+        // Without gaps: 0..100 | 150..260 (two adjacent chunks) | blob 2.
+        assert_eq!(plan_runs(&reqs, 1 << 20, 0).len(), 3);
+        let runs = plan_runs(&reqs, 1 << 20, 64);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].offset, runs[0].len), (0, 260));
+        assert_eq!(runs[0].members, [0, 1, 3]);
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_bound_is_alone() {
+        let reqs = [req(1, 0, 100), req(1, 100, 1000), req(1, 1100, 100)];
+        let runs = plan_runs(&reqs, 500, 0);
+        assert_eq!(runs.len(), 3);
+        assert_eq!(runs[1].len, 1000);
     }
 }

@@ -9,6 +9,14 @@
 //! warning if files are still open) or until someone else unmounts, and
 //! returns the final counters.
 //!
+//! Around the FUSE session, the daemon runs the background parts (see
+//! [`crate::background`]): the disk cache's writer, chunk readahead,
+//! prefetch of the image's PREFETCH list once the mount is ready, the access
+//! recorder (written every few seconds and at unmount) and the metrics
+//! socket. Unmounting stops them in order: prefetch and readahead first,
+//! then the access list is written and the disk cache flushed, so that a
+//! new daemon on the same cache directory finds everything this one fetched.
+//!
 //! Mounts are `ro`, `nodev`, `nosuid`, `noatime` and `default_permissions`
 //! (the kernel checks permissions against the image's modes), `fsname=skiff`,
 //! type `fuse.skiff`; `dev`, `suid` and `allow_other` only when asked.
@@ -21,12 +29,14 @@ use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
-use crate::cache::ChunkSource;
-use crate::chunk::ChunkFetcher;
+use crate::background::{spawn_prefetch, AccessLog, PrefetchMode, Readahead};
+use crate::cache::{ChunkSource, SourceOptions};
+use crate::chunk::Backend;
+use crate::disk::DiskCache;
 use crate::error::DaemonError;
 use crate::fs::SkiffFs;
 use crate::image::{BootstrapBytes, Image};
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::metrics::{render_prometheus, Gauges, Metrics, MetricsServer, MetricsSnapshot};
 
 /// How a mount is made.
 #[derive(Debug, Clone)]
@@ -48,6 +58,28 @@ pub struct MountOptions {
     /// Readahead of the mount in KiB, set on its bdi after mounting (0 keeps
     /// the kernel's default).
     pub readahead_kb: u32,
+    /// On a miss, also fetch the chunks that follow in the same blob, up to
+    /// this many stored bytes per request (0: only what the read needs).
+    pub fetch_window: u64,
+    /// The disk cache of stored chunks (`None`: memory only).
+    pub disk_cache: Option<Arc<DiskCache>>,
+    /// Largest merged range request of a read, in bytes.
+    pub max_request_bytes: u64,
+    /// Range requests of one read in flight at once.
+    pub fetch_parallel: usize,
+    /// Chunk readahead for sequential readers, in bytes (0: off).
+    pub chunk_readahead: u64,
+    /// Threads that read ahead.
+    pub readahead_threads: usize,
+    /// What to prefetch once mounted.
+    pub prefetch: PrefetchMode,
+    /// Threads that prefetch.
+    pub prefetch_threads: usize,
+    /// Write the paths of the files read, in first-read order, to this file
+    /// (every few seconds and at unmount).
+    pub record_access: Option<PathBuf>,
+    /// Serve Prometheus metrics on this unix socket.
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -62,9 +94,29 @@ impl MountOptions {
             suid: false,
             force_unmount: false,
             readahead_kb: 1024,
+            fetch_window: DEFAULT_FETCH_WINDOW,
+            disk_cache: None,
+            max_request_bytes: crate::cache::DEFAULT_MAX_REQUEST,
+            fetch_parallel: crate::cache::DEFAULT_MAX_PARALLEL,
+            chunk_readahead: DEFAULT_CHUNK_READAHEAD,
+            readahead_threads: 2,
+            prefetch: PrefetchMode::List,
+            prefetch_threads: 2,
+            record_access: None,
+            metrics_socket: None,
         }
     }
 }
+
+/// Default [`MountOptions::fetch_window`]: chosen by measurement on the
+/// fixture's python import over a 10 ms link (see bench/coldstart.md).
+pub const DEFAULT_FETCH_WINDOW: u64 = 256 << 10;
+
+/// Default [`MountOptions::chunk_readahead`]: 4 MiB ahead of a sequential reader.
+pub const DEFAULT_CHUNK_READAHEAD: u64 = 4 << 20;
+
+/// How often the access list is written while mounted.
+const ACCESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A mounted image being served.
 pub struct Daemon {
@@ -72,11 +124,17 @@ pub struct Daemon {
     stop: Arc<AtomicBool>,
     session: Option<BackgroundSession>,
     /// Disconnects when the filesystem is dropped, i.e. the session is over.
-    fs_gone: std::sync::mpsc::Receiver<()>,
+    fs_gone: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     mountpoint: PathBuf,
     image: Arc<Image>,
     source: Arc<ChunkSource>,
     ready_in: Duration,
+    readahead: Option<Arc<Readahead>>,
+    access: Option<Arc<AccessLog>>,
+    prefetch_stop: Arc<AtomicBool>,
+    prefetch: Option<std::thread::JoinHandle<()>>,
+    metrics_server: Option<MetricsServer>,
+    final_metrics: Option<MetricsSnapshot>,
 }
 
 /// Why [`Daemon::wait`] returned.
@@ -89,12 +147,13 @@ pub enum Stopped {
 }
 
 impl Daemon {
-    /// Mounts `bootstrap` at `opts.mountpoint`, reading file data through
-    /// `fetcher`, and returns once the mount serves requests.
+    /// Mounts `bootstrap` at `opts.mountpoint`, reading file data from
+    /// `backend` (through `opts.disk_cache` and the memory cache), and
+    /// returns once the mount serves requests.
     pub fn start(
         opts: &MountOptions,
         bootstrap: BootstrapBytes,
-        fetcher: Arc<dyn ChunkFetcher>,
+        backend: Backend,
     ) -> Result<Daemon, DaemonError> {
         let t0 = Instant::now();
         // Handlers go in before the mount exists: a signal that arrives as
@@ -109,9 +168,37 @@ impl Daemon {
         check_mountpoint(&opts.mountpoint, opts.force_unmount)?;
         let image = Arc::new(Image::new(bootstrap)?);
         let metrics = Arc::new(Metrics::default());
-        let source = Arc::new(ChunkSource::new(fetcher, opts.cache_bytes, metrics));
+        let source = Arc::new(ChunkSource::new(
+            backend,
+            opts.disk_cache.clone(),
+            SourceOptions {
+                memory_bytes: opts.cache_bytes,
+                max_request_bytes: opts.max_request_bytes.max(1),
+                max_parallel: opts.fetch_parallel.max(1),
+                ..SourceOptions::default()
+            },
+            metrics,
+        ));
+        let readahead = (opts.chunk_readahead > 0).then(|| {
+            Arc::new(Readahead::new(
+                opts.chunk_readahead,
+                opts.readahead_threads.max(1),
+            ))
+        });
+        let access = opts
+            .record_access
+            .as_ref()
+            .map(|p| Arc::new(AccessLog::new(p, image.bootstrap().inode_count())));
+        let metrics_server = match &opts.metrics_socket {
+            Some(path) => Some(start_metrics(path, &source)?),
+            None => None,
+        };
         let (alive, fs_gone) = std::sync::mpsc::channel();
-        let fs = SkiffFs::new(image.clone(), source.clone()).with_drop_signal(alive);
+        let fs = SkiffFs::new(image.clone(), source.clone())
+            .with_fetch_window(opts.fetch_window)
+            .with_readahead(readahead.clone())
+            .with_access_log(access.clone())
+            .with_drop_signal(alive);
         let mut config = Config::default();
         config.mount_options = mount_options(opts);
         config.acl = if opts.allow_other {
@@ -136,17 +223,33 @@ impl Daemon {
             bootstrap_bytes = image.len(),
             threads = opts.threads,
             cache_bytes = opts.cache_bytes,
+            disk_cache = ?opts.disk_cache.as_ref().map(|d| d.dir().display().to_string()),
             "mounted in {:.1} ms",
             ready_in.as_secs_f64() * 1e3
+        );
+        // Prefetch starts once the mount serves: it never delays readiness.
+        let prefetch_stop = Arc::new(AtomicBool::new(false));
+        let prefetch = spawn_prefetch(
+            image.clone(),
+            source.clone(),
+            opts.prefetch,
+            opts.prefetch_threads,
+            prefetch_stop.clone(),
         );
         Ok(Daemon {
             stop,
             session: Some(session),
-            fs_gone,
+            fs_gone: std::sync::Mutex::new(fs_gone),
             mountpoint: opts.mountpoint.clone(),
             image,
             source,
             ready_in,
+            readahead,
+            access,
+            prefetch_stop,
+            prefetch,
+            metrics_server,
+            final_metrics: None,
         })
     }
 
@@ -170,10 +273,41 @@ impl Daemon {
         self.source.metrics()
     }
 
+    /// The counters now, with the blob store's own if it keeps any.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let mut m = self.metrics().snapshot();
+        m.store = self.source.backend().stats.as_ref().map(|f| f());
+        m
+    }
+
+    /// The chunk source (memory cache, disk cache, fetch path).
+    pub fn source(&self) -> &Arc<ChunkSource> {
+        &self.source
+    }
+
+    /// Whether prefetch has gone through its list (true when there is none).
+    pub fn prefetch_finished(&self) -> bool {
+        self.prefetch.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Writes the access list now (if recording and it changed).
+    pub fn write_access_list(&self) {
+        if let Some(log) = &self.access {
+            if let Err(e) = log.write(self.image.bootstrap()) {
+                tracing::warn!("writing the access list: {e}");
+            }
+        }
+    }
+
     /// Serves until SIGINT/SIGTERM (then unmounts) or until the mount is
     /// unmounted by someone else; returns why, with the final counters.
     pub fn wait(mut self) -> Result<(Stopped, MetricsSnapshot), DaemonError> {
+        let mut last_write = Instant::now();
         let why = loop {
+            if last_write.elapsed() >= ACCESS_LOG_EVERY {
+                self.write_access_list();
+                last_write = Instant::now();
+            }
             if self.stop.load(Ordering::Relaxed) {
                 break Stopped::Signal;
             }
@@ -195,6 +329,10 @@ impl Daemon {
     /// Unmounts (lazily if busy), waits for the FUSE threads to finish and
     /// returns the final counters.
     pub fn unmount(&mut self) -> Result<MetricsSnapshot, DaemonError> {
+        if let Some(m) = self.final_metrics {
+            return Ok(m);
+        }
+        self.prefetch_stop.store(true, Ordering::Relaxed);
         if let Some(session) = self.session.take() {
             let result = if session.guard.is_finished() {
                 session.join()
@@ -219,16 +357,35 @@ impl Daemon {
             }
             // A failed unmount leaves the session thread running detached:
             // wait for it to drop the filesystem.
-            let _ = self.fs_gone.recv();
-            let m = self.metrics().snapshot();
-            tracing::info!(
-                cached_chunks = self.source.cached_chunks(),
-                cached_bytes = self.source.cached_bytes(),
-                "unmounted {}: {m}",
-                self.mountpoint.display()
-            );
+            let _ = self
+                .fs_gone
+                .lock()
+                .map(|rx| rx.recv())
+                .unwrap_or_else(|p| p.into_inner().recv());
         }
-        Ok(self.metrics().snapshot())
+        if let Some(p) = self.prefetch.take() {
+            let _ = p.join();
+        }
+        if let Some(ra) = self.readahead.take() {
+            ra.shutdown();
+        }
+        self.write_access_list();
+        let disk = self.source.disk().map(|d| {
+            d.flush();
+            d.stats()
+        });
+        self.metrics_server = None;
+        let m = self.snapshot();
+        tracing::info!(
+            cached_chunks = self.source.cached_chunks(),
+            cached_bytes = self.source.cached_bytes(),
+            disk_chunks = disk.map(|d| d.entries),
+            disk_bytes = disk.map(|d| d.bytes),
+            "unmounted {}: {m}",
+            self.mountpoint.display()
+        );
+        self.final_metrics = Some(m);
+        Ok(m)
     }
 }
 
@@ -245,10 +402,28 @@ impl Drop for Daemon {
 pub fn mount(
     opts: &MountOptions,
     bootstrap: BootstrapBytes,
-    fetcher: Arc<dyn ChunkFetcher>,
+    backend: Backend,
 ) -> Result<MetricsSnapshot, DaemonError> {
-    let daemon = Daemon::start(opts, bootstrap, fetcher)?;
+    let daemon = Daemon::start(opts, bootstrap, backend)?;
     Ok(daemon.wait()?.1)
+}
+
+/// Serves the source's counters on the unix socket `path`.
+fn start_metrics(path: &Path, source: &Arc<ChunkSource>) -> Result<MetricsServer, DaemonError> {
+    let s = source.clone();
+    let render = Arc::new(move || {
+        let gauges = Gauges {
+            memory_bytes: s.cached_bytes(),
+            memory_chunks: s.cached_chunks() as u64,
+            disk: s.disk().map(|d| d.stats()),
+        };
+        let store = s.backend().stats.as_ref().map(|f| f());
+        render_prometheus(s.metrics(), &gauges, store.as_ref())
+    });
+    MetricsServer::start(path, render).map_err(|e| DaemonError::Io {
+        context: format!("metrics socket {}", path.display()),
+        source: e,
+    })
 }
 
 fn mount_options(opts: &MountOptions) -> Vec<MountOption> {

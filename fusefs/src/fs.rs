@@ -34,6 +34,7 @@ use fuser::{
 };
 use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
 
+use crate::background::{AccessLog, Readahead};
 use crate::cache::ChunkSource;
 use crate::chunk::ChunkRequest;
 use crate::error::FsError;
@@ -57,6 +58,12 @@ pub struct SkiffFs {
     image: Arc<Image>,
     source: Arc<ChunkSource>,
     metrics: Arc<Metrics>,
+    /// Read-ahead window in stored bytes (see [`ChunkSource::get_with_read_ahead`]).
+    fetch_window: u64,
+    /// Chunk readahead for sequential readers.
+    readahead: Option<Arc<Readahead>>,
+    /// Records the files read, for a prefetch list.
+    access: Option<Arc<AccessLog>>,
     /// Dropped with the filesystem, which tells the daemon the FUSE session
     /// is over (the session drops the filesystem when its threads end).
     _alive: Option<std::sync::mpsc::Sender<()>>,
@@ -70,8 +77,60 @@ impl SkiffFs {
             image,
             source,
             metrics,
+            fetch_window: 0,
+            readahead: None,
+            access: None,
             _alive: None,
         }
+    }
+
+    /// Reads ahead for sequential readers.
+    pub(crate) fn with_readahead(mut self, readahead: Option<Arc<Readahead>>) -> SkiffFs {
+        self.readahead = readahead;
+        self
+    }
+
+    /// Records the files read, in first-read order.
+    pub(crate) fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> SkiffFs {
+        self.access = log;
+        self
+    }
+
+    /// On a miss, also fetch up to `bytes` of stored data that follows the
+    /// needed chunks in their blob (0 turns read-ahead off).
+    pub fn with_fetch_window(mut self, bytes: u64) -> SkiffFs {
+        self.fetch_window = bytes;
+        self
+    }
+
+    /// The chunks that follow `last` in its blob, back to back, within the
+    /// fetch window counted from `first_offset`.
+    fn chunks_ahead(&self, last: &ChunkRequest, first_offset: u64) -> Vec<ChunkRequest> {
+        let mut ahead = Vec::new();
+        let mut prev = *last;
+        let mut index = last.index;
+        while let Some(next) = index.checked_add(1) {
+            let Ok(info) = self.b().chunk(next) else {
+                break;
+            };
+            let end = info.compressed_offset + u64::from(info.compressed_size);
+            if info.blob_index != prev.info.blob_index
+                || info.compressed_offset
+                    != prev.info.compressed_offset + u64::from(prev.info.compressed_size)
+                || end.saturating_sub(first_offset) > self.fetch_window
+            {
+                break;
+            }
+            let req = ChunkRequest {
+                index: next,
+                info,
+                blob: prev.blob,
+            };
+            ahead.push(req);
+            prev = req;
+            index = next;
+        }
+        ahead
     }
 
     /// Makes dropping this filesystem disconnect `alive`'s receiver.
@@ -199,6 +258,12 @@ impl SkiffFs {
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
         let len = end - offset;
+        if let Some(log) = &self.access {
+            log.record(id);
+        }
+        if let Some(ra) = &self.readahead {
+            ra.on_read(&self.image, &self.source, id, offset, end, file_size);
+        }
         let records = self.b().chunks_in_range(id, offset, len)?;
         let mut reqs = Vec::with_capacity(records.len());
         let mut starts = Vec::with_capacity(records.len());
@@ -212,26 +277,35 @@ impl SkiffFs {
             });
             starts.push(fc.file_offset());
         }
-        let datas = self.source.get_many(&reqs).map_err(|(i, source)| {
-            let req = &reqs[i];
-            tracing::error!(
-                chunk = req.index,
-                digest = %req.info.digest,
-                blob = %req.blob,
-                blob_offset = req.info.compressed_offset,
-                ino = u64::from(id.0) + 1,
-                path = %self.path_of(id),
-                file_offset = starts[i],
-                "chunk {} ({}) of blob {} unusable: {source}",
-                req.index,
-                req.info.digest,
-                req.blob
-            );
-            FsError::Chunk {
-                index: req.index,
-                source,
+        let ahead = match (reqs.first(), reqs.last()) {
+            (Some(first), Some(last)) if self.fetch_window > 0 => {
+                self.chunks_ahead(last, first.info.compressed_offset)
             }
-        })?;
+            _ => Vec::new(),
+        };
+        let datas = self
+            .source
+            .get_with_read_ahead(&reqs, &ahead, self.fetch_window.max(1 << 20))
+            .map_err(|(i, source)| {
+                let req = &reqs[i];
+                tracing::error!(
+                    chunk = req.index,
+                    digest = %req.info.digest,
+                    blob = %req.blob,
+                    blob_offset = req.info.compressed_offset,
+                    ino = u64::from(id.0) + 1,
+                    path = %path_of(self.b(), id),
+                    file_offset = starts[i],
+                    "chunk {} ({}) of blob {} unusable: {source}",
+                    req.index,
+                    req.info.digest,
+                    req.blob
+                );
+                FsError::Chunk {
+                    index: req.index,
+                    source,
+                }
+            })?;
         // Holes (bytes no chunk covers) stay zero.
         let mut out = vec![0u8; len as usize];
         for (start, data) in starts.iter().copied().zip(&datas) {
@@ -393,29 +467,29 @@ impl SkiffFs {
             u64::from(b.inode_count()),
         ))
     }
+}
 
-    /// A best-effort path of an inode for log messages: the first name of
-    /// each ancestor, found by scanning its parent (only on error paths).
-    fn path_of(&self, id: InodeId) -> String {
-        let b = self.b();
-        let mut parts: Vec<String> = Vec::new();
-        let mut cur = id;
-        for _ in 0..4096 {
-            if cur == b.root() {
-                break;
-            }
-            let Ok(inode) = b.inode(cur) else { break };
-            let parent = inode.parent();
-            let name = (0..b.dir_len(parent).unwrap_or(0))
-                .filter_map(|i| b.dir_entry(parent, i).ok())
-                .find(|e| e.inode == cur)
-                .map(|e| String::from_utf8_lossy(e.name).into_owned());
-            parts.push(name.unwrap_or_else(|| format!("<inode {}>", cur.0)));
-            cur = parent;
+/// A best-effort path of an inode for log messages and access lists: the
+/// first name of each ancestor, found by scanning its parent (only on error
+/// paths and when an access list is written).
+pub(crate) fn path_of(b: &Bootstrap<'_>, id: InodeId) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = id;
+    for _ in 0..4096 {
+        if cur == b.root() {
+            break;
         }
-        parts.reverse();
-        format!("/{}", parts.join("/"))
+        let Ok(inode) = b.inode(cur) else { break };
+        let parent = inode.parent();
+        let name = (0..b.dir_len(parent).unwrap_or(0))
+            .filter_map(|i| b.dir_entry(parent, i).ok())
+            .find(|e| e.inode == cur)
+            .map(|e| String::from_utf8_lossy(e.name).into_owned());
+        parts.push(name.unwrap_or_else(|| format!("<inode {}>", cur.0)));
+        cur = parent;
     }
+    parts.reverse();
+    format!("/{}", parts.join("/"))
 }
 
 /// The attributes of a negative entry: inode 0 means "no such name".

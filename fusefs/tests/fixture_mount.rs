@@ -13,10 +13,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -26,8 +25,9 @@ use skiff_format::{Bootstrap, FileKind, InodeId};
 use skiff_registry::skiff::open_image;
 use skiff_registry::ImageRef;
 use skiff_tests::harness::{
-    fixture_image, on_path, remove_all, run, scratch_root, skiff, skiff_bin, umoci_rootfs,
+    fixture_image, on_path, remove_all, run, scratch_root, skiff, umoci_rootfs,
 };
+use skiff_tests::services::SkiffMount;
 use skiff_tests::treedump::{compare_named, dump, DumpOptions, MtimeMode};
 
 fn require_fuse() {
@@ -74,118 +74,18 @@ fn image_ref(layout: &Path) -> String {
     format!("oci:{}:python", layout.display())
 }
 
-/// A running `skiff mount`; unmounted (and the daemon reaped) on drop, even
-/// when the test fails.
-struct SkiffMount {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-    ready_line: String,
+/// Mounts `image` under this binary's work dir `name` (its own empty disk
+/// cache unless `extra` names one).
+fn mount(image: &str, name: &str, extra: &[&str]) -> SkiffMount {
+    require_fuse();
+    SkiffMount::start(image, &work_dir().join(name), extra)
 }
 
-impl SkiffMount {
-    fn start(image: &str, name: &str, extra: &[&str]) -> SkiffMount {
-        require_fuse();
-        let base = work_dir().join(name);
-        let mnt = base.join("mnt");
-        let log = base.join("daemon.log");
-        // A mount left by an earlier, killed run.
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status();
-        fs::create_dir_all(&mnt).expect("mountpoint");
-        let log_file = fs::File::create(&log).expect("log file");
-        let mut child = Command::new(skiff_bin())
-            .arg("mount")
-            .arg(image)
-            .arg(&mnt)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn skiff mount");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut m = SkiffMount {
-            child: Some(child),
-            mnt,
-            log,
-            ready_line: String::new(),
-        };
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.starts_with("skiff: mounted") => {
-                m.ready_line = line.trim().to_string()
-            }
-            other => panic!(
-                "skiff mount did not become ready ({other:?}); its log:\n{}",
-                m.logs()
-            ),
-        }
-        eprintln!("{}", m.ready_line);
-        m
-    }
-
-    fn logs(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel.trim_start_matches('/'))
-    }
-
-    /// SIGTERM, then the daemon's exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
-        wait_timeout(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "skiff mount did not exit within 30 s of SIGTERM:\n{}",
-                self.logs()
-            )
-        })
-    }
-}
-
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-impl Drop for SkiffMount {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status();
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-    }
+/// SIGTERM; the daemon's exit status (it must exit).
+fn terminate(m: &mut SkiffMount) -> std::process::ExitStatus {
+    m.terminate()
+        .0
+        .unwrap_or_else(|| panic!("skiff mount did not exit:\n{}", m.logs()))
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -197,7 +97,7 @@ fn is_mounted(path: &Path) -> bool {
 #[test]
 fn mount_equals_umoci_rootfs() {
     let reference_root = umoci_rootfs();
-    let m = SkiffMount::start(&image_ref(converted()), "compare", &[]);
+    let m = mount(&image_ref(converted()), "compare", &[]);
     let opts = DumpOptions::all().with_mtime(MtimeMode::Exact);
     let t = Instant::now();
     let reference = dump(&reference_root, &opts).expect("dump reference");
@@ -233,7 +133,7 @@ fn mount_equals_umoci_rootfs() {
 
 #[test]
 fn python_imports_numpy_and_pandas_in_a_chroot() {
-    let m = SkiffMount::start(&image_ref(converted()), "python", &[]);
+    let m = mount(&image_ref(converted()), "python", &[]);
     for run_name in ["cold", "warm"] {
         let t = Instant::now();
         let out = run(Command::new("chroot").arg(&m.mnt).args([
@@ -275,7 +175,7 @@ fn sixteen_threads_read_random_ranges() {
     const READS_PER_THREAD: u64 = 2_000;
     let reference_root = umoci_rootfs();
     let files = regular_files(&reference_root);
-    let m = SkiffMount::start(&image_ref(converted()), "stress", &[]);
+    let m = mount(&image_ref(converted()), "stress", &[]);
     let bytes = AtomicU64::new(0);
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -395,7 +295,7 @@ fn a_damaged_blob_gives_eio_on_that_file_only() {
         .expect("a big file");
     drop(image);
 
-    let m = SkiffMount::start(&image_ref(&layout), "damaged", &[]);
+    let m = mount(&image_ref(&layout), "damaged", &[]);
     for _ in 0..2 {
         let err = fs::read(m.p(&victim_path)).expect_err("reading a damaged chunk must fail");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{victim_path}: {err}");
@@ -429,13 +329,199 @@ fn a_damaged_blob_gives_eio_on_that_file_only() {
 
 #[test]
 fn sigterm_unmounts_cleanly() {
-    let mut m = SkiffMount::start(&image_ref(converted()), "sigterm", &[]);
+    let mut m = mount(&image_ref(converted()), "sigterm", &[]);
     let md = fs::metadata(m.p("/usr/bin")).expect("stat");
     assert!(md.is_dir());
     assert_eq!(fs::metadata(&m.mnt).expect("root").ino(), 1);
     assert!(is_mounted(&m.mnt));
-    let status = m.terminate();
+    let status = terminate(&mut m);
     assert!(status.success(), "exit status {status}:\n{}", m.logs());
     assert!(!is_mounted(&m.mnt), "still mounted after SIGTERM");
     assert!(m.logs().contains("unmounted"), "{}", m.logs());
+}
+
+/// The counters of the daemon's "unmounted" log line, by name.
+fn exit_counters(logs: &str) -> HashMap<String, u64> {
+    let line = logs
+        .lines()
+        .rev()
+        .find(|l| l.contains("unmounted"))
+        .unwrap_or_else(|| panic!("no exit summary in the log:\n{logs}"));
+    line.split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Runs the import in a chroot of `m` and unmounts; returns the counters.
+fn cold_import(m: &mut SkiffMount) -> HashMap<String, u64> {
+    let t = Instant::now();
+    run(Command::new("chroot")
+        .arg(&m.mnt)
+        .args(["python3", "-c", "import numpy, pandas"]));
+    let secs = t.elapsed().as_secs_f64();
+    assert!(terminate(m).success());
+    let mut c = exit_counters(&m.logs());
+    c.insert("millis".into(), (secs * 1e3) as u64);
+    c
+}
+
+#[test]
+fn coalescing_cuts_requests_of_a_cold_import() {
+    let image = image_ref(converted());
+    let mut figures = Vec::new();
+    for (name, extra) in [
+        (
+            "one request per chunk",
+            &[
+                "--max-request-kb",
+                "1",
+                "--fetch-window-kb",
+                "0",
+                "--chunk-readahead-kb",
+                "0",
+            ][..],
+        ),
+        (
+            "adjacent chunks merged",
+            &["--fetch-window-kb", "0", "--chunk-readahead-kb", "0"][..],
+        ),
+        ("defaults", &[][..]),
+    ] {
+        let mut m = mount(&image, "coalesce", extra);
+        let c = cold_import(&mut m);
+        eprintln!(
+            "cold import, {name}: {} requests, {:.1} MB fetched, {} chunks, {} ms",
+            c["fetch_requests"],
+            c["bytes_fetched"] as f64 / 1e6,
+            c["chunks_fetched"],
+            c["millis"]
+        );
+        figures.push(c);
+    }
+    // Python reads many small files (a chunk or two each), so adjacency
+    // within reads saves less than speculative fetching does.
+    assert!(figures[1]["fetch_requests"] < figures[0]["fetch_requests"]);
+    assert!(figures[2]["fetch_requests"] < figures[1]["fetch_requests"]);
+    // Merging changes how requests are made, not what is fetched; the
+    // kernel's asynchronous readahead makes the set vary by a chunk or two.
+    let (a, b) = (figures[0]["chunks_fetched"], figures[1]["chunks_fetched"]);
+    assert!(a.abs_diff(b) <= a / 100 + 2, "{a} vs {b} chunks fetched");
+}
+
+#[test]
+fn a_recorded_import_prefetches_and_a_restart_reuses_the_cache() {
+    let work = work_dir().join("prefetch-e2e");
+    remove_all(&work);
+    fs::create_dir_all(&work).expect("work dir");
+    let list = work.join("access.txt");
+    let cache = work.join("cache");
+
+    // 1. Record what the import reads.
+    let mut m = mount(
+        &image_ref(converted()),
+        "record",
+        &[
+            "--record-access",
+            &list.display().to_string(),
+            "--cache-dir",
+            &cache.display().to_string(),
+        ],
+    );
+    let cold = cold_import(&mut m);
+    let recorded = fs::read_to_string(&list).expect("access list");
+    let files = recorded.lines().count();
+    assert!(files > 100, "only {files} files recorded");
+    assert!(recorded.lines().any(|l| l.contains("numpy")), "{recorded}");
+
+    // 2. Restart on the same cache: the import fetches nothing.
+    let mut m = mount(
+        &image_ref(converted()),
+        "restart",
+        &["--cache-dir", &cache.display().to_string()],
+    );
+    let warm = cold_import(&mut m);
+    eprintln!(
+        "import: cold {} requests / {:.1} MB in {} ms; after a restart on the same cache: {} requests, {} disk hits, {} ms",
+        cold["fetch_requests"],
+        cold["bytes_fetched"] as f64 / 1e6,
+        cold["millis"],
+        warm["fetch_requests"],
+        warm["disk_hits"],
+        warm["millis"]
+    );
+    assert_eq!(warm["fetch_requests"], 0, "restart reuse");
+    assert!(warm["disk_hits"] > 0);
+
+    // 3. Convert with the list, mount with an empty cache: prefetch fetches
+    // the listed files before anyone reads them.
+    let layout = work.join("image");
+    skiff([
+        "convert",
+        "--no-progress",
+        "--prefetch-list",
+        &list.display().to_string(),
+        &fixture_image(),
+        &format!("oci:{}:python", layout.display()),
+    ]);
+    let image = open_image(&image_ref(&layout).parse::<ImageRef>().expect("ref")).expect("open");
+    let b = Bootstrap::parse(&image.bootstrap).expect("parse");
+    assert_eq!(b.prefetch().expect("prefetch").len(), files);
+    drop(image);
+    let sock = work.join("metrics.sock");
+    let mut m = mount(
+        &image_ref(&layout),
+        "prefetched",
+        &["--metrics-socket", &sock.display().to_string()],
+    );
+    let t = Instant::now();
+    let metrics = loop {
+        let text = scrape(&sock);
+        if text.contains("\nskiff_prefetch_finished 1\n") {
+            break text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "prefetch never ended:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let prefetch_requests = value("skiff_fetch_requests_total");
+    let prefetch_bytes = value("skiff_fetch_bytes_total");
+    assert_eq!(
+        value("skiff_reads_total"),
+        0,
+        "prefetch must not need reads"
+    );
+    assert!(value("skiff_fetch_chunks_total") > 0);
+    let after = cold_import(&mut m);
+    eprintln!(
+        "prefetch of {files} files: {prefetch_requests} requests, {:.1} MB; then the import: {} more requests, {} ms",
+        prefetch_bytes as f64 / 1e6,
+        after["fetch_requests"] - prefetch_requests,
+        after["millis"]
+    );
+    assert!(
+        prefetch_requests * 2 < cold["fetch_requests"],
+        "prefetch should take far fewer requests than the cold import"
+    );
+    assert!(after["fetch_requests"] - prefetch_requests <= cold["fetch_requests"] / 10);
+}
+
+/// `GET /metrics` on a unix socket.
+fn scrape(sock: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("send");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read");
+    reply
 }

@@ -20,7 +20,7 @@ use skiff_format::chunk::encode_chunk;
 use skiff_format::{
     write_bootstrap, Attrs, BlobInfo, ChunkInfo, Digest, FileChunk, ImageTree, Node, NodeData,
 };
-use skiff_fusefs::{Daemon, MountOptions, StoreFetcher};
+use skiff_fusefs::{Backend, Daemon, MountOptions};
 use skiff_registry::LocalBlobStore;
 
 const CHUNK: usize = 64 << 10;
@@ -338,7 +338,7 @@ impl TestMount {
         let daemon = Daemon::start(
             &opts,
             Box::new(built.bootstrap.clone()),
-            Arc::new(StoreFetcher::new(store)),
+            Backend::new(store),
         )
         .expect("mount");
         TestMount {

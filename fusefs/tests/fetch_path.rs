@@ -1,0 +1,736 @@
+//! The fetch path through real FUSE mounts: coalescing of adjacent chunks,
+//! single flight under merging, the disk cache (restart reuse, corrupt
+//! files, the size bound, a full disk), fetch failures, access recording
+//! and prefetch, and the metrics socket.
+//!
+//! Faults and counts are injected *around* a real `LocalBlobStore` (a
+//! wrapper that counts, delays or fails range reads), never instead of it.
+//! These need root, `/dev/fuse` and `fusermount3`: without them they fail,
+//! they do not skip.
+
+// In a test a failed expectation is the failure we want reported.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use skiff_format::chunk::encode_chunk;
+use skiff_format::{
+    write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkInfo, Digest, FileChunk, ImageTree, Node,
+    NodeData,
+};
+use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode};
+use skiff_registry::{BlobStore, LocalBlobStore, RegistryError};
+
+const CHUNK: usize = 64 << 10;
+
+fn require_fuse() {
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
+    assert!(
+        skiff_tests::harness::on_path("fusermount3"),
+        "fusermount3 is missing: apt-get install fuse3"
+    );
+    assert!(nix::unistd::geteuid().is_root(), "run these tests as root");
+}
+
+/// Pseudo-random bytes, different for each seed; every other 4 KiB block
+/// is compressible so that chunks come in both stored forms.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (i / 4096 + seed as usize) % 2 == 0 {
+                (i % 251) as u8
+            } else {
+                (x >> 24) as u8
+            }
+        })
+        .collect()
+}
+
+/// An image of flat files in one blob, in a real OCI layout directory.
+struct Image {
+    layout: tempfile::TempDir,
+    files: BTreeMap<String, Vec<u8>>,
+    chunks: Vec<ChunkInfo>,
+    /// Chunk indices of each file.
+    file_chunks: BTreeMap<String, Vec<u32>>,
+    blob: Digest,
+    blob_len: u64,
+}
+
+impl Image {
+    fn build(files: &[(&str, Vec<u8>)]) -> Image {
+        let layout = tempfile::tempdir().unwrap();
+        fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
+        let mut blob = Vec::new();
+        let mut chunks: Vec<ChunkInfo> = Vec::new();
+        let mut file_chunks = BTreeMap::new();
+        let mut maps = Vec::new();
+        for (name, content) in files {
+            let mut map = Vec::new();
+            let mut idx = Vec::new();
+            for (i, piece) in content.chunks(CHUNK).enumerate() {
+                let digest = Digest::of(piece);
+                let index = match chunks.iter().position(|c| c.digest == digest) {
+                    Some(i) => i,
+                    None => {
+                        let (stored, compressed) = encode_chunk(piece, 3).unwrap();
+                        chunks.push(ChunkInfo {
+                            digest,
+                            blob_index: 0,
+                            compressed,
+                            compressed_offset: blob.len() as u64,
+                            compressed_size: stored.len() as u32,
+                            uncompressed_size: piece.len() as u32,
+                        });
+                        blob.extend_from_slice(&stored);
+                        chunks.len() - 1
+                    }
+                };
+                map.push(FileChunk {
+                    file_offset: (i * CHUNK) as u64,
+                    chunk_index: index as u32,
+                });
+                idx.push(index as u32);
+            }
+            file_chunks.insert(name.to_string(), idx);
+            maps.push(map);
+        }
+        let digest = Digest::of(&blob);
+        fs::write(
+            layout.path().join("blobs/sha256").join(digest.to_hex()),
+            &blob,
+        )
+        .unwrap();
+        Image {
+            layout,
+            files: files
+                .iter()
+                .map(|(n, d)| (n.to_string(), d.clone()))
+                .collect(),
+            chunks,
+            file_chunks,
+            blob: digest,
+            blob_len: blob.len() as u64,
+        }
+    }
+
+    /// The bootstrap, with `prefetch` (paths) as its PREFETCH table.
+    fn bootstrap(&self, prefetch: &[String]) -> Vec<u8> {
+        let attrs = |mode| Attrs {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+        };
+        let mut nodes = vec![Node {
+            attrs: attrs(0o755),
+            data: NodeData::Directory {
+                entries: BTreeMap::new(),
+            },
+            xattrs: BTreeMap::new(),
+        }];
+        let mut entries = BTreeMap::new();
+        for (name, content) in &self.files {
+            let chunks = self.file_chunks[name]
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| FileChunk {
+                    file_offset: (i * CHUNK) as u64,
+                    chunk_index: c,
+                })
+                .collect();
+            nodes.push(Node {
+                attrs: attrs(0o644),
+                data: NodeData::Regular {
+                    size: content.len() as u64,
+                    chunks,
+                },
+                xattrs: BTreeMap::new(),
+            });
+            entries.insert(name.as_bytes().to_vec(), nodes.len() - 1);
+        }
+        let ids: BTreeMap<String, usize> = entries
+            .iter()
+            .map(|(k, v)| (format!("/{}", String::from_utf8_lossy(k)), *v))
+            .collect();
+        nodes[0].data = NodeData::Directory { entries };
+        let uncompressed = self
+            .chunks
+            .iter()
+            .map(|c| u64::from(c.uncompressed_size))
+            .sum();
+        let tree = ImageTree {
+            nodes,
+            chunks: self.chunks.clone(),
+            blobs: vec![BlobInfo {
+                digest: self.blob,
+                size: self.blob_len,
+                uncompressed_size: uncompressed,
+                chunk_count: self.chunks.len() as u32,
+            }],
+            prefetch: prefetch
+                .iter()
+                .filter_map(|p| ids.get(p).copied())
+                .collect(),
+            chunk_size_hint: CHUNK as u64,
+        };
+        write_bootstrap(&tree).unwrap()
+    }
+
+    /// Stored bytes of the chunks of `name`.
+    fn stored_bytes(&self, name: &str) -> u64 {
+        self.file_chunks[name]
+            .iter()
+            .map(|&c| u64::from(self.chunks[c as usize].compressed_size))
+            .sum()
+    }
+}
+
+/// Counts, slows down or fails range reads of a real [`LocalBlobStore`].
+struct Faulty {
+    inner: LocalBlobStore,
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    delay_ms: AtomicU64,
+    fail: AtomicBool,
+}
+
+impl Faulty {
+    fn new(layout: &Path) -> Arc<Faulty> {
+        Arc::new(Faulty {
+            inner: LocalBlobStore::new(layout).unwrap(),
+            reads: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
+            fail: AtomicBool::new(false),
+        })
+    }
+
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+impl BlobStore for Faulty {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(len, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(RegistryError::Invalid("injected failure".into()));
+        }
+        self.inner.read_range(digest, offset, len)
+    }
+
+    fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
+        self.inner.blob_size(digest)
+    }
+}
+
+/// A mount; unmounted on drop, even when a test fails.
+struct TestMount {
+    mnt: tempfile::TempDir,
+    daemon: Option<Daemon>,
+}
+
+impl TestMount {
+    fn new(bootstrap: Vec<u8>, store: Arc<Faulty>, opts: impl FnOnce(&mut MountOptions)) -> Self {
+        require_fuse();
+        let mnt = tempfile::tempdir().unwrap();
+        let mut o = MountOptions::new(mnt.path());
+        o.threads = 4;
+        // Isolate the mechanism under test: no speculative fetches unless asked.
+        o.fetch_window = 0;
+        o.chunk_readahead = 0;
+        opts(&mut o);
+        let daemon = Daemon::start(&o, Box::new(bootstrap), Backend::new(store)).expect("mount");
+        TestMount {
+            mnt,
+            daemon: Some(daemon),
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.path().join(rel.trim_start_matches('/'))
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    /// Unmounts and returns the final counters.
+    fn finish(mut self) -> skiff_fusefs::MetricsSnapshot {
+        let mut d = self.daemon.take().unwrap();
+        d.unmount().unwrap()
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.unmount();
+        }
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(self.mnt.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn disk(dir: &Path, limit: u64) -> Option<Arc<DiskCache>> {
+    Some(Arc::new(DiskCache::open(dir, limit).unwrap()))
+}
+
+fn read_all(m: &TestMount, img: &Image) {
+    for (name, want) in &img.files {
+        let got = fs::read(m.p(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(got == *want, "{name}: contents differ");
+    }
+}
+
+/// Sum of the lengths of the files under `dir` (what the cache occupies).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_sequential_read_is_a_few_merged_requests() {
+    let img = Image::build(&[("big", data(4 << 20, 1))]);
+    let blob_len = img.blob_len;
+    let mut counts = Vec::new();
+    for bound in [4u64 << 20, 1 << 20] {
+        let store = Faulty::new(img.layout.path());
+        let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+            o.max_request_bytes = bound;
+        });
+        read_all(&m, &img);
+        let metrics = m.finish();
+        // 64 chunks; the kernel asks in reads of up to 1 MiB, each one merged
+        // request (so the bound of 4 MiB does not lower the count below 4).
+        let per_read_limit = (4u64 << 20).div_ceil(bound.min(1 << 20));
+        eprintln!(
+            "4 MiB file, bound {bound}: {} requests, {} bytes for {blob_len} stored ({metrics})",
+            store.reads(),
+            store.bytes.load(Ordering::SeqCst)
+        );
+        assert!(
+            store.reads() <= per_read_limit + 2,
+            "{} requests with a bound of {bound}",
+            store.reads()
+        );
+        assert_eq!(metrics.chunks_fetched, 64);
+        assert_eq!(
+            store.bytes.load(Ordering::SeqCst),
+            blob_len,
+            "no byte twice"
+        );
+        counts.push(store.reads());
+    }
+    // With the fetch window (read-ahead in the blob), one request can cover
+    // the file: ceil(4 MiB / bound).
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.max_request_bytes = 4 << 20;
+        o.fetch_window = 4 << 20;
+    });
+    read_all(&m, &img);
+    drop(m);
+    eprintln!("with a 4 MiB fetch window: {} requests", store.reads());
+    assert!(store.reads() <= 2, "{} requests", store.reads());
+    // Background chunk readahead: the file still arrives in few requests.
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.chunk_readahead = 4 << 20;
+    });
+    read_all(&m, &img);
+    let metrics = m.finish();
+    eprintln!(
+        "with chunk readahead: {} requests ({metrics})",
+        store.reads()
+    );
+    assert!(store.reads() <= 8, "{} requests", store.reads());
+}
+
+#[test]
+fn concurrent_readers_fetch_each_chunk_once() {
+    let img = Image::build(&[("big", data(4 << 20, 2))]);
+    let store = Faulty::new(img.layout.path());
+    store.delay_ms.store(20, Ordering::SeqCst);
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |_| {});
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (m, img, barrier) = (&m, &img, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                // Different threads start at different places.
+                let want = &img.files["big"];
+                let f = fs::File::open(m.p("big")).unwrap();
+                let start = (t * 512 * 1024) % (4 << 20);
+                let mut buf = vec![0u8; 256 * 1024];
+                for k in 0..16u64 {
+                    let off = (start + k * 256 * 1024) % (4 << 20);
+                    let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, off).unwrap();
+                    assert!(buf[..n] == want[off as usize..off as usize + n]);
+                }
+            });
+        }
+    });
+    let metrics = m.finish();
+    eprintln!(
+        "8 concurrent readers: {} requests ({metrics})",
+        store.reads()
+    );
+    assert_eq!(metrics.chunks_fetched, 64, "each chunk fetched once");
+    assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
+}
+
+#[test]
+fn disk_cache_survives_a_restart_and_corrupt_files_are_refetched() {
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}"), data(300_000 + i * 50_000, 10 + i as u64)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let img = Image::build(&refs);
+    let cache = tempfile::tempdir().unwrap();
+
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    let first = m.finish();
+    let cold_reads = store.reads();
+    assert!(cold_reads > 0);
+    // Compressed bytes on disk: exactly the blob, nothing decompressed.
+    assert_eq!(dir_bytes(cache.path()), img.blob_len);
+
+    // A new daemon on the same directory: not one request.
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    let second = m.finish();
+    eprintln!(
+        "cold: {cold_reads} requests ({first}); after restart: {} requests ({second})",
+        store.reads()
+    );
+    assert_eq!(store.reads(), 0, "restart reuse");
+    assert_eq!(second.disk_hits, img.chunks.len() as u64);
+
+    // Damage one chunk file and leave a torn temporary file behind.
+    let victim = img.chunks[img.file_chunks["f3"][1] as usize];
+    let hex = victim.digest.to_hex();
+    let file = cache.path().join("chunks").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&file, &bytes).unwrap();
+    let torn = file.with_file_name(".tmp-4000000001-7");
+    fs::write(&torn, &bytes[..10]).unwrap();
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    let third = m.finish();
+    assert_eq!(store.reads(), 1, "only the damaged chunk is refetched");
+    assert_eq!(third.disk_corrupt, 1);
+    assert!(!torn.exists(), "a torn temporary file is cleaned");
+    assert_eq!(
+        fs::read(&file).unwrap().len(),
+        victim.compressed_size as usize
+    );
+    assert_eq!(dir_bytes(cache.path()), img.blob_len);
+}
+
+#[test]
+fn the_disk_cache_bound_holds_under_a_larger_workload() {
+    let files: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| (format!("f{i:02}"), data(400_000, 100 + i as u64)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let img = Image::build(&refs);
+    let limit = 1u64 << 20;
+    assert!(img.blob_len > 4 * limit);
+    let cache = tempfile::tempdir().unwrap();
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), limit);
+        o.cache_bytes = 256 << 10;
+    });
+    let done = AtomicBool::new(false);
+    let max_seen = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                max_seen.fetch_max(dir_bytes(cache.path()), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        for _ in 0..2 {
+            read_all(&m, &img);
+        }
+        m.daemon().source().disk().unwrap().flush();
+        done.store(true, Ordering::SeqCst);
+    });
+    let stats = m.daemon().source().disk().unwrap().stats();
+    let max_seen = max_seen.load(Ordering::SeqCst).max(dir_bytes(cache.path()));
+    eprintln!(
+        "{} stored bytes through a {limit}-byte cache: at most {max_seen} on disk; {stats:?}",
+        img.blob_len
+    );
+    assert!(
+        max_seen <= limit + CHUNK as u64,
+        "{max_seen} bytes on disk, bound {limit}"
+    );
+    assert!(stats.evictions > 0);
+}
+
+#[test]
+fn a_full_cache_disk_still_serves() {
+    require_fuse();
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("f{i}"), data(200_000, 200 + i as u64)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let img = Image::build(&refs);
+    let cache = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=192k", "tmpfs"])
+        .arg(cache.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _tmpfs = Unmount(cache.path());
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        // The bound is far above what the disk holds.
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    m.daemon().source().disk().unwrap().flush();
+    let stats = m.daemon().source().disk().unwrap().stats();
+    // Served again (from memory or the network), still right.
+    read_all(&m, &img);
+    drop(m);
+    eprintln!(
+        "tmpfs of 192 KiB for {} stored bytes: {stats:?}",
+        img.blob_len
+    );
+    assert!(stats.write_errors > 0, "{stats:?}");
+    // No partial file is visible: every chunk file there verifies.
+    let mut visible = 0;
+    for c in &img.chunks {
+        let hex = c.digest.to_hex();
+        let p = cache.path().join("chunks").join(&hex[..2]).join(&hex);
+        if let Ok(bytes) = fs::read(&p) {
+            assert_eq!(
+                bytes.len(),
+                c.compressed_size as usize,
+                "partial file {hex}"
+            );
+            visible += 1;
+        }
+    }
+    let temps = fs::read_dir(cache.path().join("chunks"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .count();
+    assert_eq!(temps, 0, "temporary files left");
+    assert!(visible > 0);
+}
+
+#[test]
+fn a_failed_fetch_is_eio_and_the_daemon_recovers() {
+    let img = Image::build(&[("a", data(500_000, 3)), ("b", data(100_000, 4))]);
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |_| {});
+    store.fail.store(true, Ordering::SeqCst);
+    let err = fs::read(m.p("a")).expect_err("a failed fetch must fail the read");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    store.fail.store(false, Ordering::SeqCst);
+    read_all(&m, &img);
+    let metrics = m.finish();
+    assert!(
+        metrics.fetch_errors >= 1 && metrics.read_errors >= 1,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn recorded_accesses_become_a_prefetch_list_that_is_fetched_unread() {
+    let img = Image::build(&[
+        ("app", data(700_000, 5)),
+        ("lib", data(300_000, 6)),
+        ("other", data(600_000, 7)),
+        ("unused", data(200_000, 8)),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    let list = work.path().join("access.txt");
+
+    // Record: read lib, then app (twice), then part of other.
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store, |o| {
+        o.record_access = Some(list.clone());
+    });
+    fs::read(m.p("lib")).unwrap();
+    fs::read(m.p("app")).unwrap();
+    fs::read(m.p("app")).unwrap();
+    let mut f = fs::File::open(m.p("other")).unwrap();
+    let mut head = [0u8; 10];
+    f.read_exact(&mut head).unwrap();
+    drop(f);
+    drop(m);
+    let recorded = fs::read_to_string(&list).unwrap();
+    assert_eq!(recorded, "/lib\n/app\n/other\n");
+
+    // The list becomes the PREFETCH table; mount with an empty cache.
+    let paths: Vec<String> = recorded.lines().map(String::from).collect();
+    let bootstrap = img.bootstrap(&paths);
+    let b = Bootstrap::parse(&bootstrap).unwrap();
+    assert_eq!(b.prefetch().unwrap().len(), 3);
+    let cache = tempfile::tempdir().unwrap();
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(bootstrap.clone(), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+        o.prefetch = PrefetchMode::List;
+    });
+    let t = Instant::now();
+    while !m.daemon().prefetch_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "prefetch never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after_prefetch = m.daemon().snapshot();
+    let listed = img.stored_bytes("lib") + img.stored_bytes("app") + img.stored_bytes("other");
+    eprintln!(
+        "prefetch: {} requests, {} bytes for {listed} listed stored bytes ({after_prefetch})",
+        store.reads(),
+        store.bytes.load(Ordering::SeqCst)
+    );
+    assert_eq!(after_prefetch.reads, 0, "nothing was read");
+    assert_eq!(
+        after_prefetch.prefetch_done,
+        after_prefetch.prefetch_planned
+    );
+    assert!(store.bytes.load(Ordering::SeqCst) >= listed);
+    assert!(
+        store.bytes.load(Ordering::SeqCst) < listed + img.stored_bytes("unused"),
+        "unlisted files were fetched"
+    );
+    assert!(store.reads() <= 2, "{} requests", store.reads());
+    // The listed files are now local; foreground reads are still right.
+    let before = store.reads();
+    for name in ["app", "lib", "other"] {
+        assert!(fs::read(m.p(name)).unwrap() == img.files[name]);
+    }
+    assert_eq!(store.reads(), before, "listed files fetched again");
+    assert!(fs::read(m.p("unused")).unwrap() == img.files["unused"]);
+    assert!(store.reads() > before);
+    drop(m);
+
+    // Prefetch and foreground reads at once, over a slow store: all correct.
+    let store = Faulty::new(img.layout.path());
+    store.delay_ms.store(5, Ordering::SeqCst);
+    let m = TestMount::new(bootstrap, store.clone(), |o| {
+        o.prefetch = PrefetchMode::All;
+        o.max_request_bytes = 128 << 10;
+    });
+    read_all(&m, &img);
+    let metrics = m.finish();
+    assert!(
+        metrics.chunks_fetched <= img.chunks.len() as u64,
+        "a chunk fetched twice: {metrics}"
+    );
+}
+
+#[test]
+fn the_metrics_socket_serves_prometheus_text() {
+    let img = Image::build(&[("a", data(300_000, 9))]);
+    let work = tempfile::tempdir().unwrap();
+    let sock = work.path().join("metrics.sock");
+    let cache = tempfile::tempdir().unwrap();
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store, |o| {
+        o.metrics_socket = Some(sock.clone());
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: skiff\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let mut samples = BTreeMap::new();
+    for line in body.lines() {
+        if line.starts_with('#') {
+            let mut w = line.split_whitespace();
+            assert_eq!(w.next(), Some("#"));
+            assert!(matches!(w.next(), Some("HELP" | "TYPE")), "{line}");
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        samples.insert(name.to_string(), v);
+    }
+    assert!(samples["skiff_fetch_requests_total"] >= 1.0);
+    assert!(samples["skiff_fetch_bytes_total"] >= 1.0);
+    assert!(samples["skiff_reads_total"] >= 1.0);
+    assert!(samples.contains_key("skiff_cache_hits_total{cache=\"memory\"}"));
+    assert!(samples.contains_key("skiff_cache_misses_total{cache=\"disk\"}"));
+    assert!(samples.contains_key("skiff_fetch_in_flight"));
+    assert!(samples.contains_key("skiff_disk_cache_bytes"));
+    assert!(samples.contains_key("skiff_prefetch_chunks{state=\"done\"}"));
+    assert_eq!(
+        samples["skiff_fetch_duration_seconds_count"],
+        samples["skiff_fetch_duration_seconds_bucket{le=\"+Inf\"}"]
+    );
+    assert_eq!(
+        samples["skiff_fetch_duration_seconds_count"],
+        samples["skiff_fetch_requests_total"]
+    );
+    drop(m);
+    assert!(!sock.exists(), "socket left behind");
+}
