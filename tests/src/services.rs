@@ -133,6 +133,18 @@ impl SkiffMount {
         );
         let mnt = dir.join("mnt");
         let log = dir.join("mount.log");
+        // Each mount gets its own empty disk cache unless the caller names
+        // one: the node-wide default would carry chunks from one test (or
+        // run) to the next and make "cold" reads warm.
+        let mut cache_args: Vec<String> = Vec::new();
+        if !extra
+            .iter()
+            .any(|a| *a == "--cache-dir" || *a == "--no-disk-cache")
+        {
+            let cache = dir.join("cache");
+            let _ = fs::remove_dir_all(&cache);
+            cache_args = vec!["--cache-dir".into(), cache.display().to_string()];
+        }
         let _ = Command::new("fusermount3")
             .arg("-uz")
             .arg(&mnt)
@@ -144,6 +156,7 @@ impl SkiffMount {
             .arg("mount")
             .arg(image)
             .arg(&mnt)
+            .args(&cache_args)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -180,6 +193,11 @@ impl SkiffMount {
             let _ = fs::write(summary, lines.join("\n"));
         });
         m
+    }
+
+    /// The daemon's log (stderr) so far.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// A path inside the mount.
