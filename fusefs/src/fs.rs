@@ -8,9 +8,11 @@
 //!
 //! Inode numbers are bootstrap inode indices plus one (the root, index 0, is
 //! FUSE inode 1), so they are stable across mounts and hard links share one.
-//! The image never changes, so replies carry long TTLs, opened files keep the
-//! page cache and directories are cached by the kernel; lookup counts need no
-//! bookkeeping because nothing is ever allocated per inode.
+//! The image never changes, so replies carry long TTLs, and OPEN, OPENDIR
+//! and FLUSH answer `ENOSYS` so that the kernel stops sending them and opens
+//! files keeping the page cache and directories cached (the "no open"
+//! protocol). Lookup counts need no bookkeeping because nothing is ever
+//! allocated per inode.
 //!
 //! Missing names are answered as negative entries (inode 0 with the same
 //! TTL), so the kernel caches misses too: interpreters probe many paths that
@@ -27,10 +29,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
 
@@ -220,28 +222,6 @@ impl SkiffFs {
             return Err(FsError::Invalid);
         }
         Ok(self.b().symlink_target(id)?)
-    }
-
-    fn do_open(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags> {
-        let (_, inode) = self.inode(ino)?;
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return Err(FsError::ReadOnly);
-        }
-        if inode.kind()? == FileKind::Directory {
-            return Err(FsError::IsDir);
-        }
-        Ok(FopenFlags::FOPEN_KEEP_CACHE)
-    }
-
-    fn do_opendir(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags> {
-        let (_, inode) = self.inode(ino)?;
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return Err(FsError::ReadOnly);
-        }
-        if inode.kind()? != FileKind::Directory {
-            return Err(FsError::NotDir);
-        }
-        Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
     }
 
     fn do_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -618,11 +598,13 @@ impl Filesystem for SkiffFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino, flags) {
-            Ok(fopen) => reply.opened(FileHandle(0), fopen),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// `ENOSYS`: the kernel then stops sending OPEN (and RELEASE) for
+    /// files and opens them itself with `FOPEN_KEEP_CACHE`. Nothing here
+    /// needs a per-open state, the mount is read-only (the VFS refuses
+    /// opens for writing with `EROFS` before they get here), and a warm
+    /// read of many small files saves two round trips per file.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -645,11 +627,10 @@ impl Filesystem for SkiffFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(ino, flags) {
-            Ok(fopen) => reply.opened(FileHandle(0), fopen),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// `ENOSYS`, as for [`open`](Self::open): the kernel then opens
+    /// directories itself with `FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR`.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -900,6 +881,8 @@ impl Filesystem for SkiffFs {
         reply.error(EROFS);
     }
 
+    /// `ENOSYS`: nothing is ever dirty, so the kernel stops sending FLUSH
+    /// on every close.
     fn flush(
         &self,
         _req: &Request,
@@ -908,7 +891,7 @@ impl Filesystem for SkiffFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(
