@@ -39,6 +39,10 @@ pub fn run(args: SnapshotterArgs) -> anyhow::Result<ExitCode> {
     if let Some(address) = args.address {
         config.address = address;
     }
+    // The daemons parse the size; a bad one should stop us now, not fail
+    // every image mount later.
+    skiff_fusefs::disk::parse_size(&config.mount.cache_size)
+        .map_err(|e| anyhow::anyhow!("mount.cache_size: {e}"))?;
     skiff_snapshotter::run(config).context("skiff snapshotter")?;
     Ok(ExitCode::SUCCESS)
 }

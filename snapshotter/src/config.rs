@@ -12,6 +12,9 @@
 //! cache_mb = 256                          # memory cache of decompressed chunks
 //! readahead_kb = 1024
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
+//! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
+//! cache_size = "10g"                      # its bound (LRU eviction beyond it)
+//! metrics = true                          # ROOT/metrics/DIGEST16.sock (Prometheus text)
 //!
 //! # How the snapshotter and its daemons talk to registries: the registry
 //! # configuration of Skiff (insecure registries, mirrors, credentials, CA,
@@ -65,6 +68,15 @@ pub struct MountConfig {
     pub readahead_kb: u32,
     /// How long a daemon may take to have its mount ready, in seconds.
     pub ready_timeout_secs: u64,
+    /// The disk cache of fetched chunks, shared by every image (and by
+    /// plain `skiff mount`s on the node); `skiff mount`'s default when unset
+    /// (/var/cache/skiff for root).
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of the disk cache (`skiff mount --cache-size`: 10g, 512m, ...).
+    pub cache_size: String,
+    /// Serve each daemon's metrics on `ROOT/metrics/DIGEST16.sock` (the
+    /// first 16 hex digits of the image's digest).
+    pub metrics: bool,
 }
 
 impl Default for Config {
@@ -86,6 +98,9 @@ impl Default for MountConfig {
             cache_mb: 256,
             readahead_kb: 1024,
             ready_timeout_secs: 120,
+            cache_dir: None,
+            cache_size: "10g".into(),
+            metrics: true,
         }
     }
 }
@@ -113,6 +128,14 @@ impl Config {
         }
         if self.address.as_os_str().is_empty() {
             return Err(Error::Config("address is empty".into()));
+        }
+        if let Some(dir) = &self.mount.cache_dir {
+            if !dir.is_absolute() {
+                return Err(Error::Config(format!(
+                    "mount.cache_dir must be an absolute path, not {}",
+                    dir.display()
+                )));
+            }
         }
         if self.mount.threads == 0 {
             return Err(Error::Config("mount.threads must be at least 1".into()));

@@ -4,7 +4,10 @@
 //! in a log file, so that it outlives a restart of the snapshotter and
 //! keeps serving the containers whose overlays sit on its mount. Files of
 //! image `ID` live in `ROOT/mounts/ID/`: `mnt` (the mount point), `pid`
-//! (written by the daemon once the mount is ready) and `daemon.log`.
+//! (written by the daemon once the mount is ready) and `daemon.log`. The
+//! daemon's metrics (Prometheus text, when `mount.metrics` is on) are served
+//! on `ROOT/metrics/SHORT.sock`, `SHORT` being the first 16 hex digits of
+//! the image digest: a unix socket path must fit in 108 bytes.
 //!
 //! Everything here that touches the mount point (`statfs`, unmount) runs on
 //! a blocking thread: a FUSE mount whose daemon hangs would otherwise stall
@@ -62,6 +65,21 @@ impl Daemons {
 
     fn pid_file(&self, id: &str) -> PathBuf {
         self.dir.join(id).join("pid")
+    }
+
+    /// The metrics socket of image `id`'s daemon; `None` when its path
+    /// would not fit in a unix socket address.
+    pub fn metrics_socket(&self, id: &str) -> Option<PathBuf> {
+        let short: String = id
+            .trim_start_matches("sha256-")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(16)
+            .collect();
+        let base = self.dir.parent().unwrap_or(&self.dir);
+        let path = base.join("metrics").join(format!("{short}.sock"));
+        // sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+        (path.as_os_str().len() < 108).then_some(path)
     }
 
     /// The log file of image `id`'s daemon.
@@ -129,9 +147,28 @@ impl Daemons {
             .arg(self.options.cache_mb.to_string())
             .arg("--readahead-kb")
             .arg(self.options.readahead_kb.to_string())
+            .arg("--cache-size")
+            .arg(&self.options.cache_size)
             .arg("--pid-file")
-            .arg(&pid_file)
-            .stdin(Stdio::null())
+            .arg(&pid_file);
+        if let Some(dir) = &self.options.cache_dir {
+            cmd.arg("--cache-dir").arg(dir);
+        }
+        if self.options.metrics {
+            match self.metrics_socket(id) {
+                Some(sock) => {
+                    if let Some(dir) = sock.parent() {
+                        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                    }
+                    cmd.arg("--metrics-socket").arg(sock);
+                }
+                None => tracing::warn!(
+                    image = id,
+                    "the root directory's path is too long for a metrics socket; metrics off"
+                ),
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);

@@ -326,7 +326,27 @@ fn skiff_image_is_pulled_lazily_and_runs() {
             !mnt.join("leak.txt").exists(),
             "a write reached the image mount"
         );
+        // The daemon's metrics socket counts what the containers fetched.
+        let id = mnt
+            .parent()
+            .and_then(|p| p.file_name())
+            .unwrap()
+            .to_string_lossy();
+        let short: String = id.trim_start_matches("sha256-").chars().take(16).collect();
+        let sock = rig.sn.root.join("metrics").join(format!("{short}.sock"));
+        let text = scrape(&sock);
+        let fetched = metric(&text, "skiff_fetch_bytes_total");
+        assert!(
+            fetched > 0.0,
+            "nothing fetched according to {}:\n{text}",
+            sock.display()
+        );
     }
+    // ... into the disk cache the snapshotter's config names.
+    let cached = fs::read_dir(rig.sn.root.with_extension("cache").join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(cached > 0, "no chunk in the configured disk cache");
 
     // Removing the image releases its mount.
     let pids = rig.sn.daemon_pids();
@@ -340,6 +360,33 @@ fn skiff_image_is_pulled_lazily_and_runs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `GET /metrics` on a daemon's unix socket: the body.
+fn scrape(sock: &Path) -> String {
+    use std::io::Read as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: skiff\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 /// Starts a container reading files in a loop, restarts the snapshotter,

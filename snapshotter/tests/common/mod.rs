@@ -374,8 +374,21 @@ impl Snapshotter {
             .append(true)
             .open(&self.log)
             .unwrap();
+        // A disk cache of its own: the node-wide default would carry
+        // chunks from one test (or run) to the next.
+        let config = self.root.with_extension("toml");
+        fs::write(
+            &config,
+            format!(
+                "[mount]\ncache_dir = \"{}\"\n",
+                self.root.with_extension("cache").display()
+            ),
+        )
+        .unwrap();
         let child = Command::new(skiff_bin())
             .arg("snapshotter")
+            .arg("--config")
+            .arg(&config)
             .arg("--root")
             .arg(&self.root)
             .arg("--address")
