@@ -141,3 +141,49 @@ ensure_rust() {
     done
   fi
 }
+
+# -------------------------------------------------------------- containerd --
+
+CONTAINERD_PID=
+SNAPSHOTTER_PID=
+
+# containerd_start DIR SKIFF [SNAPSHOTTER_CONFIG]: a private containerd (root,
+# state and socket under DIR, CRI off) with `SKIFF snapshotter` (root
+# DIR/skiff) as its proxy plugin "skiff". Sets CONTAINERD_PID and
+# SNAPSHOTTER_PID and returns once containerd reaches the plugin.
+# containerd 1.6 keeps shim sockets in /run/containerd/s whatever its config.
+containerd_start() {
+  local dir=$1 skiff=$2 sncfg=${3:-} _
+  mkdir -p "$dir/fifo" "$dir/runc" /run/containerd/s
+  printf 'version = 2\nroot = "%s"\nstate = "%s"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s"\n[ttrpc]\n  address = "%s"\n[proxy_plugins.skiff]\n  type = "snapshot"\n  address = "%s"\n' \
+    "$dir/root" "$dir/state" "$dir/containerd.sock" "$dir/containerd.sock.ttrpc" "$dir/skiff.sock" >"$dir/config.toml"
+  "$skiff" snapshotter ${sncfg:+--config "$sncfg"} --root "$dir/skiff" --address "$dir/skiff.sock" >"$dir/snapshotter.log" 2>&1 &
+  SNAPSHOTTER_PID=$!
+  containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
+  CONTAINERD_PID=$!
+  for _ in $(seq 150); do
+    ctr --address "$dir/containerd.sock" snapshots --snapshotter skiff ls >/dev/null 2>&1 && return 0
+    kill -0 "$CONTAINERD_PID" 2>/dev/null || die "containerd did not start: $(tail -5 "$dir/containerd.log")"
+    kill -0 "$SNAPSHOTTER_PID" 2>/dev/null || die "skiff snapshotter did not start: $(tail -5 "$dir/snapshotter.log")"
+    sleep 0.2
+  done
+  die "containerd does not reach the skiff snapshotter: $(tail -5 "$dir/containerd.log")"
+}
+
+# containerd_stop DIR: stops what containerd_start started and unmounts what
+# is left below DIR, image mounts included (their daemons outlive the
+# snapshotter on purpose; they exit when unmounted).
+containerd_stop() {
+  local dir=$1 mnt pid
+  for pid in "$CONTAINERD_PID" "$SNAPSHOTTER_PID"; do
+    [ -n "$pid" ] || continue
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  CONTAINERD_PID=''
+  SNAPSHOTTER_PID=''
+  [ -n "$dir" ] || return 0
+  while read -r mnt; do
+    fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+  done < <(awk -v d="$(realpath -m "$dir")" 'index($2, d "/") == 1 { print $2 }' /proc/mounts | sort -r)
+}
