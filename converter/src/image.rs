@@ -90,6 +90,10 @@ pub struct LayerReport {
     pub reused_from: Option<String>,
     /// The data blob it owns in this image, if any.
     pub blob: Option<Digest>,
+    /// Chunks stored in that blob.
+    pub stored_chunks: u64,
+    /// Uncompressed bytes of those chunks.
+    pub stored_bytes: u64,
     /// The blob holding its record in the destination.
     pub record: Digest,
 }
@@ -507,6 +511,8 @@ pub fn convert_image_with_prefetch(
                 diff_id: o.record.diff_id,
                 reused_from: o.reused_from.clone(),
                 blob: o.record.blob.as_ref().map(|b| b.digest),
+                stored_chunks: o.record.blob.as_ref().map_or(0, |b| b.chunks.len() as u64),
+                stored_bytes: o.record.blob.as_ref().map_or(0, |b| b.uncompressed_size),
                 record: *rd,
             })
             .collect(),
