@@ -542,8 +542,8 @@ pub fn convert_image_with_prefetch(
 struct DictImage {
     reference: ImageRef,
     store: Arc<dyn BlobStore>,
-    /// Its layer records: (diff ID, record blob, size).
-    records: Vec<(Digest, Digest, u64)>,
+    /// Its layer records.
+    records: Vec<reuse::RecordRef>,
 }
 
 /// Where the blob of a reused layer can be had if the destination lacks it.

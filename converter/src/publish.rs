@@ -106,7 +106,7 @@ pub fn build_manifest(
     bootstrap_digest: Digest,
     source_manifest: Option<Digest>,
     chunking: &str,
-    layer_records: Option<(&Digest, &[(Digest, Digest, u64)])>,
+    layer_records: Option<(&Digest, &[crate::reuse::RecordRef])>,
 ) -> Result<Vec<u8>, ConvertError> {
     let mut layers: Vec<Value> = converted
         .blobs

@@ -42,6 +42,10 @@ pub const MEDIA_LAYER_RECORD_CONFIG: &str = "application/vnd.dev.skiff.layer-rec
 /// Manifest annotation of a converted image: its layers' records, as
 /// space-separated `DIFF_ID=RECORD_DIGEST@SIZE` items in layer order.
 pub const ANNOTATION_LAYER_RECORDS: &str = "dev.skiff.layer-records";
+/// One item of [`ANNOTATION_LAYER_RECORDS`]: (diff ID, record blob digest,
+/// record blob size).
+pub type RecordRef = (Digest, Digest, u64);
+
 /// Manifest annotation: the settings key (hex) its layer records carry.
 pub const ANNOTATION_LAYER_SETTINGS: &str = "dev.skiff.layer-records.settings";
 
@@ -123,7 +127,7 @@ pub fn record_blob_of_artifact(manifest: &[u8]) -> Result<(Digest, u64), String>
 
 /// The value of [`ANNOTATION_LAYER_RECORDS`] for these (diff ID, record
 /// blob) pairs.
-pub fn records_annotation(items: &[(Digest, Digest, u64)]) -> String {
+pub fn records_annotation(items: &[RecordRef]) -> String {
     items
         .iter()
         .map(|(diff, rec, size)| format!("{diff}={rec}@{size}"))
@@ -133,7 +137,7 @@ pub fn records_annotation(items: &[(Digest, Digest, u64)]) -> String {
 
 /// Parses [`ANNOTATION_LAYER_RECORDS`]: (diff ID, record digest, size);
 /// malformed items are skipped.
-pub fn parse_records_annotation(value: &str) -> Vec<(Digest, Digest, u64)> {
+pub fn parse_records_annotation(value: &str) -> Vec<RecordRef> {
     value
         .split_whitespace()
         .filter_map(|item| {
@@ -145,7 +149,7 @@ pub fn parse_records_annotation(value: &str) -> Vec<(Digest, Digest, u64)> {
 }
 
 /// The records an image's manifest names (see [`ANNOTATION_LAYER_RECORDS`]).
-pub fn records_of_manifest(manifest: &Value) -> Vec<(Digest, Digest, u64)> {
+pub fn records_of_manifest(manifest: &Value) -> Vec<RecordRef> {
     manifest
         .get("annotations")
         .and_then(|a| a.get(ANNOTATION_LAYER_RECORDS))

@@ -252,12 +252,22 @@ fn layer_without(work: &Path, pkg: &str) -> Layer {
     let list = work.join("removed-members");
     fs::write(&list, names.join("\n") + "\n").expect("member list");
     let tar = work.join("v2-app.tar");
-    let out = run(Command::new("gzip").arg("-dc").arg(&l2.blob));
-    fs::write(&tar, &out.stdout).expect("write the tar");
-    run(Command::new("tar")
-        .args(["--delete", "--no-recursion", "--no-wildcards", "-f"])
+    // Python's tarfile keeps every entry's PAX records (times, xattrs) as
+    // they are; GNU tar --delete mangles PAX entries of this layer.
+    assert!(on_path("python3"), "python3 is missing: run scripts/setup");
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, tarfile\n\
+             drop = set(open(sys.argv[3]).read().split('\\n'))\n\
+             with tarfile.open(sys.argv[1], 'r:gz') as src, \
+             tarfile.open(sys.argv[2], 'w', format=tarfile.PAX_FORMAT) as dst:\n\
+             \x20   for m in src:\n\
+             \x20       if m.name in drop: continue\n\
+             \x20       dst.addfile(m, src.extractfile(m) if m.isreg() else None)\n",
+        )
+        .arg(&l2.blob)
         .arg(&tar)
-        .arg("-T")
         .arg(&list));
     gzip_layer(&tar)
 }
