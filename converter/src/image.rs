@@ -434,6 +434,15 @@ pub fn convert_image_with_prefetch(
         ensure_blob(&dest, &req.dest, &dicts, cache.as_deref(), blob, &source)?;
     }
 
+    // The cache remembers where its blobs now are, for later mounts.
+    if let (Some(c), ImageRef::Docker(to)) = (&cache, &req.dest) {
+        for (blob, origin) in &converted.blobs {
+            if matches!(origin, BlobOrigin::Layer { .. }) && c.blob_path(&blob.digest).is_file() {
+                c.note_location(&blob.digest, &to.registry, &to.repository);
+            }
+        }
+    }
+
     // Layer records: next to the image in the destination (named by the
     // manifest), tagged in the target repository, kept in the cache.
     let mut record_items = Vec::new();
@@ -718,6 +727,16 @@ fn ensure_blob(
                     "internal error: a cached layer without a cache".into(),
                 ));
             };
+            if let (Destination::Registry(w), ImageRef::Docker(to)) = (dest, dest_ref) {
+                for (registry, repository) in cache.locations(&blob.digest) {
+                    if registry == to.registry
+                        && repository != to.repository
+                        && w.mount_blob(&blob.digest, &repository)?
+                    {
+                        return Ok(());
+                    }
+                }
+            }
             let path = cache.blob_path(&blob.digest);
             let mut file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
             let mut out = dest.blob_out()?;

@@ -5,8 +5,10 @@
 //!   blobs they name, on local disk. Layout:
 //!   `DIR/records/<settings key hex>/<diff ID hex>` (the record, behind a
 //!   `SKIFFLRC` magic and the SHA-256 of the record bytes),
-//!   `DIR/blobs/sha256/<hex>` (data blobs) and `DIR/tmp/` (files being
-//!   written). Every file is written under a unique temporary name, synced
+//!   `DIR/blobs/sha256/<hex>` (data blobs), `DIR/blobs/where/<hex>` (the
+//!   registry repositories a blob was published to, so that another
+//!   repository of the same registry can mount it instead of receiving it)
+//!   and `DIR/tmp/` (files being written). Every file is written under a unique temporary name, synced
 //!   and renamed into place, so concurrent conversions sharing a directory
 //!   never see half a file; every read is verified (record checksum, blob
 //!   digest) and a bad entry is dropped and treated as a miss.
@@ -305,6 +307,53 @@ impl LayerCache {
         );
         let _ = fs::remove_file(&path);
         false
+    }
+
+    fn where_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs").join("where").join(digest.to_hex())
+    }
+
+    /// The registry repositories blob `digest` was last published to, as
+    /// `(registry, repository)`, newest first: a conversion that needs the
+    /// blob in another repository of the same registry mounts it from there.
+    pub fn locations(&self, digest: &Digest) -> Vec<(String, String)> {
+        fs::read_to_string(self.where_path(digest))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (reg, repo) = l.split_once(' ')?;
+                Some((reg.to_string(), repo.to_string()))
+            })
+            .collect()
+    }
+
+    /// Notes that blob `digest` is in `repository` of `registry` (best
+    /// effort; keeps the 8 newest places).
+    pub fn note_location(&self, digest: &Digest, registry: &str, repository: &str) {
+        let mut places = vec![(registry.to_string(), repository.to_string())];
+        for p in self.locations(digest) {
+            if !places.contains(&p) && places.len() < 8 {
+                places.push(p);
+            }
+        }
+        let text: String = places.iter().map(|(r, p)| format!("{r} {p}\n")).collect();
+        let path = self.where_path(digest);
+        let r = (|| -> Result<(), ConvertError> {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+            }
+            let (mut file, temp) = self.temp_file()?;
+            let r = file
+                .write_all(text.as_bytes())
+                .and_then(|()| fs::rename(&temp, &path));
+            if r.is_err() {
+                let _ = fs::remove_file(&temp);
+            }
+            r.ctx(|| format!("writing {}", path.display()))
+        })();
+        if let Err(e) = r {
+            tracing::warn!("layer cache: {e}");
+        }
     }
 
     fn temp_file(&self) -> Result<(File, PathBuf), ConvertError> {
