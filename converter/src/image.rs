@@ -473,11 +473,7 @@ pub fn convert_image_with_prefetch(
                 .blob
                 .as_ref()
                 .is_none_or(|b| c.blob_path(&b.digest).is_file());
-            let better = match c.get(&rec.settings, &rec.diff_id) {
-                None => true,
-                Some(old) => old != *rec && rec.self_contained() && !old.self_contained(),
-            };
-            if blob_kept && better {
+            if blob_kept {
                 if let Err(e) = c.put(rec) {
                     tracing::warn!("layer cache: {e}");
                 }
@@ -607,7 +603,7 @@ impl RecordFinder<'_> {
             }
         };
         if let Some(cache) = self.cache {
-            if let Some(record) = cache.get(&self.settings, diff_id) {
+            for record in cache.get(&self.settings, diff_id) {
                 let blob_ok = match (&record.blob, conv.replay_needs_blob(&record)) {
                     (Some(b), true) => {
                         self.dest.has_blob(&b.digest)? || cache.verify_blob(&b.digest, b.size)

@@ -3,7 +3,8 @@
 //!
 //! - [`LayerCache`] (`skiff convert --cache-dir DIR`): records and the data
 //!   blobs they name, on local disk. Layout:
-//!   `DIR/records/<settings key hex>/<diff ID hex>` (the record, behind a
+//!   `DIR/records/<settings key hex>/<diff ID hex>/<record SHA-256>` (a
+//!   layer's records, one per context it was converted in, each behind a
 //!   `SKIFFLRC` magic and the SHA-256 of the record bytes),
 //!   `DIR/blobs/sha256/<hex>` (data blobs), `DIR/blobs/where/<hex>` (the
 //!   registry repositories a blob was published to, so that another
@@ -163,6 +164,9 @@ pub fn records_of_manifest(manifest: &Value) -> Vec<RecordRef> {
 /// Magic of a record file in a [`LayerCache`].
 const CACHE_MAGIC: &[u8; 8] = b"SKIFFLRC";
 
+/// Records kept per layer and settings (one per context it was converted in).
+pub const MAX_VARIANTS: usize = 8;
+
 /// Temporary files older than this are left over from a crashed run.
 const STALE_TEMP_SECS: u64 = 24 * 3600;
 
@@ -206,7 +210,7 @@ impl LayerCache {
         &self.dir
     }
 
-    fn record_path(&self, settings: &Digest, diff_id: &Digest) -> PathBuf {
+    fn record_dir(&self, settings: &Digest, diff_id: &Digest) -> PathBuf {
         self.dir
             .join("records")
             .join(settings.to_hex())
@@ -218,28 +222,44 @@ impl LayerCache {
         self.dir.join("blobs").join("sha256").join(digest.to_hex())
     }
 
-    /// The record of layer `diff_id` under `settings`, verified; `None` if
-    /// there is none or it is damaged (a damaged one is removed).
-    pub fn get(&self, settings: &Digest, diff_id: &Digest) -> Option<LayerRecord> {
-        let path = self.record_path(settings, diff_id);
-        let bytes = match File::open(&path) {
-            Ok(f) => {
-                let mut b = Vec::new();
-                if let Err(e) = f.take(MAX_RECORD_SIZE).read_to_end(&mut b) {
-                    tracing::warn!("layer cache: {}: {e}", path.display());
-                    return None;
-                }
-                b
-            }
-            Err(_) => return None,
+    /// The records of layer `diff_id` under `settings`, newest first, each
+    /// verified; damaged ones are removed. A layer has one record per
+    /// context it was converted in (what earlier layers and dictionaries
+    /// already held), at most [`MAX_VARIANTS`].
+    pub fn get(&self, settings: &Digest, diff_id: &Digest) -> Vec<LayerRecord> {
+        let dir = self.record_dir(settings, diff_id);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
         };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let t = e.metadata().and_then(|m| m.modified()).ok()?;
+                Some((t, e.path()))
+            })
+            .collect();
+        files.sort_by(|a, b| b.0.cmp(&a.0));
+        files
+            .into_iter()
+            .filter_map(|(_, path)| self.read_record(&path, settings, diff_id))
+            .collect()
+    }
+
+    fn read_record(&self, path: &Path, settings: &Digest, diff_id: &Digest) -> Option<LayerRecord> {
+        let mut bytes = Vec::new();
+        if let Err(e) =
+            File::open(path).and_then(|f| f.take(MAX_RECORD_SIZE).read_to_end(&mut bytes))
+        {
+            tracing::warn!("layer cache: {}: {e}", path.display());
+            return None;
+        }
         let checked = bytes
             .strip_prefix(CACHE_MAGIC)
             .and_then(|rest| rest.split_first_chunk::<32>())
             .filter(|(sum, body)| Digest::of(body).0 == **sum)
             .map(|(_, body)| body);
-        let record = match checked.map(LayerRecord::decode) {
-            Some(Ok(r)) if r.settings == *settings && r.diff_id == *diff_id => r,
+        match checked.map(LayerRecord::decode) {
+            Some(Ok(r)) if r.settings == *settings && r.diff_id == *diff_id => Some(r),
             other => {
                 let why = match other {
                     Some(Err(e)) => e,
@@ -247,23 +267,27 @@ impl LayerCache {
                     Some(Ok(_)) => "it is filed under the wrong key".into(),
                 };
                 tracing::warn!("layer cache: dropping {}: {why}", path.display());
-                let _ = fs::remove_file(&path);
-                return None;
+                let _ = fs::remove_file(path);
+                None
             }
-        };
-        Some(record)
+        }
     }
 
-    /// Stores `record` (replacing any record of the same key).
+    /// Stores `record` beside the other records of its layer (nothing to do
+    /// if the same record is there), dropping the oldest beyond
+    /// [`MAX_VARIANTS`].
     pub fn put(&self, record: &LayerRecord) -> Result<(), ConvertError> {
         let body = record.encode()?;
-        let mut bytes = CACHE_MAGIC.to_vec();
-        bytes.extend_from_slice(&Digest::of(&body).0);
-        bytes.extend_from_slice(&body);
-        let path = self.record_path(&record.settings, &record.diff_id);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        let sum = Digest::of(&body);
+        let dir = self.record_dir(&record.settings, &record.diff_id);
+        let path = dir.join(sum.to_hex());
+        if path.is_file() {
+            return Ok(());
         }
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let mut bytes = CACHE_MAGIC.to_vec();
+        bytes.extend_from_slice(&sum.0);
+        bytes.extend_from_slice(&body);
         let (mut file, temp) = self.temp_file()?;
         let r = file
             .write_all(&bytes)
@@ -272,7 +296,20 @@ impl LayerCache {
         if r.is_err() {
             let _ = fs::remove_file(&temp);
         }
-        r.ctx(|| format!("writing {}", path.display()))
+        r.ctx(|| format!("writing {}", path.display()))?;
+        if let Ok(entries) = fs::read_dir(&dir) {
+            let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+                .flatten()
+                .filter_map(|e| Some((e.metadata().and_then(|m| m.modified()).ok()?, e.path())))
+                .collect();
+            if files.len() > MAX_VARIANTS {
+                files.sort_by(|a, b| b.0.cmp(&a.0));
+                for (_, old) in files.into_iter().skip(MAX_VARIANTS) {
+                    let _ = fs::remove_file(old);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether blob `digest` is in the cache with size `size` and the right
@@ -473,16 +510,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(dir.path()).unwrap();
         let r = record();
-        assert!(cache.get(&r.settings, &r.diff_id).is_none());
+        assert!(cache.get(&r.settings, &r.diff_id).is_empty());
         cache.put(&r).unwrap();
-        assert_eq!(cache.get(&r.settings, &r.diff_id), Some(r.clone()));
-        let path = cache.record_path(&r.settings, &r.diff_id);
+        cache.put(&r).unwrap();
+        assert_eq!(cache.get(&r.settings, &r.diff_id), vec![r.clone()]);
+        let dir = cache.record_dir(&r.settings, &r.diff_id);
+        let path = fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&path, bytes).unwrap();
-        assert!(cache.get(&r.settings, &r.diff_id).is_none());
+        assert!(cache.get(&r.settings, &r.diff_id).is_empty());
         assert!(!path.exists(), "a damaged record is removed");
+        let mut other = r.clone();
+        for i in 0..(MAX_VARIANTS as u64 + 3) {
+            other.figures.entries = i;
+            cache.put(&other).unwrap();
+        }
+        assert_eq!(cache.get(&r.settings, &r.diff_id).len(), MAX_VARIANTS);
         assert!(!cache.verify_blob(&Digest([3; 32]), 1));
     }
 
