@@ -43,7 +43,7 @@ fn layer_set() -> Vec<(Vec<Op>, Comp)> {
     ];
     let l1: Vec<Op> = vec![
         Entry::file("bin/tool", 0o755, other.clone())
-            .xattr("security.capability", b"\x01\x00\x00\x02\n\x00")
+            .xattr("user.binary", b"\x01\x00\x00\x02\n\x00")
             .owner(1000, 1000)
             .into(),
         Entry::symlink("bin/t", "tool").into(),
@@ -154,8 +154,8 @@ fn replayed_layers_give_the_bytes_of_a_fresh_conversion() {
     write_source(&src, &all);
     let cache = work.path().join("cache");
 
-    let reference = work.path().join("fresh");
-    let r0 = convert(&src, &reference, fresh(), vec![]);
+    let fresh_out = work.path().join("fresh");
+    let r0 = convert(&src, &fresh_out, fresh(), vec![]);
     assert_eq!(r0.reuse.layers_reused, 0);
 
     let filled = work.path().join("filled");
@@ -169,14 +169,14 @@ fn replayed_layers_give_the_bytes_of_a_fresh_conversion() {
     assert_eq!(r2.stats.entries, r0.stats.entries);
     assert_eq!(r2.stats.chunks, r0.stats.chunks);
     assert_eq!(r2.manifest_digest, r0.manifest_digest);
-    assert_eq!(read_tree(&replayed), read_tree(&reference));
-    assert_eq!(read_tree(&filled), read_tree(&reference));
+    assert_eq!(read_tree(&replayed), read_tree(&fresh_out));
+    assert_eq!(read_tree(&filled), read_tree(&fresh_out));
 
     // The replayed image is sound and unpacks like the layers.
     let unpacked = work.path().join("unpacked");
     check_and_unpack(&replayed, "out", &unpacked);
     let expected = work.path().join("expected");
-    reference_tree(&all).write(&expected);
+    reference(&all).materialize(&expected);
     assert_same_tree(&expected, &unpacked);
 
     // Through a chunk dictionary's records, without a cache.
@@ -185,9 +185,9 @@ fn replayed_layers_give_the_bytes_of_a_fresh_conversion() {
         lookup: false,
         ..fresh()
     };
-    let rd0 = convert(&src, &dict_fresh, d0, vec![reference.clone()]);
+    let rd0 = convert(&src, &dict_fresh, d0, vec![fresh_out.clone()]);
     let dict_reused = work.path().join("dict-reused");
-    let rd1 = convert(&src, &dict_reused, fresh_lookup(), vec![reference.clone()]);
+    let rd1 = convert(&src, &dict_reused, fresh_lookup(), vec![fresh_out.clone()]);
     assert_eq!(rd1.reuse.layers_reused, 4, "{:?}", rd1.reuse);
     assert_eq!(rd1.manifest_digest, rd0.manifest_digest);
     assert_eq!(read_tree(&dict_reused), read_tree(&dict_fresh));
@@ -198,10 +198,6 @@ fn fresh_lookup() -> ReuseOptions {
         cache_dir: None,
         lookup: true,
     }
-}
-
-fn reference_tree(layers: &[(Vec<Op>, Comp)]) -> RefTree {
-    reference(layers)
 }
 
 #[test]
