@@ -238,7 +238,7 @@ impl LayerCache {
                 Some((t, e.path()))
             })
             .collect();
-        files.sort_by(|a, b| b.0.cmp(&a.0));
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
         files
             .into_iter()
             .filter_map(|(_, path)| self.read_record(&path, settings, diff_id))
@@ -303,7 +303,7 @@ impl LayerCache {
                 .filter_map(|e| Some((e.metadata().and_then(|m| m.modified()).ok()?, e.path())))
                 .collect();
             if files.len() > MAX_VARIANTS {
-                files.sort_by(|a, b| b.0.cmp(&a.0));
+                files.sort_by_key(|f| std::cmp::Reverse(f.0));
                 for (_, old) in files.into_iter().skip(MAX_VARIANTS) {
                     let _ = fs::remove_file(old);
                 }
