@@ -4,7 +4,8 @@
 //! - a second image on the fixture's base layer (plus an application layer
 //!   made of real Debian packages' files) reuses the converted base layer
 //!   from each place a record can be found (chunk dictionary, the target
-//!   repository's record tag, the local cache): no chunking or compression
+//!   repository's record tag, the local cache into a layout and into
+//!   another repository, which cross-mounts the blob): no chunking or compression
 //!   of the base layer, only the new layer's data pushed, output
 //!   byte-identical to a fresh conversion, both images mount and match;
 //! - a second version of the fixture with one package removed, converted
@@ -436,8 +437,19 @@ fn a_second_image_on_the_same_base_reuses_the_converted_base_layer() {
     );
     remove_all(&cached_dir);
 
+    // (4) The local cache, into another repository of the registry: the
+    // base blob is cross-mounted from where the first conversion put it
+    // (the cache remembers), not uploaded from the cache.
+    let b4 = format!("docker://{reg}/skiff/cached:1");
+    let s = convert(&["--cache-dir", &cache_arg, &src_b, &b4]);
+    eprintln!("B from the cache into a new repository: {}", s["reuse"]);
+    assert_eq!(reuse_of(&s, 0).as_deref(), Some("cache"), "{s}");
+    assert!(u(&s, "blobs_mounted") >= 1, "{s}");
+    assert!(u(&s, "bytes_pushed") <= app_blob_size + metadata, "{s}");
+    assert_eq!(s["manifest_digest"], fresh["manifest_digest"]);
+
     // Every blob each bootstrap needs is in each manifest, verified.
-    for image in [&first, &b1, &b2] {
+    for image in [&first, &b1, &b2, &b4] {
         skiff(["check", image.as_str()]);
     }
 
