@@ -458,8 +458,8 @@ fn a_second_image_on_the_same_base_reuses_the_converted_base_layer() {
     let reference_b = umoci_unpack(&layout_b, "app", &dir.join("bundle-b"));
     mount_matches(&b1, &reference_b, &dir.join("mount-b1"), "image B (dict)");
     mount_matches(&b2, &reference_b, &dir.join("mount-b2"), "image B (tag)");
-    remove_all(&dir.join("bundle-b"));
-    remove_all(&fresh_dir);
+    drop(registry);
+    remove_all(&dir);
 }
 
 /// Bytes of every blob a registry stores (its storage, content-addressed:
