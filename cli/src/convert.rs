@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use skiff_converter::image::{convert_image_with_prefetch, ConvertRequest, SourceSpec};
+use skiff_converter::image::{
+    convert_image_with_prefetch, ConvertRequest, ReuseOptions, SourceSpec,
+};
 use skiff_converter::{Chunking, ConvertOptions};
 use skiff_registry::ImageRef;
 
@@ -18,7 +20,8 @@ use crate::progress::Bar;
 #[command(after_help = "Examples:\n  \
     skiff convert oci:./layout:app oci:./out:app\n  \
     skiff convert docker-archive:app.tar oci:./out:app\n  \
-    skiff convert --layer base.tar.gz --layer app.tar oci:./out:app")]
+    skiff convert --layer base.tar.gz --layer app.tar oci:./out:app\n  \
+    skiff convert --cache-dir /var/cache/skiff-convert docker://reg/app:2 docker://reg/app:2-skiff")]
 pub struct ConvertArgs {
     /// SOURCE DEST, or just DEST with --layer. Images use skopeo's syntax:
     /// oci:DIR[:TAG], docker-archive:FILE[:REF].
@@ -43,6 +46,17 @@ pub struct ConvertArgs {
     /// again; repeat for more.
     #[arg(long = "chunk-dict", value_name = "IMAGE")]
     chunk_dicts: Vec<String>,
+    /// A local layer cache: a source layer converted before (same diff ID,
+    /// same settings) is rebuilt from its record instead of being read,
+    /// chunked and compressed again; every converted layer is kept there.
+    /// Safe to share between concurrent conversions.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Convert every layer afresh: do not look layers up in the cache, the
+    /// chunk dictionaries' layer records or the target repository's record
+    /// tags (records are still written).
+    #[arg(long)]
+    no_layer_reuse: bool,
     /// Platform to pick from a multi-platform source: os/arch[/variant].
     #[arg(long)]
     platform: Option<String>,
@@ -108,6 +122,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         chunk_dicts,
         options,
         progress: Some(Arc::new(Bar::new(show))),
+        reuse: ReuseOptions {
+            cache_dir: args.cache_dir.clone(),
+            lookup: !args.no_layer_reuse,
+        },
     };
     let prefetch = match &args.prefetch_list {
         Some(p) => std::fs::read_to_string(p)
@@ -148,6 +166,33 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
             mb(s.bootstrap_layer_bytes),
             mb(s.bootstrap_bytes),
             mb(s.bytes_out)
+        );
+        let r = &result.reuse;
+        println!(
+            "  reuse: {} of {} layers reused, {} converted; {} chunks from dictionaries; \
+             {} compressed ({} chunks)",
+            r.layers_reused,
+            r.layers.len(),
+            r.layers_converted,
+            r.dict_chunks,
+            mb(r.bytes_compressed),
+            r.chunks_compressed
+        );
+        for (i, l) in r.layers.iter().enumerate() {
+            println!(
+                "    layer {} {}: {}",
+                i + 1,
+                l.diff_id,
+                l.reused_from
+                    .as_deref()
+                    .map_or("converted".to_string(), |f| format!("reused from {f}"))
+            );
+        }
+        println!(
+            "  pushed: {}; blobs already there {}, cross-mounted {}",
+            mb(r.bytes_pushed),
+            r.blobs_skipped,
+            r.blobs_mounted
         );
         let secs = s.seconds.max(1e-9);
         println!(

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use skiff_format::{BlobInfo, Bootstrap, ChunkInfo, Digest};
+use skiff_format::{BlobInfo, Bootstrap, ChunkInfo, Digest, Node, NodeData};
 
 use crate::chunker::{Chunker, Chunking};
 use crate::decompress::DecodedLayer;
 use crate::error::ConvertError;
 use crate::pipeline::{BlobPipeline, BlobSink};
-use crate::tree::TreeBuilder;
+use crate::record::{LayerFigures, LayerRecord, Op, RecordBlob, Recorder, StoredChunk};
+use crate::tree::{split_path, TreeBuilder};
 
 /// Settings of a conversion. They decide the output bytes, so they are part
 /// of the image (recorded in its annotations).
@@ -84,6 +85,13 @@ pub struct Stats {
     pub dedup_ratio: f64,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Source layers rebuilt from a layer record (not read, chunked or
+    /// compressed).
+    pub layers_reused: u32,
+    /// Uncompressed bytes of chunk data compressed by this conversion.
+    pub bytes_compressed: u64,
+    /// Chunks compressed by this conversion.
+    pub chunks_compressed: u64,
 }
 
 /// Progress reports for a terminal (the library draws nothing itself).
@@ -118,8 +126,21 @@ pub struct Converted {
     pub bootstrap: Vec<u8>,
     /// The data blobs, in bootstrap BLOBS order, with where they come from.
     pub blobs: Vec<(BlobInfo, BlobOrigin)>,
+    /// One outcome per source layer, in order.
+    pub layers: Vec<LayerOutcome>,
     /// Figures.
     pub stats: Stats,
+}
+
+/// How one source layer was converted.
+#[derive(Clone, Debug)]
+pub struct LayerOutcome {
+    /// Its record: what a fresh conversion of the layer in this image gives
+    /// (also when it was replayed).
+    pub record: LayerRecord,
+    /// Where the record it was rebuilt from came from (`None`: the layer
+    /// was read, chunked and compressed).
+    pub reused_from: Option<String>,
 }
 
 struct CurrentBlob {
@@ -148,6 +169,12 @@ pub struct Converter {
     current: Option<CurrentBlob>,
     /// Paths for the PREFETCH table, resolved at [`Converter::finish`].
     prefetch_paths: Vec<String>,
+    /// Digest of the output-deciding settings ([`crate::record::settings_key`]).
+    settings: Digest,
+    /// The current layer's changes, for its record.
+    recorder: Recorder,
+    /// The layers done so far.
+    layers: Vec<LayerOutcome>,
 }
 
 impl Converter {
@@ -166,6 +193,7 @@ impl Converter {
         }
         let mut tree = TreeBuilder::new();
         tree.tree_mut().chunk_size_hint = options.chunking.size_hint();
+        let settings = crate::record::settings_key(&options);
         Ok(Converter {
             chunker: Some(Chunker::new(options.chunking)),
             options,
@@ -181,6 +209,9 @@ impl Converter {
             origins: Vec::new(),
             current: None,
             prefetch_paths: Vec::new(),
+            settings,
+            recorder: Recorder::default(),
+            layers: Vec::new(),
         })
     }
 
@@ -223,6 +254,8 @@ impl Converter {
                 layer: label.to_string(),
                 message: format!("reading the layer: {e}"),
             })?;
+        let before = self.stats.clone();
+        self.recorder = Recorder::default();
         self.tree.begin_layer();
         self.read_tar(label, &mut decoded)?;
         let (actual, len) = decoded.finish().map_err(|e| ConvertError::Layer {
@@ -242,7 +275,8 @@ impl Converter {
         self.stats.layers += 1;
         self.stats.bytes_in += len;
         self.stats.bytes_in_compressed += counter.load(Ordering::Relaxed);
-        self.finish_layer_blob(actual)?;
+        let blob = self.finish_layer_blob(actual)?;
+        self.finish_record(actual, &before, len, blob, None);
         if let Some(p) = &self.progress {
             p.layer_finished(index);
         }
@@ -261,21 +295,7 @@ impl Converter {
             .map_err(|_| ConvertError::Invalid("more than 2^32 chunks".into()))?;
         let uncompressed_size = u32::try_from(data.len())
             .map_err(|_| ConvertError::Invalid("chunk larger than 4 GiB".into()))?;
-        if let Some((info, blob, dict)) = self.dict.get(&digest).copied() {
-            let blob_index = match self.dict_blobs.get(&blob.digest) {
-                Some(&b) => b,
-                None => {
-                    let b = self.push_blob(blob, BlobOrigin::Dictionary { dict })?;
-                    self.dict_blobs.insert(blob.digest, b);
-                    b
-                }
-            };
-            self.tree
-                .tree_mut()
-                .chunks
-                .push(ChunkInfo { blob_index, ..info });
-            self.index.insert(digest, next);
-            self.stats.dict_chunks += 1;
+        if self.reference_dict_chunk(&digest, next)? {
             return Ok(next);
         }
         if self.current.is_none() {
@@ -316,6 +336,314 @@ impl Converter {
         self.index.insert(digest, next);
         self.stats.unique_chunks += 1;
         self.stats.unique_bytes += data.len() as u64;
+        self.stats.chunks_compressed += 1;
+        self.stats.bytes_compressed += data.len() as u64;
+        Ok(next)
+    }
+
+    /// If chunk `digest` is in a dictionary, adds it to the chunk table as
+    /// entry `next`, stored in the dictionary's blob, and returns true.
+    fn reference_dict_chunk(&mut self, digest: &Digest, next: u32) -> Result<bool, ConvertError> {
+        let Some((info, blob, dict)) = self.dict.get(digest).copied() else {
+            return Ok(false);
+        };
+        let blob_index = match self.dict_blobs.get(&blob.digest) {
+            Some(&b) => b,
+            None => {
+                let b = self.push_blob(blob, BlobOrigin::Dictionary { dict })?;
+                self.dict_blobs.insert(blob.digest, b);
+                b
+            }
+        };
+        self.tree
+            .tree_mut()
+            .chunks
+            .push(ChunkInfo { blob_index, ..info });
+        self.index.insert(*digest, next);
+        self.stats.dict_chunks += 1;
+        Ok(true)
+    }
+
+    /// Applies a whiteout entry at tar path `path` and records it.
+    pub(crate) fn tree_whiteout(
+        &mut self,
+        path: &[u8],
+        parts: &[&[u8]],
+    ) -> Result<(), ConvertError> {
+        self.tree.whiteout(parts)?;
+        self.recorder.ops.push(Op::Whiteout(path.to_vec()));
+        Ok(())
+    }
+
+    /// Applies a hard link entry and records it.
+    pub(crate) fn tree_hard_link(
+        &mut self,
+        path: &[u8],
+        target: &[u8],
+        parts: &[&[u8]],
+        target_parts: &[&[u8]],
+    ) -> Result<(), String> {
+        self.tree.hard_link(parts, target_parts)?;
+        self.recorder
+            .ops
+            .push(Op::HardLink(path.to_vec(), target.to_vec()));
+        Ok(())
+    }
+
+    /// Applies an entry (its chunks already in the chunk table) and records it.
+    pub(crate) fn tree_insert(
+        &mut self,
+        path: &[u8],
+        parts: &[&[u8]],
+        node: Node,
+    ) -> Result<(), ConvertError> {
+        self.recorder
+            .insert(path, &node, &self.tree.tree().chunks)?;
+        self.tree.insert(parts, node)?;
+        Ok(())
+    }
+
+    /// Closes the current layer's record.
+    fn finish_record(
+        &mut self,
+        diff_id: Digest,
+        before: &Stats,
+        tar_bytes: u64,
+        blob: Option<RecordBlob>,
+        reused_from: Option<String>,
+    ) {
+        let s = &self.stats;
+        let recorder = std::mem::take(&mut self.recorder);
+        let record = LayerRecord {
+            settings: self.settings,
+            diff_id,
+            figures: LayerFigures {
+                entries: s.entries - before.entries,
+                files: s.files - before.files,
+                hard_links: s.hard_links - before.hard_links,
+                whiteouts: s.whiteouts - before.whiteouts,
+                file_bytes: s.file_bytes - before.file_bytes,
+                hole_bytes: s.hole_bytes - before.hole_bytes,
+                tar_bytes,
+            },
+            blob,
+            refs: recorder.refs,
+            ops: recorder.ops,
+        };
+        self.layers.push(LayerOutcome {
+            record,
+            reused_from,
+        });
+    }
+
+    /// The settings key records of this conversion carry.
+    pub fn settings_key(&self) -> Digest {
+        self.settings
+    }
+
+    /// Whether `record` can stand in for reading its layer here: its
+    /// settings match and the chunks this image would store for the layer
+    /// (those not in earlier layers or dictionaries) are exactly the ones
+    /// its blob holds, in the same order, so replaying it gives the bytes
+    /// a fresh conversion gives. `Err` says why not.
+    pub fn check_replay(&self, record: &LayerRecord) -> Result<(), String> {
+        if record.settings != self.settings {
+            return Err("it was made with other conversion settings".into());
+        }
+        let new: Vec<&Digest> = record
+            .refs
+            .iter()
+            .map(|(d, _)| d)
+            .filter(|d| !self.index.contains_key(*d) && !self.dict.contains_key(*d))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let Some(blob) = &record.blob else {
+            return Err(format!(
+                "{} of its chunks are new here and it has no blob",
+                new.len()
+            ));
+        };
+        if blob.chunks.len() != new.len()
+            || blob.chunks.iter().zip(&new).any(|(c, d)| c.digest != **d)
+        {
+            return Err(format!(
+                "its blob holds {} chunks, this image would store {} of them",
+                blob.chunks.len(),
+                new.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether replaying `record` here would use its blob (some chunk it
+    /// references is neither in earlier layers nor in a dictionary).
+    pub fn replay_needs_blob(&self, record: &LayerRecord) -> bool {
+        record
+            .refs
+            .iter()
+            .any(|(d, _)| !self.index.contains_key(d) && !self.dict.contains_key(d))
+    }
+
+    /// Rebuilds layer `index` of `count` from its record instead of reading
+    /// it: the same tree changes and chunk-table entries as reading the tar,
+    /// without decompressing, chunking or compressing anything. Call
+    /// [`check_replay`](Self::check_replay) first; a record that fails it
+    /// is refused here too. `source` names where the record came from.
+    pub fn replay_layer(
+        &mut self,
+        label: &str,
+        record: &LayerRecord,
+        source: &str,
+        index: usize,
+        count: usize,
+    ) -> Result<(), ConvertError> {
+        self.check_replay(record).map_err(|m| ConvertError::Layer {
+            layer: label.to_string(),
+            message: format!("cannot reuse the layer record from {source}: {m}"),
+        })?;
+        if let Some(p) = &self.progress {
+            p.layer_started(index, count, Some(0));
+        }
+        let fail = |message: String| ConvertError::Layer {
+            layer: label.to_string(),
+            message: format!("layer record from {source}: {message}"),
+        };
+        let before = self.stats.clone();
+        self.recorder = Recorder::default();
+        self.tree.begin_layer();
+        let placements: HashMap<Digest, StoredChunk> = record
+            .blob
+            .iter()
+            .flat_map(|b| b.chunks.iter().map(|c| (c.digest, *c)))
+            .collect();
+        let mut blob_index: Option<u32> = None;
+        for op in &record.ops {
+            match op {
+                Op::Whiteout(path) => {
+                    let parts = split_path(path).map_err(fail)?;
+                    self.stats.whiteouts += 1;
+                    self.tree_whiteout(path, &parts)?;
+                }
+                Op::HardLink(path, target) => {
+                    let parts = split_path(path).map_err(fail)?;
+                    let target_parts = split_path(target).map_err(fail)?;
+                    self.stats.hard_links += 1;
+                    self.tree_hard_link(path, target, &parts, &target_parts)
+                        .map_err(fail)?;
+                }
+                Op::Insert(path, node) => {
+                    let parts = split_path(path).map_err(fail)?;
+                    let mut node = node.clone();
+                    if let NodeData::Regular { chunks, .. } = &mut node.data {
+                        for fc in chunks.iter_mut() {
+                            let &(digest, size) =
+                                record.refs.get(fc.chunk_index as usize).ok_or_else(|| {
+                                    fail("a file names a chunk it does not list".into())
+                                })?;
+                            fc.chunk_index = self.replay_chunk(
+                                digest,
+                                size,
+                                &placements,
+                                record,
+                                &mut blob_index,
+                            )?;
+                        }
+                    }
+                    self.stats.entries += 1;
+                    if matches!(node.data, NodeData::Regular { .. }) {
+                        self.stats.files += 1;
+                    }
+                    self.tree_insert(path, &parts, node).map_err(|e| match e {
+                        ConvertError::Invalid(m) => fail(m),
+                        other => other,
+                    })?;
+                }
+            }
+        }
+        let f = &record.figures;
+        self.stats.file_bytes += f.file_bytes;
+        self.stats.hole_bytes += f.hole_bytes;
+        self.stats.bytes_in += f.tar_bytes;
+        self.stats.layers += 1;
+        self.stats.layers_reused += 1;
+        let blob = match (blob_index, &record.blob) {
+            (Some(_), Some(b)) => {
+                self.stats.blob_bytes += b.size;
+                Some(b.clone())
+            }
+            _ => None,
+        };
+        self.finish_record(
+            record.diff_id,
+            &before,
+            f.tar_bytes,
+            blob,
+            Some(source.to_string()),
+        );
+        if let Some(p) = &self.progress {
+            p.layer_finished(index);
+        }
+        Ok(())
+    }
+
+    /// The replay counterpart of [`add_chunk`](Self::add_chunk): the chunk's
+    /// placement comes from the record's blob instead of the compressor.
+    fn replay_chunk(
+        &mut self,
+        digest: Digest,
+        size: u32,
+        placements: &HashMap<Digest, StoredChunk>,
+        record: &LayerRecord,
+        blob_index: &mut Option<u32>,
+    ) -> Result<u32, ConvertError> {
+        self.stats.chunks += 1;
+        if let Some(&i) = self.index.get(&digest) {
+            return Ok(i);
+        }
+        let next = u32::try_from(self.tree.tree().chunks.len())
+            .map_err(|_| ConvertError::Invalid("more than 2^32 chunks".into()))?;
+        if self.reference_dict_chunk(&digest, next)? {
+            return Ok(next);
+        }
+        let (Some(placed), Some(blob)) = (placements.get(&digest), &record.blob) else {
+            return Err(ConvertError::Invalid(format!(
+                "layer record of {}: chunk {digest} is new here but not in its blob",
+                record.diff_id
+            )));
+        };
+        let b = match *blob_index {
+            Some(b) => b,
+            None => {
+                let info = BlobInfo {
+                    digest: blob.digest,
+                    size: blob.size,
+                    uncompressed_size: blob.uncompressed_size,
+                    chunk_count: u32::try_from(blob.chunks.len())
+                        .map_err(|_| ConvertError::Invalid("too many chunks in one blob".into()))?,
+                };
+                let b = self.push_blob(
+                    info,
+                    BlobOrigin::Layer {
+                        source_diff_id: record.diff_id,
+                    },
+                )?;
+                *blob_index = Some(b);
+                b
+            }
+        };
+        self.tree.tree_mut().chunks.push(ChunkInfo {
+            digest,
+            blob_index: b,
+            compressed: placed.compressed,
+            compressed_offset: placed.offset,
+            compressed_size: placed.size,
+            uncompressed_size: size,
+        });
+        self.index.insert(digest, next);
+        self.stats.unique_chunks += 1;
+        self.stats.unique_bytes += u64::from(size);
         Ok(next)
     }
 
@@ -328,13 +656,14 @@ impl Converter {
         Ok(i)
     }
 
-    fn finish_layer_blob(&mut self, diff_id: Digest) -> Result<(), ConvertError> {
+    fn finish_layer_blob(&mut self, diff_id: Digest) -> Result<Option<RecordBlob>, ConvertError> {
         let Some(current) = self.current.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let result = current.pipeline.finish()?;
         let tree = self.tree.tree_mut();
         let mut uncompressed = 0u64;
+        let mut stored = Vec::with_capacity(result.placements.len());
         for p in &result.placements {
             let chunk = tree.chunks.get_mut(p.chunk as usize).ok_or_else(|| {
                 ConvertError::Invalid("internal error: placement of an unknown chunk".into())
@@ -343,6 +672,13 @@ impl Converter {
             chunk.compressed_offset = p.offset;
             chunk.compressed_size = p.size;
             uncompressed += u64::from(chunk.uncompressed_size);
+            stored.push(StoredChunk {
+                digest: chunk.digest,
+                compressed: p.compressed,
+                offset: p.offset,
+                size: p.size,
+                uncompressed_size: chunk.uncompressed_size,
+            });
         }
         let blob = tree
             .blobs
@@ -361,7 +697,12 @@ impl Converter {
             };
         }
         self.stats.blob_bytes += result.size;
-        Ok(())
+        Ok(Some(RecordBlob {
+            digest: result.digest,
+            size: result.size,
+            uncompressed_size: uncompressed,
+            chunks: stored,
+        }))
     }
 
     /// Sets the files to fetch first after mounting, in order: absolute
@@ -415,6 +756,7 @@ impl Converter {
         Ok(Converted {
             bootstrap,
             blobs,
+            layers: self.layers,
             stats: self.stats,
         })
     }

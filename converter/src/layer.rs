@@ -314,7 +314,7 @@ impl Converter {
         if let Some(name) = parts.last() {
             if is_whiteout(name) {
                 self.stats.whiteouts += 1;
-                return Ok(self.tree.whiteout(&parts)?);
+                return self.tree_whiteout(path, &parts);
             }
         }
         let header = entry.header();
@@ -396,9 +396,10 @@ impl Converter {
                     link.ok_or_else(|| ConvertError::Invalid("hard link without a target".into()))?;
                 let target_parts = split_path(&target)?;
                 self.stats.hard_links += 1;
-                self.tree.hard_link(&parts, &target_parts).map_err(|m| {
-                    ConvertError::Invalid(format!("{m} '{}'", String::from_utf8_lossy(&target)))
-                })?;
+                self.tree_hard_link(path, &target, &parts, &target_parts)
+                    .map_err(|m| {
+                        ConvertError::Invalid(format!("{m} '{}'", String::from_utf8_lossy(&target)))
+                    })?;
                 return Ok(());
             }
             EntryType::Char => {
@@ -422,15 +423,15 @@ impl Converter {
         if matches!(data, NodeData::Regular { .. }) {
             self.stats.files += 1;
         }
-        self.tree.insert(
+        self.tree_insert(
+            path,
             &parts,
             Node {
                 attrs,
                 data,
                 xattrs,
             },
-        )?;
-        Ok(())
+        )
     }
 
     /// Cuts a file's content into chunks and registers them; all-zero chunks

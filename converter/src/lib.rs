@@ -24,6 +24,9 @@
 //! - [`image`]: whole-image conversion from a reference to a published image.
 //! - [`inspect`]: summaries, `stat` and chunk maps for `skiff inspect`.
 //! - [`publish`]: the OCI config and manifest of a converted image.
+//! - [`record`]: layer records, the reusable result of converting one layer.
+//! - [`reuse`]: where records are found (a cache directory, earlier images,
+//!   the target registry) and kept.
 //! - [`unpack`]: the image's tree back to a directory.
 //! - [`check`]: end-to-end verification of an image.
 
@@ -37,10 +40,15 @@ pub mod inspect;
 pub mod layer;
 pub mod pipeline;
 pub mod publish;
+pub mod record;
+pub mod reuse;
 pub mod tree;
 pub mod unpack;
 
 pub use chunker::Chunking;
-pub use convert::{BlobOrigin, ConvertOptions, Converted, Converter, Progress, Stats};
+pub use convert::{
+    BlobOrigin, ConvertOptions, Converted, Converter, LayerOutcome, Progress, Stats,
+};
 pub use error::ConvertError;
 pub use pipeline::{BlobOut, BlobSink};
+pub use record::LayerRecord;

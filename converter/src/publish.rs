@@ -95,7 +95,10 @@ pub fn build_config(
         .map_err(|e| ConvertError::Invalid(format!("serialising the config: {e}")))
 }
 
-/// The manifest of the converted image.
+/// The manifest of the converted image. `layer_records` is the settings
+/// key and, per source layer, (diff ID, record blob, size): see
+/// [`crate::reuse::ANNOTATION_LAYER_RECORDS`].
+#[allow(clippy::too_many_arguments)]
 pub fn build_manifest(
     converted: &Converted,
     config: Descriptor,
@@ -103,6 +106,7 @@ pub fn build_manifest(
     bootstrap_digest: Digest,
     source_manifest: Option<Digest>,
     chunking: &str,
+    layer_records: Option<(&Digest, &[crate::reuse::RecordRef])>,
 ) -> Result<Vec<u8>, ConvertError> {
     let mut layers: Vec<Value> = converted
         .blobs
@@ -139,6 +143,18 @@ pub fn build_manifest(
     annotations.insert(ANNOTATION_CHUNKING.into(), json!(chunking));
     if let Some(m) = source_manifest {
         annotations.insert(ANNOTATION_SOURCE_MANIFEST.into(), json!(m.to_string()));
+    }
+    if let Some((settings, items)) = layer_records {
+        if !items.is_empty() {
+            annotations.insert(
+                crate::reuse::ANNOTATION_LAYER_RECORDS.into(),
+                json!(crate::reuse::records_annotation(items)),
+            );
+            annotations.insert(
+                crate::reuse::ANNOTATION_LAYER_SETTINGS.into(),
+                json!(settings.to_hex()),
+            );
+        }
     }
     let manifest = json!({
         "schemaVersion": 2,

@@ -140,6 +140,7 @@ fn a_bad_dictionary_is_refused() {
         chunk_dicts: vec![oci(&missing, "x")],
         options: options(),
         progress: None,
+        reuse: Default::default(),
     })
     .unwrap_err()
     .to_string();
@@ -164,6 +165,7 @@ fn convert_image(
         chunk_dicts: dicts,
         options: options(),
         progress: None,
+        reuse: Default::default(),
     })
     .unwrap_or_else(|e| panic!("converting with a dictionary: {e}"))
 }

@@ -998,6 +998,7 @@ pub fn convert_layers(
         chunk_dicts: Vec::new(),
         options,
         progress: None,
+        reuse: Default::default(),
     })
 }
 
@@ -1018,6 +1019,7 @@ pub fn convert_ref(
         chunk_dicts,
         options,
         progress: None,
+        reuse: Default::default(),
     })
 }
 
