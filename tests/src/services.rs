@@ -57,6 +57,12 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry keeping its data and log under `dir`.
     pub fn start(dir: &Path) -> Registry {
+        Registry::start_on(dir, &dir.join("registry"))
+    }
+
+    /// Starts a registry with its config and log under `dir`, serving the
+    /// storage in `storage` (which several registries may read at once).
+    pub fn start_on(dir: &Path, storage: &Path) -> Registry {
         assert!(
             on_path("docker-registry"),
             "docker-registry is missing: run scripts/setup (Debian package docker-registry)"
@@ -68,7 +74,7 @@ impl Registry {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry").display()
+            storage.display()
         );
         let config_path = dir.join("registry.yml");
         fs::write(&config_path, config)
@@ -126,6 +132,19 @@ impl SkiffMount {
     /// Mounts `image` at `dir/mnt` with `extra` flags and waits until it
     /// serves (120 s at most).
     pub fn start(image: &str, dir: &Path, extra: &[&str]) -> SkiffMount {
+        SkiffMount::start_env(image, dir, extra, &[])
+    }
+
+    /// [`SkiffMount::start`] with extra environment variables for the
+    /// daemon (`RUST_LOG` among them overrides the default `info`). A stale
+    /// mount left at `dir/mnt` is cleaned up first, unless `extra` holds
+    /// `--force-unmount` (then the daemon must deal with it itself).
+    pub fn start_env(
+        image: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> SkiffMount {
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
         assert!(
             on_path("fusermount3"),
@@ -145,12 +164,17 @@ impl SkiffMount {
             let _ = fs::remove_dir_all(&cache);
             cache_args = vec!["--cache-dir".into(), cache.display().to_string()];
         }
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status();
-        fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+        if !extra.contains(&"--force-unmount") {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&mnt)
+                .stderr(Stdio::null())
+                .status();
+            fs::create_dir_all(&mnt)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+        }
+        // A stale mount point fails create_dir_all: the daemon reports it.
+        let _ = fs::create_dir_all(&mnt);
         let log_file = fs::File::create(&log).unwrap_or_else(|e| panic!("creating the log: {e}"));
         let mut child = Command::new(skiff_bin())
             .arg("mount")
@@ -159,6 +183,7 @@ impl SkiffMount {
             .args(&cache_args)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
@@ -193,6 +218,20 @@ impl SkiffMount {
             let _ = fs::write(summary, lines.join("\n"));
         });
         m
+    }
+
+    /// The daemon's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9` of the daemon, reaped; the mount is left behind, stale
+    /// (`ENOTCONN`), as a crash leaves it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The daemon's log (stderr) so far.
