@@ -20,7 +20,7 @@
 //! `TARGET/skiff-test-tmp/faults-report.txt` for `scripts/faults`.
 
 use std::fs;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -172,7 +172,6 @@ fn read_all(mount: &SkiffMount, rel: &str) -> Outcome {
 
 /// A lazy mount of the converted fixture through the proxy.
 struct Rig {
-    dir: PathBuf,
     net: FaultyRegistry,
     mount: SkiffMount,
 }
@@ -182,7 +181,7 @@ impl Rig {
         let dir = work_dir(name);
         let net = FaultyRegistry::start(&dir);
         let mount = mount_via(&net, &dir, extra, &[]);
-        Rig { dir, net, mount }
+        Rig { net, mount }
     }
 }
 
@@ -195,6 +194,7 @@ fn mount_via(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> SkiffMount {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let config = dir.join("registry.toml");
     fs::write(&config, REGISTRY_CONFIG).unwrap_or_else(|e| panic!("writing the config: {e}"));
     let config = config.display().to_string();
@@ -414,4 +414,372 @@ fn expiring_tokens() {
              ({issued} tokens issued, {unauthorized} 401s); token server refusing -> EIO after {tries} token requests; recovered"
         ),
     );
+}
+
+/// Files of the reference tree to read in the local fault tests: `n`
+/// spread over the tree, 64 KiB to 1 MiB each.
+fn some_files(n: usize) -> Vec<String> {
+    let files = reference_files(64 << 10, 1 << 20);
+    assert!(files.len() > n, "too few reference files");
+    let step = files.len() / n;
+    files.into_iter().step_by(step).take(n).collect()
+}
+
+fn must_read(mount: &SkiffMount, rel: &str, what: &str) {
+    let o = read_all(mount, rel);
+    assert!(
+        matches!(o, Outcome::Correct),
+        "{what}: reading {rel} failed: {o:?}\n{}",
+        mount.logs()
+    );
+}
+
+/// Files left half-written in a cache directory (`.tmp-*`).
+fn temp_files(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![cache.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Chunk files in a cache directory.
+fn chunk_files(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(cache.join("chunks")) else {
+        return out;
+    };
+    for d in rd.flatten() {
+        if let Ok(rd) = fs::read_dir(d.path()) {
+            out.extend(
+                rd.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        skiff_tests::harness::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size},mode=0700"))
+                .arg("tmpfs")
+                .arg(path),
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_under_the_cache() {
+    let dir = work_dir("disk-full");
+    let net = FaultyRegistry::start(&dir);
+    // 1 MiB of disk for a cache allowed 1 GiB: writes fail with ENOSPC.
+    let cache_dir = dir.join("small");
+    let tmpfs = Tmpfs::mount(&cache_dir, "1m");
+    let cache = cache_dir.display().to_string();
+    let files = some_files(24);
+    let metrics_sock = dir.join("metrics.sock");
+    {
+        let mut mount = mount_via(
+            &net,
+            &dir,
+            &["--cache-dir", &cache, "--cache-size", "1g"],
+            &[],
+        );
+        for f in &files {
+            must_read(&mount, f, "disk full");
+        }
+        let text = skiff_tests::services::scrape_metrics(&metrics_sock);
+        let errors = metric_value(&text, "skiff_disk_cache_write_errors_total");
+        let writes = metric_value(&text, "skiff_disk_cache_writes_total");
+        assert!(
+            errors > 0.0,
+            "the cache never ran out of space ({writes} writes):\n{text}"
+        );
+        let (status, _) = mount.terminate();
+        assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+        report(
+            "disk-full",
+            &format!(
+                "survived: {} files read correctly with the cache disk full \
+                 ({writes} chunks written, {errors} writes failed)",
+                files.len()
+            ),
+        );
+    }
+    let leftovers = temp_files(&cache_dir);
+    assert!(leftovers.is_empty(), "half-written files left: {leftovers:?}");
+    let cached = chunk_files(&cache_dir).len();
+    assert!(cached > 0, "nothing was cached at all");
+
+    // What the cache holds is sound: with the network down, every file it
+    // holds whole is served from it, and nothing in it fails verification.
+    net.proxy.set_fault(r#"{"kind":"status","status":503}"#);
+    let mount = mount_via(
+        &net,
+        &dir.join("again"),
+        &["--cache-dir", &cache, "--cache-size", "1g"],
+        &[],
+    );
+    let mut from_disk = 0;
+    for f in &files {
+        match read_all(&mount, f) {
+            Outcome::Correct => from_disk += 1,
+            Outcome::Failed(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}"),
+        }
+    }
+    let text = skiff_tests::services::scrape_metrics(&dir.join("again").join("metrics.sock"));
+    assert_eq!(
+        metric_value(&text, "skiff_disk_cache_corrupt_total"),
+        0.0,
+        "a corrupt entry in the cache:\n{text}"
+    );
+    assert!(
+        from_disk > 0,
+        "no file could be served from the cache ({cached} chunks in it)"
+    );
+    drop(mount);
+    drop(tmpfs);
+}
+
+use skiff_tests::services::metric_value;
+
+#[test]
+fn cache_file_damaged_on_disk() {
+    let dir = work_dir("cache-damaged");
+    let net = FaultyRegistry::start(&dir);
+    let cache_dir = dir.join("cache-kept");
+    let cache = cache_dir.display().to_string();
+    let files = some_files(12);
+    {
+        let mut mount = mount_via(&net, &dir.join("first"), &["--cache-dir", &cache], &[]);
+        for f in &files {
+            must_read(&mount, f, "filling the cache");
+        }
+        mount.terminate();
+    }
+    // Damage every cached chunk: one byte flipped in some, some cut short,
+    // some emptied, some replaced by another chunk's file.
+    let chunks = chunk_files(&cache_dir);
+    assert!(chunks.len() > 10, "only {} chunks cached", chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        let mut bytes = fs::read(c).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+        match i % 4 {
+            0 => {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x55;
+            }
+            1 => bytes.truncate(bytes.len() / 3),
+            2 => bytes.clear(),
+            _ => bytes = fs::read(&chunks[(i + 1) % chunks.len()]).unwrap_or_default(),
+        }
+        fs::write(c, &bytes).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+    }
+    net.proxy.reset_stats();
+    let mount = mount_via(&net, &dir.join("second"), &["--cache-dir", &cache], &[]);
+    for f in &files {
+        must_read(&mount, f, "damaged cache");
+    }
+    let text = skiff_tests::services::scrape_metrics(&dir.join("second").join("metrics.sock"));
+    let corrupt = metric_value(&text, "skiff_disk_cache_corrupt_total");
+    let refetched = net.proxy.stat("range_requests");
+    assert!(
+        corrupt > 0.0 && refetched > 0,
+        "damaged files not detected ({corrupt}) or not refetched ({refetched} requests):\n{text}"
+    );
+    report(
+        "cache-file-damaged",
+        &format!(
+            "survived: {} chunk files damaged, {corrupt} detected on read and refetched \
+             ({refetched} range requests); {} files read correctly",
+            chunks.len(),
+            files.len()
+        ),
+    );
+}
+
+#[test]
+fn kill_9_in_the_middle_of_reads() {
+    let dir = work_dir("kill-9");
+    let net = FaultyRegistry::start(&dir);
+    let cache_dir = dir.join("cache-kept");
+    let cache = cache_dir.display().to_string();
+    let files = some_files(200);
+    let mut mount = mount_via(&net, &dir, &["--cache-dir", &cache], &[]);
+    let mnt = mount.mnt.clone();
+    // Readers over many files; the daemon dies under them.
+    let (tx, rx) = mpsc::channel();
+    for t in 0..8 {
+        let tx = tx.clone();
+        let files = files.clone();
+        let mnt = mnt.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            for f in files.iter().skip(t).step_by(8) {
+                match fs::read(mnt.join(f)) {
+                    Ok(b) => {
+                        assert!(b == reference(f), "WRONG BYTES in {f} around kill -9");
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            let _ = tx.send((ok, failed));
+        });
+    }
+    drop(tx);
+    std::thread::sleep(Duration::from_millis(700));
+    mount.kill9();
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..8 {
+        let (o, f) = rx
+            .recv_timeout(HANG)
+            .unwrap_or_else(|e| panic!("a reader hung or panicked after kill -9: {e}"));
+        ok += o;
+        failed += f;
+    }
+    assert!(failed > 0, "the daemon died after every read had finished");
+    // The dead daemon left a stale mount behind (statfs, unlike stat, is
+    // never answered from the kernel's attribute cache).
+    let stale = nix::sys::statvfs::statvfs(&mnt).err();
+    assert_eq!(
+        stale,
+        Some(nix::errno::Errno::ENOTCONN),
+        "no stale mount after kill -9"
+    );
+    // A new daemon refuses it, with a message saying what to do...
+    let refused = skiff_tests::harness::run_unchecked(
+        skiff_cmd(["mount", &net.image()])
+            .arg(&mnt)
+            .args(["--cache-dir", &cache]),
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--force-unmount"),
+        "mounting over a stale mount: {}\n{stderr}",
+        refused.status
+    );
+    // ... and with --force-unmount cleans it up and serves the same cache.
+    let mount = mount_via(
+        &net,
+        &dir,
+        &["--cache-dir", &cache, "--force-unmount"],
+        &[],
+    );
+    for f in files.iter().step_by(4) {
+        must_read(&mount, f, "after kill -9");
+    }
+    let cleaned = wait_until(Duration::from_secs(30), || temp_files(&cache_dir).is_empty());
+    assert!(
+        cleaned,
+        "temporary files of the dead daemon left: {:?}",
+        temp_files(&cache_dir)
+    );
+    report(
+        "kill-9-daemon",
+        &format!(
+            "survived: {ok} reads done and {failed} failed when the daemon died (none wrong); \
+             stale mount refused, then cleaned by --force-unmount; {} files read correctly \
+             from the same cache",
+            files.len().div_ceil(4)
+        ),
+    );
+}
+
+#[test]
+fn unmount_while_files_are_open() {
+    let dir = work_dir("unmount-open");
+    let net = FaultyRegistry::start(&dir);
+    let files = some_files(6);
+    for how in ["umount -l", "SIGTERM"] {
+        let sub = dir.join(how.replace(' ', "-"));
+        let mut mount = mount_via(&net, &sub, &[], &[]);
+        let open: Vec<(String, fs::File)> = files
+            .iter()
+            .map(|f| {
+                let file = fs::File::open(mount.p(f))
+                    .unwrap_or_else(|e| panic!("opening {f} on the mount: {e}"));
+                (f.clone(), file)
+            })
+            .collect();
+        // Half of each before, the rest after the unmount.
+        let read_part = |file: &fs::File, f: &str, first: bool| {
+            let want = reference(f);
+            let half = want.len() / 2;
+            let (from, to) = if first { (0, half) } else { (half, want.len()) };
+            let mut buf = vec![0u8; to - from];
+            file.read_exact_at(&mut buf, from as u64)
+                .unwrap_or_else(|e| panic!("{how}: reading {f} [{from}..{to}]: {e}"));
+            assert!(buf == want[from..to], "WRONG BYTES in {f} [{from}..{to}] ({how})");
+        };
+        for (f, file) in &open {
+            read_part(file, f, true);
+        }
+        match how {
+            "umount -l" => {
+                skiff_tests::harness::run(Command::new("umount").arg("-l").arg(&mount.mnt));
+            }
+            _ => {
+                let pid = mount.pid().unwrap_or_else(|| panic!("no daemon"));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        };
+        // The mount point is free at once; the open files still read.
+        assert!(
+            wait_until(Duration::from_secs(30), || !is_mount_point(&mount.mnt)),
+            "{how}: still mounted"
+        );
+        for (f, file) in &open {
+            read_part(file, f, false);
+        }
+        assert!(mount.try_wait().is_none(), "{how}: the daemon quit with files open");
+        drop(open);
+        // The last close ends the daemon.
+        let exited = wait_until(Duration::from_secs(60), || mount.try_wait().is_some());
+        assert!(exited, "{how}: the daemon still runs after the last file was closed");
+        report(
+            &format!("unmount-with-open-files ({how})"),
+            &format!(
+                "survived: {} open files read to the end after the unmount; the daemon exited on the last close",
+                files.len()
+            ),
+        );
+    }
+}
+
+/// Whether `path` is a mount point (in /proc/self/mountinfo).
+fn is_mount_point(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
