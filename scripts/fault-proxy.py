@@ -9,7 +9,7 @@ and turn it off again:
     POST /_proxy/fault   {"kind": KIND, "match": "range"|"blobs"|"all",
                           "count": N|null, "status": 503, "retry_after": 1,
                           "stall_seconds": 3600}
-    POST /_proxy/auth    {"mode": "none"|"bearer", "ttl_seconds": N,
+    POST /_proxy/auth    {"mode": "none"|"basic"|"bearer", "ttl_seconds": N,
                           "max_uses": N, "username": U, "password": P}
     GET  /_proxy/stats   counters as JSON
     POST /_proxy/reset   zero the counters
@@ -31,7 +31,8 @@ Range header: the lazy reads of a mount), "blobs" (every blob request) or
 "all" (every /v2/ request). With `count`, the fault applies to that many
 matching requests and then switches itself off.
 
-Auth mode "bearer" makes the proxy a token-protected registry: /v2/
+Auth mode "basic" demands `username`/`password` with Basic auth on every
+/v2/ request. Auth mode "bearer" makes the proxy a token-protected registry: /v2/
 requests without a valid token get 401 with
 `WWW-Authenticate: Bearer realm="http://HOST/token",service="fault-proxy",scope=...`;
 GET /token (Basic auth) and POST /token (OAuth2 password or refresh_token
@@ -84,6 +85,7 @@ class State:
             "token_requests": 0,
             "token_refused": 0,
             "authorization_headers": [],
+            "issued": [],
         }
 
     def count(self, key, n=1):
@@ -233,13 +235,27 @@ class Handler(BaseHTTPRequestHandler):
         with STATE.lock:
             STATE.tokens[token] = [time.monotonic() + ttl, uses]
             STATE.stats["tokens_issued"] += 1
+            STATE.stats.setdefault("issued", []).append(token)
             if self.command == "POST" and user is not None:
                 refresh = "refresh-" + secrets.token_hex(16)
                 STATE.tokens.setdefault("__refresh__", {})[refresh] = True
+                STATE.stats.setdefault("issued", []).append(refresh)
                 answer["refresh_token"] = refresh
         return self.reply_json(200, answer)
 
     def authorized(self, repo):
+        with STATE.lock:
+            mode = STATE.auth.get("mode")
+            if mode == "basic":
+                h = self.headers.get("Authorization", "")
+                want = "%s:%s" % (STATE.auth.get("username"), STATE.auth.get("password"))
+                if h == "Basic " + base64.b64encode(want.encode()).decode():
+                    return True
+                STATE.stats["unauthorized"] += 1
+        if mode == "basic":
+            self.reply(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"login"}]}',
+                       [("Content-Type", "application/json"), ("WWW-Authenticate", 'Basic realm="fault-proxy"')])
+            return False
         with STATE.lock:
             if STATE.auth.get("mode") != "bearer":
                 return True
