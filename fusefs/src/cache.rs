@@ -952,7 +952,11 @@ mod tests {
         let source = f.source(1 << 20, None);
         assert!(matches!(source.get(&f.reqs[1]), Err(ChunkError::Decode(_))));
         // Fetched once more on its own (damage in transit), then an error.
-        assert_eq!(f.reads(), 2, "one refetch of a chunk that fails verification");
+        assert_eq!(
+            f.reads(),
+            2,
+            "one refetch of a chunk that fails verification"
+        );
         assert!(source.get(&f.reqs[1]).is_err());
         assert_eq!(f.reads(), 4, "errors are not cached");
         assert_eq!(

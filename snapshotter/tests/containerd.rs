@@ -546,23 +546,29 @@ fn containerd_restart_keeps_a_lazy_container_running() {
     let registry = Registry::start(rig.path());
     let (reference, layout) = push_skiff_image(rig.path(), &registry);
     rpull_skiff(&rig, &registry, &reference, &layout);
-    rig.ctd.start_container(&reference, "long", &["sleep", "3600"]);
+    rig.ctd
+        .start_container(&reference, "long", &["sleep", "3600"]);
     let pids = rig.sn.daemon_pids();
     rig.ctd.restart();
     rig.ctd.wait_for_plugin(&rig.sn.log);
     // The container lives on, and reads files never read before from the
     // lazy mount, byte for byte.
-    for (i, f) in ["/usr/bin/python3.11", "/usr/lib/x86_64-linux-gnu/libssl.so.3"]
-        .iter()
-        .enumerate()
+    for (i, f) in [
+        "/usr/bin/python3.11",
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    ]
+    .iter()
+    .enumerate()
     {
         let got = sha_in_container(&rig, "long", &format!("sha-{i}"), f);
         assert_eq!(got, reference_sha(f), "{f} after the containerd restart");
     }
     assert_eq!(rig.sn.daemon_pids(), pids, "the image mounts changed");
-    let out = rig
-        .ctd
-        .run_container(&reference, "after-ctd-restart", &["python3", "-c", "import pandas; print('ok')"]);
+    let out = rig.ctd.run_container(
+        &reference,
+        "after-ctd-restart",
+        &["python3", "-c", "import pandas; print('ok')"],
+    );
     assert_eq!(out.trim(), "ok", "{out}");
     report_fault(
         "containerd-restart",
@@ -577,7 +583,8 @@ fn image_removed_while_a_container_runs() {
     let registry = Registry::start(rig.path());
     let (reference, layout) = push_skiff_image(rig.path(), &registry);
     rpull_skiff(&rig, &registry, &reference, &layout);
-    rig.ctd.start_container(&reference, "running", &["sleep", "3600"]);
+    rig.ctd
+        .start_container(&reference, "running", &["sleep", "3600"]);
     let pids = rig.sn.daemon_pids();
     assert_eq!(pids.len(), 1, "one image mount expected");
     let mut c = rig.ctd.ctr();
@@ -596,7 +603,10 @@ fn image_removed_while_a_container_runs() {
         let got = sha_in_container(&rig, "running", &format!("rm-{i}"), f);
         assert_eq!(got, reference_sha(f), "{f} after the image was removed");
     }
-    assert!(daemon_alive(pids[0]), "the image mount died with a container on it");
+    assert!(
+        daemon_alive(pids[0]),
+        "the image mount died with a container on it"
+    );
     // The container goes: the mount is released.
     rig.ctd.clean_namespace();
     let deadline = Instant::now() + Duration::from_secs(30);

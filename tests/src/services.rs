@@ -139,12 +139,7 @@ impl SkiffMount {
     /// daemon (`RUST_LOG` among them overrides the default `info`). A stale
     /// mount left at `dir/mnt` is cleaned up first, unless `extra` holds
     /// `--force-unmount` (then the daemon must deal with it itself).
-    pub fn start_env(
-        image: &str,
-        dir: &Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> SkiffMount {
+    pub fn start_env(image: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> SkiffMount {
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
         assert!(
             on_path("fusermount3"),
@@ -170,8 +165,7 @@ impl SkiffMount {
                 .arg(&mnt)
                 .stderr(Stdio::null())
                 .status();
-            fs::create_dir_all(&mnt)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+            fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
         }
         // A stale mount point fails create_dir_all: the daemon reports it.
         let _ = fs::create_dir_all(&mnt);
@@ -236,7 +230,10 @@ impl SkiffMount {
 
     /// The daemon's exit status, if it has exited (reaps it).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
         if status.is_some() {
             self.child = None;
         }

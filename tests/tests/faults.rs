@@ -158,7 +158,10 @@ fn read_at(mount: &SkiffMount, rel: &str, offset: u64, len: Option<usize>) -> Ou
     match rx.recv_timeout(HANG) {
         Ok(o) => o,
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("reading {rel} through the mount hung for {} s", HANG.as_secs())
+            panic!(
+                "reading {rel} through the mount hung for {} s",
+                HANG.as_secs()
+            )
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             panic!("the reader of {rel} panicked (see above)")
@@ -188,12 +191,7 @@ impl Rig {
 /// Mounts the fixture through `net`'s proxy at `dir/mnt` with the
 /// configuration above: no prefetch, no readahead, no fetch window, so
 /// that each read makes its own requests.
-fn mount_via(
-    net: &FaultyRegistry,
-    dir: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> SkiffMount {
+fn mount_via(net: &FaultyRegistry, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> SkiffMount {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let config = dir.join("registry.toml");
     fs::write(&config, REGISTRY_CONFIG).unwrap_or_else(|e| panic!("writing the config: {e}"));
@@ -406,7 +404,10 @@ fn expiring_tokens() {
     // The registry takes tokens again: the read succeeds.
     p.set_auth(r#"{"mode":"bearer","ttl_seconds":2,"max_uses":3}"#);
     let o = read_all(&mount, b);
-    assert!(matches!(o, Outcome::Correct), "after the token server recovered: {o:?}");
+    assert!(
+        matches!(o, Outcome::Correct),
+        "after the token server recovered: {o:?}"
+    );
     report(
         "expiring-token",
         &format!(
@@ -533,7 +534,10 @@ fn disk_full_under_the_cache() {
         );
     }
     let leftovers = temp_files(&cache_dir);
-    assert!(leftovers.is_empty(), "half-written files left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "half-written files left: {leftovers:?}"
+    );
     let cached = chunk_files(&cache_dir).len();
     assert!(cached > 0, "nothing was cached at all");
 
@@ -685,16 +689,13 @@ fn kill_9_in_the_middle_of_reads() {
         refused.status
     );
     // ... and with --force-unmount cleans it up and serves the same cache.
-    let mount = mount_via(
-        &net,
-        &dir,
-        &["--cache-dir", &cache, "--force-unmount"],
-        &[],
-    );
+    let mount = mount_via(&net, &dir, &["--cache-dir", &cache, "--force-unmount"], &[]);
     for f in files.iter().step_by(4) {
         must_read(&mount, f, "after kill -9");
     }
-    let cleaned = wait_until(Duration::from_secs(30), || temp_files(&cache_dir).is_empty());
+    let cleaned = wait_until(Duration::from_secs(30), || {
+        temp_files(&cache_dir).is_empty()
+    });
     assert!(
         cleaned,
         "temporary files of the dead daemon left: {:?}",
@@ -735,7 +736,10 @@ fn unmount_while_files_are_open() {
             let mut buf = vec![0u8; to - from];
             file.read_exact_at(&mut buf, from as u64)
                 .unwrap_or_else(|e| panic!("{how}: reading {f} [{from}..{to}]: {e}"));
-            assert!(buf == want[from..to], "WRONG BYTES in {f} [{from}..{to}] ({how})");
+            assert!(
+                buf == want[from..to],
+                "WRONG BYTES in {f} [{from}..{to}] ({how})"
+            );
         };
         for (f, file) in &open {
             read_part(file, f, true);
@@ -760,11 +764,17 @@ fn unmount_while_files_are_open() {
         for (f, file) in &open {
             read_part(file, f, false);
         }
-        assert!(mount.try_wait().is_none(), "{how}: the daemon quit with files open");
+        assert!(
+            mount.try_wait().is_none(),
+            "{how}: the daemon quit with files open"
+        );
         drop(open);
         // The last close ends the daemon.
         let exited = wait_until(Duration::from_secs(60), || mount.try_wait().is_some());
-        assert!(exited, "{how}: the daemon still runs after the last file was closed");
+        assert!(
+            exited,
+            "{how}: the daemon still runs after the last file was closed"
+        );
         report(
             &format!("unmount-with-open-files ({how})"),
             &format!(

@@ -120,7 +120,10 @@ fn sockets_are_created_0600() {
                 .collect()
         })
         .unwrap_or_default();
-    assert!(leftovers.is_empty(), "private bind directories left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "private bind directories left: {leftovers:?}"
+    );
 
     // The snapshotter: its socket 0600, its root 0711, the registry
     // configuration it writes for its mounts (credentials!) 0600.
@@ -167,21 +170,38 @@ fn tls_is_verified_by_default() {
     let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
     // A CA of our own and a server certificate it signs for 127.0.0.1.
     let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert, key, csr) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("req.csr"));
+    let (cert, key, csr) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("req.csr"),
+    );
     run(Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=skiff test CA", "-keyout"])
         .arg(&ca_key)
         .arg("-out")
         .arg(&ca));
     run(Command::new("openssl")
-        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&csr));
     let ext = dir.join("ext.cnf");
-    fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        .unwrap_or_else(|e| panic!("{e}"));
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     run(Command::new("openssl")
         .args(["x509", "-req", "-days", "1", "-in"])
         .arg(&csr)
@@ -231,7 +251,10 @@ fn tls_is_verified_by_default() {
     let trusted = dir.join("trusted.toml");
     fs::write(
         &trusted,
-        format!("use_docker_config = false\nca_file = \"{}\"\n", ca.display()),
+        format!(
+            "use_docker_config = false\nca_file = \"{}\"\n",
+            ca.display()
+        ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let out = run_unchecked(skiff_cmd(["inspect", &image]).env("SKIFF_REGISTRY_CONFIG", &trusted));
@@ -315,9 +338,14 @@ fn no_secret_in_logs_or_metrics() {
             &env,
         );
         // Enough reads for tokens to expire and be renewed.
-        for (i, f) in ["etc/os-release", "usr/bin/python3.11", "usr/lib/os-release", "bin/bash"]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            "etc/os-release",
+            "usr/bin/python3.11",
+            "usr/lib/os-release",
+            "bin/bash",
+        ]
+        .iter()
+        .enumerate()
         {
             let got = fs::read(m.p(f)).unwrap_or_else(|e| panic!("{mode}: reading {f}: {e}"));
             assert!(!got.is_empty(), "{f}");
@@ -363,7 +391,10 @@ fn no_secret_in_logs_or_metrics() {
                 .env("SKIFF_REGISTRY_USERNAME", user)
                 .env("SKIFF_REGISTRY_PASSWORD", format!("{password}-wrong")),
         );
-        assert!(!bad.status.success(), "{mode}: a wrong password was accepted");
+        assert!(
+            !bad.status.success(),
+            "{mode}: a wrong password was accepted"
+        );
         if let Some(issued) = net.proxy.stats()["issued"].as_array() {
             secrets.extend(issued.iter().filter_map(|t| t.as_str().map(str::to_owned)));
         }

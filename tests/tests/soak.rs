@@ -142,7 +142,8 @@ fn soak_random_reads_with_constant_eviction() {
             (all.clone(), counts.clone(), mnt.clone(), reference.clone());
         let per_thread = ops / THREADS as u64 + u64::from((t as u64) < ops % THREADS as u64);
         handles.push(std::thread::spawn(move || {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1).wrapping_mul(0x1234_5678_9abc));
+            let mut rng =
+                Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1).wrapping_mul(0x1234_5678_9abc));
             let mut got = vec![0u8; MAX_LEN as usize];
             let mut want = vec![0u8; MAX_LEN as usize];
             for _ in 0..per_thread {
@@ -174,10 +175,10 @@ fn soak_random_reads_with_constant_eviction() {
                     panic!("reading the reference {rel}: {e}");
                 }
                 counts.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                if got[..len] != want[..len] {
-                    if counts.mismatches.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("soak: MISMATCH in {rel} [{offset}+{len}]");
-                    }
+                if got[..len] != want[..len]
+                    && counts.mismatches.fetch_add(1, Ordering::Relaxed) < 5
+                {
+                    eprintln!("soak: MISMATCH in {rel} [{offset}+{len}]");
                 }
             }
         }));
