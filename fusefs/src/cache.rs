@@ -115,6 +115,9 @@ struct Plan {
     /// Positions from here on are optional (read-ahead): not looked up on
     /// disk, and fetched only as part of a run that has a required chunk.
     optional_from: usize,
+    /// Fetch a required chunk once more, on its own, when what came over
+    /// the network fails verification (damage in transit).
+    refetch_corrupt: bool,
 }
 
 /// Largest prefetch request.
@@ -217,6 +220,7 @@ impl ChunkSource {
             foreground: true,
             use_disk: true,
             optional_from: usize::MAX,
+            refetch_corrupt: true,
         }
     }
 
@@ -383,6 +387,7 @@ impl ChunkSource {
             foreground: false,
             use_disk: false,
             optional_from: usize::MAX,
+            refetch_corrupt: false,
         };
         let (mut ok, mut failed) = (0, 0);
         for (_, r) in self.load_owned(reqs, owned, plan) {
@@ -496,24 +501,62 @@ impl ChunkSource {
             let pos = o.pos;
             (pos, self.finish_fetched(reqs.get(pos), &buf, base, o))
         });
-        results.extend(decoded.into_iter().flatten());
+        let mut again = Vec::new();
+        for (pos, r) in decoded.into_iter().flatten() {
+            match r {
+                Ok(data) => results.push((pos, Ok(data))),
+                Err((e, o)) if plan.refetch_corrupt && pos < plan.optional_from => {
+                    if let Some(req) = reqs.get(pos) {
+                        // The chunk's digest and the error are left to the
+                        // line that names its file, if the second fetch fails.
+                        let _ = e;
+                        tracing::warn!(
+                            "chunk {} (blob {}, offset {}) failed verification after a fetch; fetching it again",
+                            req.index,
+                            req.blob,
+                            req.start()
+                        );
+                    }
+                    again.push(o);
+                }
+                Err((e, _)) => results.push((pos, Err(e))),
+            }
+        }
+        if !again.is_empty() {
+            // Once, each chunk on its own: a second failure is the answer.
+            let retry = Plan {
+                max_bytes: 0,
+                max_gap: 0,
+                use_disk: false,
+                refetch_corrupt: false,
+                ..plan
+            };
+            results.extend(self.load_owned(reqs, again, retry));
+        }
         results
     }
 
-    /// Cuts one chunk out of a fetched run, verifies it, and fills the caches.
-    fn finish_fetched(
+    /// Cuts one chunk out of a fetched run, verifies it, and fills the
+    /// caches. A chunk that does not verify comes back with its guard, so
+    /// that the caller may fetch it again.
+    fn finish_fetched<'a>(
         &self,
         req: Option<&ChunkRequest>,
         buf: &[u8],
         base: u64,
-        o: Owned<'_>,
-    ) -> Result<ChunkData, ChunkError> {
-        let req = req.ok_or_else(|| ChunkError::Fetch("internal: bad position".into()))?;
+        o: Owned<'a>,
+    ) -> Result<ChunkData, (ChunkError, Owned<'a>)> {
+        let Some(req) = req else {
+            return Err((ChunkError::Fetch("internal: bad position".into()), o));
+        };
         let from = usize::try_from(req.start().saturating_sub(base)).unwrap_or(usize::MAX);
         let to = from.saturating_add(req.info.compressed_size as usize);
-        let stored = buf
-            .get(from..to)
-            .ok_or_else(|| ChunkError::Fetch("internal: run shorter than its chunks".into()))?;
+        let Some(stored) = buf.get(from..to) else {
+            return Err((
+                ChunkError::Fetch("internal: run shorter than its chunks".into()),
+                o,
+            ));
+        };
         match decode_chunk(&req.info, stored) {
             Ok(data) => {
                 Metrics::add(&self.metrics.chunks_fetched, 1);
@@ -526,7 +569,7 @@ impl ChunkSource {
             }
             Err(e) => {
                 Metrics::add(&self.metrics.chunk_errors, 1);
-                Err(ChunkError::Decode(e))
+                Err((ChunkError::Decode(e), o))
             }
         }
     }
@@ -908,8 +951,14 @@ mod tests {
         std::fs::write(&f.blob_path, &blob).unwrap();
         let source = f.source(1 << 20, None);
         assert!(matches!(source.get(&f.reqs[1]), Err(ChunkError::Decode(_))));
+        // Fetched once more on its own (damage in transit), then an error.
+        assert_eq!(
+            f.reads(),
+            2,
+            "one refetch of a chunk that fails verification"
+        );
         assert!(source.get(&f.reqs[1]).is_err());
-        assert_eq!(f.reads(), 2, "errors are not cached");
+        assert_eq!(f.reads(), 4, "errors are not cached");
         assert_eq!(
             source.get(&f.reqs[0]).unwrap().as_slice(),
             f.datas[0].as_slice()

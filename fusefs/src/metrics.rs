@@ -470,20 +470,11 @@ impl MetricsServer {
     /// Listens on `path` (mode 0600; an old socket there is replaced) and
     /// answers every connection with `render()`.
     ///
-    /// The socket is bound under a temporary name, restricted to its owner,
-    /// then renamed into place, so that nobody else can connect in between.
+    /// The socket is bound inside a fresh directory only its owner can
+    /// enter, restricted to 0600, then renamed into place: nobody else can
+    /// connect in between, whatever the umask.
     pub fn start(path: &Path, render: Render) -> std::io::Result<MetricsServer> {
-        let tmp = path.with_file_name(format!(
-            ".{}.{}.tmp",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&tmp, path)?;
+        let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -510,6 +501,36 @@ impl Drop for MetricsServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds a unix socket at `path`, mode 0600, replacing an old socket there.
+///
+/// `bind` creates the socket with the mode the umask allows, and a later
+/// `chmod` leaves a window in which anyone may connect. So the socket is
+/// bound in a private directory (0700) beside `path`, restricted, and
+/// renamed into place.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let private = path.with_file_name(format!(".s{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let result = UnixListener::bind(&tmp).and_then(|listener| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // The private path is too long for a socket address: bind in
+            // place and restrict it at once.
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            Ok(listener)
+        }
+        other => other,
     }
 }
 

@@ -324,6 +324,12 @@ pub(crate) fn error_detail(resp: Response) -> String {
     }
 }
 
+/// Whether a failed request failed on the server's TLS certificate.
+fn is_certificate_error(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    d.contains("certificate") && !d.contains("timed out")
+}
+
 /// Whether a status is worth retrying.
 fn retryable_status(s: StatusCode) -> bool {
     s == StatusCode::TOO_MANY_REQUESTS
@@ -521,7 +527,14 @@ impl RegistryClient {
                     } else {
                         "failed"
                     };
-                    return Err(Failure::retry(RegistryError::Network {
+                    // A certificate the client does not trust stays
+                    // untrusted: retrying only delays the error.
+                    let retry = if is_certificate_error(&detail) {
+                        Failure::fatal
+                    } else {
+                        Failure::retry
+                    };
+                    return Err(retry(RegistryError::Network {
                         registry: ep.name.clone(),
                         what: call.what.to_owned(),
                         attempts: 1,

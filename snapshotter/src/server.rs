@@ -43,10 +43,45 @@ pub fn bind(address: &Path) -> Result<UnixListener, Error> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(address).map_err(|e| Error::io(address, e))?;
-    fs::set_permissions(address, fs::Permissions::from_mode(0o600))
+    // Bound 0600 in a private directory and renamed into place: a bind
+    // then chmod would let anyone connect in between (umask permitting).
+    let std_listener = bind_private(address).map_err(|e| Error::io(address, e))?;
+    std_listener
+        .set_nonblocking(true)
         .map_err(|e| Error::io(address, e))?;
-    Ok(listener)
+    UnixListener::from_std(std_listener).map_err(|e| Error::io(address, e))
+}
+
+/// Binds a unix socket at `address` with mode 0600: inside a fresh 0700
+/// directory beside it, then renamed into place (as the mount daemons'
+/// metrics sockets are).
+fn bind_private(address: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let private = address.with_file_name(format!(".s{}", std::process::id()));
+    let _ = fs::remove_dir_all(&private);
+    fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let result = std::os::unix::net::UnixListener::bind(&tmp).and_then(|listener| {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+        fs::rename(&tmp, address)?;
+        Ok(listener)
+    });
+    let _ = fs::remove_dir_all(&private);
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc_einval()) => {
+            // The private path is too long for a socket address: bind in
+            // place and restrict it at once.
+            let listener = std::os::unix::net::UnixListener::bind(address)?;
+            fs::set_permissions(address, fs::Permissions::from_mode(0o600))?;
+            Ok(listener)
+        }
+        other => other,
+    }
+}
+
+/// EINVAL, what `bind` answers for a path too long for `sun_path`.
+fn libc_einval() -> i32 {
+    nix::errno::Errno::EINVAL as i32
 }
 
 /// Serves `sn` on `listener` until `shutdown` completes.

@@ -14,11 +14,14 @@
 //!   the fixture image ([`harness::umoci_rootfs`]).
 //! - [`services`]: a registry on loopback and a `skiff mount` daemon, stopped
 //!   and unmounted on drop.
+//! - [`faultproxy`]: the fault-injecting proxy (`scripts/fault-proxy.py`)
+//!   in front of a real registry serving the converted fixture.
 //!
 //! Missing parts (the binary, the fixtures, `umoci`) make the helpers panic
 //! with a message that says what to do: an end-to-end test fails, it never
 //! skips silently.
 
+pub mod faultproxy;
 pub mod harness;
 pub mod services;
 pub mod treedump;

@@ -57,6 +57,12 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry keeping its data and log under `dir`.
     pub fn start(dir: &Path) -> Registry {
+        Registry::start_on(dir, &dir.join("registry"))
+    }
+
+    /// Starts a registry with its config and log under `dir`, serving the
+    /// storage in `storage` (which several registries may read at once).
+    pub fn start_on(dir: &Path, storage: &Path) -> Registry {
         assert!(
             on_path("docker-registry"),
             "docker-registry is missing: run scripts/setup (Debian package docker-registry)"
@@ -68,7 +74,7 @@ impl Registry {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry").display()
+            storage.display()
         );
         let config_path = dir.join("registry.yml");
         fs::write(&config_path, config)
@@ -126,6 +132,14 @@ impl SkiffMount {
     /// Mounts `image` at `dir/mnt` with `extra` flags and waits until it
     /// serves (120 s at most).
     pub fn start(image: &str, dir: &Path, extra: &[&str]) -> SkiffMount {
+        SkiffMount::start_env(image, dir, extra, &[])
+    }
+
+    /// [`SkiffMount::start`] with extra environment variables for the
+    /// daemon (`RUST_LOG` among them overrides the default `info`). A stale
+    /// mount left at `dir/mnt` is cleaned up first, unless `extra` holds
+    /// `--force-unmount` (then the daemon must deal with it itself).
+    pub fn start_env(image: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> SkiffMount {
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
         assert!(
             on_path("fusermount3"),
@@ -145,12 +159,16 @@ impl SkiffMount {
             let _ = fs::remove_dir_all(&cache);
             cache_args = vec!["--cache-dir".into(), cache.display().to_string()];
         }
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status();
-        fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+        if !extra.contains(&"--force-unmount") {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&mnt)
+                .stderr(Stdio::null())
+                .status();
+            fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
+        }
+        // A stale mount point fails create_dir_all: the daemon reports it.
+        let _ = fs::create_dir_all(&mnt);
         let log_file = fs::File::create(&log).unwrap_or_else(|e| panic!("creating the log: {e}"));
         let mut child = Command::new(skiff_bin())
             .arg("mount")
@@ -159,6 +177,7 @@ impl SkiffMount {
             .args(&cache_args)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
@@ -193,6 +212,32 @@ impl SkiffMount {
             let _ = fs::write(summary, lines.join("\n"));
         });
         m
+    }
+
+    /// The daemon's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9` of the daemon, reaped; the mount is left behind, stale
+    /// (`ENOTCONN`), as a crash leaves it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's exit status, if it has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     /// The daemon's log (stderr) so far.
@@ -248,4 +293,38 @@ pub fn summary_value(summary: &str, name: &str) -> Option<u64> {
     summary
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// `GET /metrics` on a daemon's metrics socket: the Prometheus text.
+///
+/// # Panics
+/// When the socket does not answer with 200.
+pub fn scrape_metrics(sock: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: skiff\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| panic!("writing to {}: {e}", sock.display()));
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .unwrap_or_else(|e| panic!("reading from {}: {e}", sock.display()));
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "metrics socket {}: {reply}",
+        sock.display()
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of an unlabelled metric in Prometheus text (0 when absent).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

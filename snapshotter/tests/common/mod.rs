@@ -200,15 +200,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         fs::create_dir_all("/run/containerd/s").unwrap();
         fs::create_dir_all(dir.join("fifo")).unwrap();
         fs::create_dir_all(dir.join("runc")).unwrap();
-        let log = fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("containerd.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start containerd: {e}"));
+        let child = Containerd::spawn(dir);
         let ctd = Containerd {
             dir: dir.to_path_buf(),
             socket,
@@ -216,6 +208,36 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             namespace: namespace.to_owned(),
             child,
         };
+        ctd.wait_until_up();
+        ctd
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))
+            .unwrap();
+        Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("containerd.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start containerd: {e}"))
+    }
+
+    /// Stops containerd (SIGTERM; its shims and containers keep running)
+    /// and starts it again on the same root, state and socket.
+    pub fn restart(&mut self) {
+        stop_child(&mut self.child, "containerd");
+        self.child = Containerd::spawn(&self.dir);
+        self.wait_until_up();
+    }
+
+    fn wait_until_up(&self) {
+        let (ctd, dir) = (self, &self.dir);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = run_for(
@@ -236,7 +258,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        ctd
     }
 
     /// A `ctr` command against this containerd, in its namespace.
@@ -431,6 +452,15 @@ impl Snapshotter {
         self.spawn();
     }
 
+    /// `kill -9` (a crash), then starts it again on the same root and socket.
+    pub fn kill9_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
     /// PIDs of the image mount daemons its metadata records.
     pub fn daemon_pids(&self) -> Vec<i32> {
         let Ok(bytes) = fs::read(self.root.join("metadata.json")) else {
@@ -503,4 +533,15 @@ pub fn blobs_fetched(log: &str) -> Vec<String> {
             Some(rest.chars().take(7 + 64).collect())
         })
         .collect()
+}
+
+/// Appends a line to the fault report `scripts/faults` prints
+/// (`TARGET/skiff-test-tmp/faults-report.txt`).
+pub fn report_fault(fault: &str, outcome: &str) {
+    use std::io::Write as _;
+    let path = scratch_root().join("faults-report.txt");
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{fault}\t{outcome}");
+    }
+    eprintln!("FAULT {fault}: {outcome}");
 }
