@@ -274,68 +274,99 @@ impl OciLayout {
         tag: Option<&str>,
         platform: &Platform,
     ) -> Result<(Digest, Vec<u8>), RegistryError> {
-        let image = self.name(tag);
-        let index = self.index()?;
-        let all: Vec<&Descriptor> = index.manifests().iter().collect();
-        let tags = || {
-            let t: Vec<&str> = all.iter().filter_map(|d| ref_name(d)).collect();
-            if t.is_empty() {
-                "(none)".to_owned()
-            } else {
-                t.join(", ")
-            }
-        };
-        let candidates: Vec<&Descriptor> = match tag {
-            Some(t) => {
-                let c: Vec<&Descriptor> = all
-                    .iter()
-                    .copied()
-                    .filter(|d| ref_name(d) == Some(t))
-                    .collect();
-                if c.is_empty() {
-                    return Err(RegistryError::NotFound(format!(
-                        "{image}: no tag '{t}' in {}; tags: {}",
-                        self.dir.join(INDEX_FILE).display(),
-                        tags()
-                    )));
-                }
-                c
-            }
-            None if all.is_empty() => {
-                return Err(RegistryError::NotFound(format!(
-                    "{image}: the layout holds no images"
-                )))
-            }
-            None if all.len() == 1 || all.iter().all(|d| d.platform().is_some()) => all.clone(),
-            None => {
-                return Err(RegistryError::Invalid(format!(
-                    "{image}: the layout holds {} images; name one with oci:DIR:TAG (tags: {})",
-                    all.len(),
-                    tags()
-                )))
-            }
-        };
-        let mut desc = choose(&image, &candidates, platform, true)?.clone();
-        for _ in 0..MAX_INDEX_DEPTH {
-            let digest = to_digest(desc.digest(), &image)?;
-            let what = format!("manifest {digest} of {image}");
-            let bytes = self.read_descriptor(&desc, &what, MAX_MANIFEST_SIZE)?;
-            let declared = desc.media_type().to_string();
-            let is_index = media::is_index(&declared)
-                || (!media::is_manifest(&declared) && looks_like_index(&bytes));
-            if !is_index {
-                return Ok((digest, bytes));
-            }
-            let nested: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| {
-                RegistryError::Invalid(format!("index {digest} of {image}: not a valid index: {e}"))
-            })?;
-            let entries: Vec<&Descriptor> = nested.manifests().iter().collect();
-            desc = choose(&image, &entries, platform, false)?.clone();
-        }
-        Err(RegistryError::Invalid(format!(
-            "{image}: indexes nest more than {MAX_INDEX_DEPTH} deep"
-        )))
+        let path = self.dir.join(INDEX_FILE);
+        let file = File::open(&path).map_err(|e| RegistryError::io(&path, e))?;
+        let index_bytes = read_bounded(file, MAX_MANIFEST_SIZE, &path)?;
+        resolve_index(
+            &self.name(tag),
+            &path.display().to_string(),
+            &index_bytes,
+            tag,
+            platform,
+            |desc, what| self.read_descriptor(desc, what, MAX_MANIFEST_SIZE),
+        )
     }
+}
+
+/// Resolves an image through a layout's top-level index: chooses the entry
+/// tagged `tag` (or the only image, if `None`) for `platform` in
+/// `index_bytes` (the contents of `index.json`, named `index_name` in
+/// messages), then follows nested indexes, at most 8 deep, to an image
+/// manifest. `read(descriptor, what)` returns the verified bytes a
+/// descriptor points at. Returns the manifest's digest and bytes.
+///
+/// This is [`OciLayout::resolve_for`] without the file system, public so
+/// that fuzz targets and property tests can feed it arbitrary documents;
+/// every malformed document is an error naming `image`, never a panic.
+pub fn resolve_index(
+    image: &str,
+    index_name: &str,
+    index_bytes: &[u8],
+    tag: Option<&str>,
+    platform: &Platform,
+    mut read: impl FnMut(&Descriptor, &str) -> Result<Vec<u8>, RegistryError>,
+) -> Result<(Digest, Vec<u8>), RegistryError> {
+    let index: ImageIndex = serde_json::from_slice(index_bytes).map_err(|e| {
+        RegistryError::Invalid(format!("{index_name}: not a valid image index: {e}"))
+    })?;
+    let all: Vec<&Descriptor> = index.manifests().iter().collect();
+    let tags = || {
+        let t: Vec<&str> = all.iter().filter_map(|d| ref_name(d)).collect();
+        if t.is_empty() {
+            "(none)".to_owned()
+        } else {
+            t.join(", ")
+        }
+    };
+    let candidates: Vec<&Descriptor> = match tag {
+        Some(t) => {
+            let c: Vec<&Descriptor> = all
+                .iter()
+                .copied()
+                .filter(|d| ref_name(d) == Some(t))
+                .collect();
+            if c.is_empty() {
+                return Err(RegistryError::NotFound(format!(
+                    "{image}: no tag '{t}' in {index_name}; tags: {}",
+                    tags()
+                )));
+            }
+            c
+        }
+        None if all.is_empty() => {
+            return Err(RegistryError::NotFound(format!(
+                "{image}: the layout holds no images"
+            )))
+        }
+        None if all.len() == 1 || all.iter().all(|d| d.platform().is_some()) => all.clone(),
+        None => {
+            return Err(RegistryError::Invalid(format!(
+                "{image}: the layout holds {} images; name one with oci:DIR:TAG (tags: {})",
+                all.len(),
+                tags()
+            )))
+        }
+    };
+    let mut desc = choose(image, &candidates, platform, true)?.clone();
+    for _ in 0..MAX_INDEX_DEPTH {
+        let digest = to_digest(desc.digest(), image)?;
+        let what = format!("manifest {digest} of {image}");
+        let bytes = read(&desc, &what)?;
+        let declared = desc.media_type().to_string();
+        let is_index = media::is_index(&declared)
+            || (!media::is_manifest(&declared) && looks_like_index(&bytes));
+        if !is_index {
+            return Ok((digest, bytes));
+        }
+        let nested: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| {
+            RegistryError::Invalid(format!("index {digest} of {image}: not a valid index: {e}"))
+        })?;
+        let entries: Vec<&Descriptor> = nested.manifests().iter().collect();
+        desc = choose(image, &entries, platform, false)?.clone();
+    }
+    Err(RegistryError::Invalid(format!(
+        "{image}: indexes nest more than {MAX_INDEX_DEPTH} deep"
+    )))
 }
 
 pub(crate) fn looks_like_index(bytes: &[u8]) -> bool {

@@ -23,10 +23,11 @@
 //! - [`platform`]: [`Platform`] (`os/arch[/variant]`) and the host default.
 //! - [`media`]: media types and annotation keys, OCI, Docker and Skiff's own.
 //! - [`source`]: [`open_source`], [`SourceImage`], [`LayerInfo`] and
-//!   [`LayerOpener`], the converter's view of an input image.
+//!   [`LayerOpener`], the converter's view of an input image;
+//!   [`source_from_manifest`], the manifest and config parser behind it.
 //! - `docker_archive` (private): reading `docker save` tars for [`source`].
 //! - [`layout`]: [`OciLayout`] (reading a layout, resolving tags through
-//!   nested indexes) and [`OciLayoutWriter`] / [`BlobWriter`] (writing one).
+//!   nested indexes, the latter also over bytes as [`resolve_index`]) and [`OciLayoutWriter`] / [`BlobWriter`] (writing one).
 //! - [`blobstore`]: [`BlobStore`], random access to blobs by digest, and
 //!   [`LocalBlobStore`].
 //! - [`skiff`](mod@skiff): [`skiff::open_image`], a converted Skiff image by reference.
@@ -72,13 +73,15 @@ pub use blobstore::{BlobStore, LocalBlobStore};
 pub use client::RegistryClient;
 pub use config::{Credentials, Mirror, RegistryConfig, RetryConfig};
 pub use error::RegistryError;
-pub use layout::{BlobWriter, OciLayout, OciLayoutWriter};
+pub use layout::{resolve_index, BlobWriter, OciLayout, OciLayoutWriter};
 pub use media::LayerCompression;
 pub use platform::Platform;
 pub use push::{RegistryBlobWriter, RegistryWriter};
 pub use reference::{DockerRef, ImageRef};
 pub use skiff_format::Digest;
-pub use source::{open_source, open_source_with, LayerInfo, LayerOpener, SourceImage};
+pub use source::{
+    open_source, open_source_with, source_from_manifest, LayerInfo, LayerOpener, SourceImage,
+};
 pub use stats::FetchStats;
 pub use store::RegistryBlobStore;
 pub use verify::VerifyingReader;

@@ -184,7 +184,12 @@ fn open_oci(
 /// Builds a [`SourceImage`] from a verified image manifest, fetching its
 /// config (verified) with `fetch_config(descriptor, what)`. Returns the
 /// layers' digests and sizes too.
-pub(crate) fn source_from_manifest(
+///
+/// Pure apart from `fetch_config`: this is where every source's manifest
+/// and config (their `rootfs.diff_ids`) are parsed, so fuzz targets and
+/// property tests feed it arbitrary documents. Anything malformed is an
+/// error naming `image`, never a panic.
+pub fn source_from_manifest(
     image: String,
     manifest_digest: Digest,
     manifest_bytes: &[u8],
