@@ -12,7 +12,7 @@ use skiff_fuzz::seeds::seeds;
 use skiff_fuzz::{run, TARGETS};
 
 fn regressions_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../regressions")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions")
 }
 
 #[test]
