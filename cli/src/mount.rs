@@ -22,8 +22,8 @@ use anyhow::Context;
 use clap::Args;
 use skiff_fusefs::disk::parse_size;
 use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode};
-use skiff_registry::skiff::open_image;
-use skiff_registry::ImageRef;
+use skiff_registry::skiff::open_image_cached;
+use skiff_registry::{BootstrapCache, ImageRef, RegistryConfig};
 
 /// Arguments of `skiff mount`.
 #[derive(Debug, Args)]
@@ -61,7 +61,9 @@ pub struct MountArgs {
     /// Write the daemon's PID to this file once the mount is ready.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// Disk cache of fetched chunks, shared by all mounts of the node
+    /// Disk cache of fetched chunks and verified bootstraps, shared by all
+    /// mounts of the node; chunks of `oci:` images are cached only when this
+    /// is given (their blobs are local already)
     /// [default: /var/cache/skiff as root, else $XDG_CACHE_HOME/skiff or ~/.cache/skiff].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -69,7 +71,7 @@ pub struct MountArgs {
     /// are evicted beyond it.
     #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
     pub cache_size: u64,
-    /// Keep fetched chunks in memory only.
+    /// Keep fetched chunks and the bootstrap in memory only (no disk cache).
     #[arg(long, conflicts_with = "cache_dir")]
     pub no_disk_cache: bool,
     /// Largest merged range request for a read, in KiB.
@@ -115,13 +117,19 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Opens the disk cache: an explicit --cache-dir must work; the default
-/// one falls back to memory only, with a warning.
-fn open_disk_cache(args: &MountArgs) -> anyhow::Result<Option<Arc<DiskCache>>> {
-    if args.no_disk_cache {
+/// Opens the disk cache of chunks: an explicit --cache-dir must work; the
+/// default one falls back to memory only, with a warning. An image in a
+/// local layout (`oci:`) gets none unless --cache-dir asks: its blobs are
+/// on local disk already, and a second copy, a file per chunk, only costs
+/// (reading the blob is several times faster on a cold page cache).
+fn open_disk_cache(
+    args: &MountArgs,
+    reference: &ImageRef,
+) -> anyhow::Result<Option<Arc<DiskCache>>> {
+    let explicit = args.cache_dir.is_some();
+    if args.no_disk_cache || (!explicit && !matches!(reference, ImageRef::Docker(_))) {
         return Ok(None);
     }
-    let explicit = args.cache_dir.is_some();
     let Some(dir) = args.cache_dir.clone().or_else(default_cache_dir) else {
         tracing::warn!("no cache directory (no HOME): caching in memory only");
         return Ok(None);
@@ -143,7 +151,19 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
         .image
         .parse()
         .with_context(|| format!("image '{}'", args.image))?;
-    let image = open_image(&reference).with_context(|| format!("opening {}", args.image))?;
+    let config = match reference {
+        ImageRef::Docker(_) => RegistryConfig::from_env()?,
+        _ => RegistryConfig::default(),
+    };
+    // Verified bootstraps are kept uncompressed beside the chunk cache and
+    // mapped by later mounts of the same image (also for `oci:` images).
+    let bootstrap_cache = match (&args.cache_dir, args.no_disk_cache) {
+        (_, true) => None,
+        (Some(dir), false) => Some(BootstrapCache::new(dir)),
+        (None, false) => default_cache_dir().map(|d| BootstrapCache::new(&d)),
+    };
+    let image = open_image_cached(&reference, &config, bootstrap_cache.as_ref())
+        .with_context(|| format!("opening {}", args.image))?;
     let mut opts = MountOptions::new(&args.mountpoint);
     opts.threads = args.threads.max(1);
     opts.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
@@ -153,7 +173,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     opts.dev = args.dev;
     opts.suid = args.suid;
     opts.force_unmount = args.force_unmount;
-    opts.disk_cache = open_disk_cache(&args)?;
+    opts.disk_cache = open_disk_cache(&args, &reference)?;
     opts.max_request_bytes = args.max_request_kb.saturating_mul(1024).max(1);
     opts.chunk_readahead = args.chunk_readahead_kb.saturating_mul(1024);
     opts.prefetch = if args.no_prefetch {

@@ -85,7 +85,7 @@ fn a_flipped_byte_anywhere_is_caught() {
     assert_eq!(open_and_check(&layout), Ok(Vec::new()));
 
     let image = open_image(&oci(&layout, "t")).unwrap();
-    let bootstrap_bytes = image.bootstrap.clone();
+    let bootstrap_bytes = image.bootstrap.to_vec();
     let b = Bootstrap::parse(&bootstrap_bytes).unwrap();
     let owners = check::chunk_owners(&b);
     let blobs_dir = layout.join("blobs/sha256");

@@ -52,6 +52,7 @@
 
 mod auth;
 pub mod blobstore;
+pub mod bootcache;
 pub mod client;
 pub mod config;
 pub mod credentials;
@@ -70,6 +71,7 @@ pub mod store;
 pub mod verify;
 
 pub use blobstore::{BlobStore, LocalBlobStore};
+pub use bootcache::{BootstrapBytes, BootstrapCache};
 pub use client::RegistryClient;
 pub use config::{Credentials, Mirror, RegistryConfig, RetryConfig};
 pub use error::RegistryError;

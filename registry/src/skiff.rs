@@ -8,6 +8,11 @@
 //! blob table is cross-checked against the manifest so that an image that
 //! needs a blob its manifest does not list is refused here, not at the first
 //! read of a file.
+//!
+//! With a [`BootstrapCache`] (what `skiff mount` passes), a bootstrap
+//! verified once is kept uncompressed on local disk and mapped on the next
+//! open of the same image: no fetch, no decompression, only the checksums
+//! the parser verifies.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -15,6 +20,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use skiff_format::{Bootstrap, Digest};
 
+use crate::bootcache::{BootstrapBytes, BootstrapCache};
 use crate::client::RegistryClient;
 use crate::config::RegistryConfig;
 use crate::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP as MEDIA_BOOTSTRAP};
@@ -34,10 +40,11 @@ pub struct SkiffImage {
     pub manifest_digest: Digest,
     /// The manifest.
     pub manifest: Value,
-    /// The bootstrap, uncompressed and verified.
-    pub bootstrap: Vec<u8>,
-    /// Digest of the uncompressed bootstrap.
-    pub bootstrap_digest: Digest,
+    /// The bootstrap, uncompressed and verified: in memory, or mapped from
+    /// the bootstrap cache.
+    pub bootstrap: BootstrapBytes,
+    /// Digest of the bootstrap layer (compressed, as the manifest lists it).
+    pub bootstrap_layer: Digest,
     /// Where the data blobs are read from.
     pub store: Arc<dyn BlobStore>,
     /// The same store when it is a registry (`docker://`), for its
@@ -69,6 +76,16 @@ pub fn open_image_with(
     reference: &ImageRef,
     config: &RegistryConfig,
 ) -> Result<SkiffImage, RegistryError> {
+    open_image_cached(reference, config, None)
+}
+
+/// [`open_image_with`], taking the bootstrap from `cache` when it holds it
+/// and storing it there otherwise (a failure to store is logged, not fatal).
+pub fn open_image_cached(
+    reference: &ImageRef,
+    config: &RegistryConfig,
+    cache: Option<&BootstrapCache>,
+) -> Result<SkiffImage, RegistryError> {
     let name = reference.to_string();
     match reference {
         ImageRef::Oci { dir, tag } => {
@@ -82,6 +99,7 @@ pub fn open_image_with(
                 |digest, _size| layout.read_blob(digest),
                 store,
                 None,
+                cache,
             )
         }
         ImageRef::Docker(d) => {
@@ -96,6 +114,7 @@ pub fn open_image_with(
                 |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
                 store,
                 Some(remote),
+                cache,
             )
         }
         ImageRef::DockerArchive { .. } => Err(invalid(
@@ -112,6 +131,7 @@ fn finish_open(
     read_blob: impl FnOnce(&Digest, Option<u64>) -> Result<Vec<u8>, RegistryError>,
     store: Arc<dyn BlobStore>,
     registry_store: Option<Arc<RegistryBlobStore>>,
+    cache: Option<&BootstrapCache>,
 ) -> Result<SkiffImage, RegistryError> {
     let manifest: Value = serde_json::from_slice(manifest_bytes)
         .map_err(|e| invalid(&name, format!("manifest is not JSON: {e}")))?;
@@ -152,29 +172,39 @@ fn finish_open(
     if let Some(remote) = &registry_store {
         remote.add_known_sizes(sizes);
     }
-    let compressed = read_blob(&bootstrap_layer_digest, bootstrap_size)?;
-    let mut bootstrap = Vec::new();
-    zstd::stream::read::Decoder::new(compressed.as_slice())
-        .map_err(|e| invalid(&name, format!("bootstrap layer: {e}")))?
-        .take(MAX_BOOTSTRAP_SIZE + 1)
-        .read_to_end(&mut bootstrap)
-        .map_err(|e| invalid(&name, format!("bootstrap layer is not valid zstd: {e}")))?;
-    if bootstrap.len() as u64 > MAX_BOOTSTRAP_SIZE {
-        return Err(invalid(&name, "bootstrap is larger than 4 GiB"));
-    }
-    let bootstrap_digest = Digest::of(&bootstrap);
-    if let Some(expected) = layer
+    let expected = layer
         .get("annotations")
         .and_then(|a| a.get(ANNOTATION_BOOTSTRAP_DIGEST))
-        .and_then(Value::as_str)
-    {
-        if expected != bootstrap_digest.to_string() {
-            return Err(invalid(
-                &name,
-                format!("bootstrap decompresses to {bootstrap_digest}, but the manifest says {expected}"),
-            ));
+        .and_then(Value::as_str);
+    let cached = cache.and_then(|c| {
+        let mapped = c.get(&bootstrap_layer_digest)?;
+        if let Err(e) = Bootstrap::parse(&mapped) {
+            tracing::warn!("cached bootstrap of {bootstrap_layer_digest}: {e}");
+            c.discard(&bootstrap_layer_digest);
+            return None;
         }
-    }
+        tracing::debug!("bootstrap {bootstrap_layer_digest} mapped from the cache");
+        Some(BootstrapBytes::Mapped(mapped))
+    });
+    let bootstrap = match cached {
+        Some(b) => b,
+        None => {
+            let bootstrap = fetch_bootstrap(
+                &name,
+                read_blob(&bootstrap_layer_digest, bootstrap_size)?,
+                expected,
+            )?;
+            Bootstrap::parse(&bootstrap).map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
+            match cache.map(|c| c.put(&bootstrap_layer_digest, &bootstrap)) {
+                Some(Ok(mapped)) => BootstrapBytes::Mapped(mapped),
+                Some(Err(e)) => {
+                    tracing::warn!("bootstrap cache: {e}; keeping the bootstrap in memory");
+                    BootstrapBytes::Owned(bootstrap)
+                }
+                None => BootstrapBytes::Owned(bootstrap),
+            }
+        }
+    };
     let parsed =
         Bootstrap::parse(&bootstrap).map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
     for i in 0..parsed.blob_count() {
@@ -196,8 +226,36 @@ fn finish_open(
         manifest_digest,
         manifest,
         bootstrap,
-        bootstrap_digest,
+        bootstrap_layer: bootstrap_layer_digest,
         store,
         registry_store,
     })
+}
+
+/// Decompresses a verified bootstrap layer (bounded) and checks it against
+/// the uncompressed digest the manifest annotates, if it does.
+fn fetch_bootstrap(
+    name: &str,
+    compressed: Vec<u8>,
+    expected: Option<&str>,
+) -> Result<Vec<u8>, RegistryError> {
+    let mut bootstrap = Vec::new();
+    zstd::stream::read::Decoder::new(compressed.as_slice())
+        .map_err(|e| invalid(name, format!("bootstrap layer: {e}")))?
+        .take(MAX_BOOTSTRAP_SIZE + 1)
+        .read_to_end(&mut bootstrap)
+        .map_err(|e| invalid(name, format!("bootstrap layer is not valid zstd: {e}")))?;
+    if bootstrap.len() as u64 > MAX_BOOTSTRAP_SIZE {
+        return Err(invalid(name, "bootstrap is larger than 4 GiB"));
+    }
+    if let Some(expected) = expected {
+        let digest = Digest::of(&bootstrap);
+        if expected != digest.to_string() {
+            return Err(invalid(
+                name,
+                format!("bootstrap decompresses to {digest}, but the manifest says {expected}"),
+            ));
+        }
+    }
+    Ok(bootstrap)
 }

@@ -18,10 +18,11 @@ use skiff_registry::media::{
     ANNOTATION_BOOTSTRAP_DIGEST, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX,
     OCI_LAYER_TAR, OCI_MANIFEST, SKIFF_BLOB, SKIFF_BOOTSTRAP,
 };
-use skiff_registry::skiff::open_image_with;
+use skiff_registry::skiff::{open_image_cached, open_image_with};
 use skiff_registry::{
-    open_source_with, BlobStore, Credentials, Digest, ImageRef, Mirror, Platform,
-    RegistryBlobStore, RegistryClient, RegistryConfig, RegistryError, RegistryWriter,
+    open_source_with, BlobStore, BootstrapBytes, BootstrapCache, Credentials, Digest, ImageRef,
+    Mirror, Platform, RegistryBlobStore, RegistryClient, RegistryConfig, RegistryError,
+    RegistryWriter,
 };
 use support::*;
 
@@ -383,7 +384,7 @@ fn open_image_from_a_registry() -> TestResult {
     let (md, bootstrap, blob) = skiff_image(&w, "v1", &content)?;
     let image = open_image_with(&ImageRef::Docker(reg.docker_ref("skiff/img:v1")), &cfg)?;
     assert_eq!(image.manifest_digest, md);
-    assert_eq!(image.bootstrap, bootstrap);
+    assert_eq!(&image.bootstrap[..], &bootstrap[..]);
     let remote = image.registry_store.clone().ok_or("no registry store")?;
     // Manifest + bootstrap only (plus the failed HTTPS probe of a loopback
     // registry that speaks plain HTTP).
@@ -402,6 +403,54 @@ fn open_image_from_a_registry() -> TestResult {
     push_image(&w, "plain", &[pattern(100, 1)], "amd64", OCI_MANIFEST)?;
     let e = open_image_with(&ImageRef::Docker(reg.docker_ref("skiff/img:plain")), &cfg).err();
     assert!(e.is_some_and(|e| e.to_string().contains("not a Skiff image")));
+    Ok(())
+}
+
+#[test]
+fn bootstrap_cache_maps_a_verified_bootstrap_and_refetches_a_damaged_one() -> TestResult {
+    let reg = Registry::start();
+    let cfg = test_config();
+    let w = RegistryWriter::new(&reg.docker_ref("skiff/cached"), &cfg)?;
+    let content = b"cached bootstrap\n".repeat(50);
+    let (_, bootstrap, _) = skiff_image(&w, "v1", &content)?;
+    let dir = tempfile::tempdir()?;
+    let cache = BootstrapCache::new(dir.path());
+    let r = ImageRef::Docker(reg.docker_ref("skiff/cached:v1"));
+    // Requests an open made (each open has its own client and counters).
+    let requests = |image: &skiff_registry::skiff::SkiffImage| {
+        image
+            .registry_store
+            .as_ref()
+            .map(|r| r.stats().requests)
+            .unwrap_or(u64::MAX)
+    };
+
+    // First open: fetched, verified, stored and mapped.
+    let first = open_image_cached(&r, &cfg, Some(&cache))?;
+    assert!(matches!(first.bootstrap, BootstrapBytes::Mapped(_)));
+    assert_eq!(&first.bootstrap[..], &bootstrap[..]);
+    let file = cache.dir().join(first.bootstrap_layer.to_hex());
+    assert_eq!(std::fs::read(&file)?, bootstrap);
+
+    // Second open: mapped from the cache, the bootstrap layer not fetched.
+    let second = open_image_cached(&r, &cfg, Some(&cache))?;
+    assert!(matches!(second.bootstrap, BootstrapBytes::Mapped(_)));
+    assert_eq!(&second.bootstrap[..], &bootstrap[..]);
+    assert_eq!(requests(&second) + 1, requests(&first));
+
+    // A flipped byte in the cached file: its checksum fails, the file is
+    // replaced by a fresh fetch, and the right bytes are served.
+    let mut damaged = std::fs::read(&file)?;
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x40;
+    std::fs::remove_file(&file)?;
+    std::fs::write(&file, &damaged)?;
+    let third = open_image_cached(&r, &cfg, Some(&cache))?;
+    assert_eq!(&third.bootstrap[..], &bootstrap[..]);
+    assert_eq!(requests(&third), requests(&first));
+    assert_eq!(std::fs::read(&file)?, bootstrap);
+    // The maps taken before stay valid and unchanged.
+    assert_eq!(&first.bootstrap[..], &bootstrap[..]);
     Ok(())
 }
 
