@@ -220,7 +220,10 @@ impl SkiffMount {
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.starts_with("skiff: mounted") => m.ready_line = line,
             other => {
-                let status = m.child.take().and_then(|mut c| stop_child(&mut c, "skiff mount"));
+                let status = m
+                    .child
+                    .take()
+                    .and_then(|mut c| stop_child(&mut c, "skiff mount"));
                 return Err(MountFailure {
                     reason: format!("{other:?}"),
                     status,
