@@ -43,6 +43,9 @@ fn exercise(data: &[u8]) {
     for i in 0..b.inode_count().min(256) {
         let id = InodeId(i);
         let Ok(inode) = b.inode(id) else { continue };
+        // What the mount checks once per inode; a valid bootstrap passes it.
+        let checked = b.check_inode(id);
+        assert!(!valid || checked.is_ok(), "validate passes, check_inode fails");
         let _ = (inode.kind(), inode.nlink(), b.inode(inode.parent()));
         let _ = b.dir_len(id);
         let _ = b.dir_entry(id, 0);
