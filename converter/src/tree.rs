@@ -246,6 +246,11 @@ impl TreeBuilder {
         let Some((name, _)) = parts.split_last() else {
             return Err("whiteout at the root".into());
         };
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err("whiteout of an invalid name".into());
+            }
+        }
         let Some(dir) = self.resolve(&parts[..parts.len() - 1]) else {
             // Whiting out inside a directory that does not exist hides nothing.
             return Ok(());
@@ -257,9 +262,6 @@ impl TreeBuilder {
             let names = entries.keys().cloned().collect();
             self.hide_lower(dir, names);
         } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                return Err("whiteout of an invalid name".into());
-            }
             self.hide_lower(dir, vec![hidden.to_vec()]);
         }
         Ok(())

@@ -1,19 +1,26 @@
 //! Writing an image's merged tree back out as files (`skiff unpack`).
 //!
-//! The target directory must not exist or be empty, and every path is built
-//! from names the bootstrap reader has validated (no `/`, no `.` or `..`)
-//! under directories this code created itself, so nothing can be written
-//! outside the target: a symlink in the image is created as a symlink and
-//! never followed. Ownership is restored when running as root; modes are set
-//! after ownership (chown clears setuid bits) and directory times last (adding
-//! entries changes a directory's mtime). The tree is staged beside the
-//! target and renamed into place when complete.
+//! The target directory must not exist or be empty, and the bootstrap is
+//! validated first (names without `/`, `.` or `..`, each directory reached
+//! once: no loop). Every file is then created relative to an open directory
+//! that this code created itself (`/proc/self/fd/DIRFD/NAME`, the openat
+//! discipline with std's calls; directories are opened with `O_NOFOLLOW`),
+//! and every create refuses an existing name (`O_EXCL`, `mkdir`, `symlink`,
+//! `link`, `mknod`), so nothing can be written outside the target: a symlink
+//! in the image is created as a symlink and never followed, and any depth
+//! works (paths never grow beyond one name). Ownership is restored when
+//! running as root; modes are set after ownership (chown clears setuid
+//! bits) and a directory's attributes when the depth-first walk leaves it
+//! (adding entries changes a directory's mtime). The tree is staged in a
+//! private (0700) sibling of the target and renamed into place when
+//! complete.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
@@ -56,8 +63,12 @@ pub fn unpack(
     staging_name.push(name);
     staging_name.push(format!(".skiff-unpack-{}", std::process::id()));
     let staging = target.with_file_name(staging_name);
-    fs::create_dir(&staging).ctx(|| format!("creating {}", staging.display()))?;
-    match unpack_into(bootstrap, store, &staging) {
+    // Private until complete: nobody else can add or swap anything inside.
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .ctx(|| format!("creating {}", staging.display()))?;
+    match unpack_into(bootstrap, store, &staging, target) {
         Ok(stats) => {
             if target.exists() {
                 fs::remove_dir(target)
@@ -79,9 +90,67 @@ pub fn unpack(
     }
 }
 
+/// Handles on the tree being written: every operation names a file as
+/// `/proc/self/fd/DIRFD/NAME`, relative to an open directory, so that paths
+/// stay short at any depth and resolution starts at a directory this code
+/// created and holds open (the openat discipline, with std's calls).
+struct Walk<'t> {
+    /// The final target, for messages.
+    target: &'t Path,
+    /// The staging root, held open.
+    root: File,
+}
+
+/// Opens a directory without following a symlink at its last component.
+fn open_dir(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// The path of `name` in the open directory `dir`.
+fn in_dir(dir: &File, name: &[u8]) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    if !name.is_empty() {
+        p.push(OsStr::from_bytes(name));
+    }
+    p
+}
+
+impl Walk<'_> {
+    /// `rel` (relative to the target) for messages.
+    fn show(&self, rel: &[u8]) -> String {
+        let rel = String::from_utf8_lossy(rel);
+        format!("{}/{}", self.target.display(), rel.escape_debug())
+    }
+
+    /// The open parent directory of `rel` and its last name, walked down
+    /// from the root one directory at a time, never through a symlink.
+    fn parent_of<'r>(&self, rel: &'r [u8]) -> Result<(File, &'r [u8]), ConvertError> {
+        let (dirs, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&rel[..0], rel),
+        };
+        let mut dir = self
+            .root
+            .try_clone()
+            .ctx(|| format!("opening {}", self.target.display()))?;
+        for part in dirs.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+            dir = open_dir(&in_dir(&dir, part)).ctx(|| format!("opening {}", self.show(dirs)))?;
+        }
+        Ok((dir, name))
+    }
+}
+
+/// Writes the tree depth first. Only the current directory is held open
+/// (its parent is reopened through `..` on the way up), so any depth works
+/// within a handful of file descriptors; a directory's attributes are set
+/// when it is left, after everything below it is written.
 fn unpack_into(
     bootstrap: &Bootstrap<'_>,
     store: &dyn BlobStore,
+    staging: &Path,
     target: &Path,
 ) -> Result<UnpackStats, ConvertError> {
     let as_root = nix::unistd::geteuid().is_root();
@@ -89,50 +158,98 @@ fn unpack_into(
         ownership_restored: as_root,
         ..UnpackStats::default()
     };
+    if !Path::new("/proc/self/fd").is_dir() {
+        return Err(ConvertError::Invalid(
+            "unpack needs /proc (it writes relative to open directories)".into(),
+        ));
+    }
+    let walk = Walk {
+        target,
+        root: open_dir(staging).ctx(|| format!("opening {}", staging.display()))?,
+    };
+    let mut cur = walk
+        .root
+        .try_clone()
+        .ctx(|| format!("opening {}", staging.display()))?;
+    // The current directory's path relative to the target, and per level
+    // (directory, next entry index, length of `rel` before its name).
+    let mut rel: Vec<u8> = Vec::new();
+    let mut stack: Vec<(InodeId, u32, usize)> = vec![(bootstrap.root(), 0, 0)];
     // inode -> first path, for hard links
-    let mut first_path: HashMap<InodeId, PathBuf> = HashMap::new();
-    let mut dirs: Vec<(PathBuf, InodeId)> = vec![(target.to_path_buf(), bootstrap.root())];
-    let mut queue = VecDeque::from([(target.to_path_buf(), bootstrap.root())]);
-    while let Some((dir_path, dir)) = queue.pop_front() {
-        for entry in bootstrap.dir_entries(dir)? {
-            let entry = entry?;
-            if entry.name.is_empty()
-                || entry.name.contains(&b'/')
-                || entry.name == b"."
-                || entry.name == b".."
-            {
-                return Err(ConvertError::Invalid(format!(
-                    "refusing entry name {:?} in the bootstrap",
-                    String::from_utf8_lossy(entry.name)
-                )));
+    let mut first_path: HashMap<InodeId, Vec<u8>> = HashMap::new();
+    while let Some(top) = stack.last_mut() {
+        let (dir, index, before) = *top;
+        if index >= bootstrap.dir_len(dir)? {
+            // Every entry of `dir` is written: set its attributes from its
+            // parent, last, so that writing entries does not disturb them.
+            stack.pop();
+            if stack.is_empty() {
+                break;
             }
-            let path = dir_path.join(OsStr::from_bytes(entry.name));
-            let inode = bootstrap.inode(entry.inode)?;
-            stats.paths += 1;
-            if inode.kind()? == FileKind::Directory {
-                fs::create_dir(&path).ctx(|| format!("creating {}", path.display()))?;
-                dirs.push((path.clone(), entry.inode));
-                queue.push_back((path, entry.inode));
-                continue;
-            }
-            if let Some(first) = first_path.get(&entry.inode) {
-                fs::hard_link(first, &path)
-                    .ctx(|| format!("linking {} to {}", path.display(), first.display()))?;
-                continue;
-            }
-            create_node(bootstrap, store, &inode, &path, &mut stats)?;
-            set_attrs(bootstrap, &inode, &path, as_root)?;
+            let parent = open_dir(&in_dir(&cur, b".."))
+                .ctx(|| format!("opening the parent of {}", walk.show(&rel)))?;
+            // Below the root the name follows a '/'; at the top it starts `rel`.
+            let start = if before == 0 { 0 } else { before + 1 };
+            let name = rel.get(start..).unwrap_or_default().to_vec();
+            let shown = walk.show(&rel);
+            rel.truncate(before);
+            cur = parent;
+            let inode = bootstrap.inode(dir)?;
+            set_attrs(bootstrap, &inode, &in_dir(&cur, &name), &shown, as_root)?;
+            continue;
+        }
+        top.1 += 1;
+        let entry = bootstrap.dir_entry(dir, index)?;
+        if entry.name.is_empty()
+            || entry.name.contains(&b'/')
+            || entry.name.contains(&0)
+            || entry.name == b"."
+            || entry.name == b".."
+        {
+            return Err(ConvertError::Invalid(format!(
+                "refusing entry name {:?} in the bootstrap",
+                String::from_utf8_lossy(entry.name)
+            )));
+        }
+        let before = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(entry.name);
+        let path = in_dir(&cur, entry.name);
+        let shown = walk.show(&rel);
+        let inode = bootstrap.inode(entry.inode)?;
+        stats.paths += 1;
+        if inode.kind()? == FileKind::Directory {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .ctx(|| format!("creating {shown}"))?;
+            cur = open_dir(&path).ctx(|| format!("opening {shown}"))?;
+            stack.push((entry.inode, 0, before));
+            continue;
+        }
+        if let Some(first) = first_path.get(&entry.inode) {
+            let (dir, name) = walk.parent_of(first)?;
+            fs::hard_link(in_dir(&dir, name), &path)
+                .ctx(|| format!("linking {shown} to {}", walk.show(first)))?;
+        } else {
+            create_node(bootstrap, store, &inode, &path, &shown, &mut stats)?;
+            set_attrs(bootstrap, &inode, &path, &shown, as_root)?;
             if inode.nlink() > 1 {
-                first_path.insert(entry.inode, path);
+                first_path.insert(entry.inode, rel.clone());
             }
         }
+        rel.truncate(before);
     }
-    // Directories last, deepest first, so that creating entries does not
-    // disturb times already set.
-    for (path, id) in dirs.iter().rev() {
-        let inode = bootstrap.inode(*id)?;
-        set_attrs(bootstrap, &inode, path, as_root)?;
-    }
+    let root = bootstrap.inode(bootstrap.root())?;
+    set_attrs(
+        bootstrap,
+        &root,
+        staging,
+        &target.display().to_string(),
+        as_root,
+    )?;
     Ok(stats)
 }
 
@@ -158,6 +275,7 @@ fn create_node(
     store: &dyn BlobStore,
     inode: &Inode<'_>,
     path: &Path,
+    shown: &str,
     stats: &mut UnpackStats,
 ) -> Result<(), ConvertError> {
     let kind = inode.kind()?;
@@ -168,14 +286,14 @@ fn create_node(
                 .create_new(true)
                 .mode(0o600)
                 .open(path)
-                .ctx(|| format!("creating {}", path.display()))?;
-            write_content(bootstrap, store, inode, &file, path, stats)?;
+                .ctx(|| format!("creating {shown}"))?;
+            write_content(bootstrap, store, inode, &file, shown, stats)?;
             stats.files += 1;
         }
         FileKind::Symlink => {
             let target = bootstrap.symlink_target(inode.id())?;
             std::os::unix::fs::symlink(OsStr::from_bytes(target), path)
-                .ctx(|| format!("creating symlink {}", path.display()))?;
+                .ctx(|| format!("creating symlink {shown}"))?;
         }
         FileKind::CharDevice | FileKind::BlockDevice | FileKind::Fifo | FileKind::Socket => {
             let sflag = match kind {
@@ -188,7 +306,7 @@ fn create_node(
             let dev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
             mknod(path, sflag, Mode::from_bits_truncate(0o600), dev).map_err(|e| {
                 ConvertError::Io {
-                    context: format!("creating {} (device nodes need root)", path.display()),
+                    context: format!("creating {shown} (device nodes need root)"),
                     source: e.into(),
                 }
             })?;
@@ -203,7 +321,7 @@ fn write_content(
     store: &dyn BlobStore,
     inode: &Inode<'_>,
     file: &File,
-    path: &Path,
+    shown: &str,
     stats: &mut UnpackStats,
 ) -> Result<(), ConvertError> {
     let mut buf = Vec::new();
@@ -217,7 +335,7 @@ fn write_content(
         )?;
         skiff_format::decode_chunk_into(&info, &stored, &mut buf).map_err(|e| {
             ConvertError::Chunk {
-                path: path.display().to_string(),
+                path: shown.to_string(),
                 chunk: fc.chunk_index(),
                 digest: info.digest,
                 offset: fc.file_offset(),
@@ -225,12 +343,12 @@ fn write_content(
             }
         })?;
         file.write_all_at(&buf, fc.file_offset())
-            .ctx(|| format!("writing {}", path.display()))?;
+            .ctx(|| format!("writing {shown}"))?;
         stats.bytes += buf.len() as u64;
     }
     // Whatever no chunk covers is a hole: extending the length leaves it sparse.
     file.set_len(inode.size())
-        .ctx(|| format!("sizing {}", path.display()))?;
+        .ctx(|| format!("sizing {shown}"))?;
     Ok(())
 }
 
@@ -238,33 +356,29 @@ fn set_attrs(
     bootstrap: &Bootstrap<'_>,
     inode: &Inode<'_>,
     path: &Path,
+    shown: &str,
     as_root: bool,
 ) -> Result<(), ConvertError> {
     let kind = inode.kind()?;
     if as_root {
         std::os::unix::fs::lchown(path, Some(inode.uid()), Some(inode.gid()))
-            .ctx(|| format!("chown {}", path.display()))?;
+            .ctx(|| format!("chown {shown}"))?;
     }
     if kind != FileKind::Symlink {
         fs::set_permissions(path, fs::Permissions::from_mode(inode.perm()))
-            .ctx(|| format!("chmod {}", path.display()))?;
+            .ctx(|| format!("chmod {shown}"))?;
     }
     // After chown, which clears security.capability.
     for x in bootstrap.xattrs(inode.id())? {
         let (name, value) = x?;
-        xattr::set(path, OsStr::from_bytes(name), value).ctx(|| {
-            format!(
-                "setting xattr {} on {}",
-                String::from_utf8_lossy(name),
-                path.display()
-            )
-        })?;
+        xattr::set(path, OsStr::from_bytes(name), value)
+            .ctx(|| format!("setting xattr {} on {shown}", String::from_utf8_lossy(name)))?;
     }
     let (sec, nsec) = inode.mtime();
     let t = TimeSpec::new(sec, i64::from(nsec));
     utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|e| {
         ConvertError::Io {
-            context: format!("setting times of {}", path.display()),
+            context: format!("setting times of {shown}"),
             source: e.into(),
         }
     })?;

@@ -822,6 +822,132 @@ impl<'a> Bootstrap<'a> {
         Ok(Some(cur))
     }
 
+    /// The checks of [`Bootstrap::validate`] that concern inode `id` alone
+    /// and the records it owns, in O(number of those records): its mode and
+    /// times; its parent is a directory; its xattrs are in range, valid and
+    /// sorted; a directory's entries are in range, validly named, strictly
+    /// sorted and typed as the inodes they name; a regular file's chunk map
+    /// is sorted, non-overlapping, within the file and names valid chunks; a
+    /// symlink's target is in range and as long as its size.
+    ///
+    /// What it cannot see is how inodes relate to each other (cycles,
+    /// records shared by two inodes, link counts, the order of records):
+    /// that takes the walk of `validate`. A reader that serves a bootstrap
+    /// without validating it all (the FUSE daemon) runs this once per inode
+    /// before using it, so that a lying record is an error, not a wrong
+    /// answer.
+    pub fn check_inode(&self, id: InodeId) -> Result<()> {
+        let inode = self.inode(id)?;
+        let kind = inode.kind()?;
+        let bad = |m: String| corrupt(format!("inode {id}: {m}"));
+        if inode.mode() & !(S_IFMT | PERM_MASK) != 0 {
+            return Err(bad(format!("mode {:#o} has unknown bits", inode.mode())));
+        }
+        check_attrs(inode.perm(), inode.mtime().1).map_err(bad)?;
+        let parent = inode.parent();
+        if self.inode(parent)?.kind()? != FileKind::Directory {
+            return Err(bad(format!("parent {parent} is not a directory")));
+        }
+
+        let (xrecs, xstart) = self.xattr_records(id)?;
+        let mut prev: Option<&[u8]> = None;
+        for (k, rec) in xrecs.iter().enumerate() {
+            let (name, value) = self.xattr_from(id, u64::from(xstart) + k as u64, rec)?;
+            check_xattr(name, value.len()).map_err(bad)?;
+            if prev.is_some_and(|p| p >= name) {
+                return Err(bad(format!(
+                    "xattr {:?} out of order or repeated",
+                    name.escape_ascii().to_string()
+                )));
+            }
+            prev = Some(name);
+        }
+
+        let (size, rdev) = (inode.size(), inode.rdev());
+        let data = (inode.data_start(), inode.data_count());
+        match kind {
+            FileKind::Directory | FileKind::Fifo | FileKind::Socket => {
+                if size != 0 || rdev != (0, 0) {
+                    return Err(bad(format!(
+                        "a {} with size {size} and rdev {rdev:?}",
+                        kind.name()
+                    )));
+                }
+                if kind != FileKind::Directory && data != (0, 0) {
+                    return Err(bad(format!("a {} with data {data:?}", kind.name())));
+                }
+                if kind == FileKind::Directory {
+                    self.check_entries(id)?;
+                }
+            }
+            FileKind::Regular => {
+                let recs = self.file_chunks(id)?;
+                let map = recs.iter().map(|r| FileChunk {
+                    file_offset: r.file_offset(),
+                    chunk_index: r.chunk_index(),
+                });
+                check_chunk_map(size, map, |ci| {
+                    self.chunk(ci)
+                        .map(|c| c.uncompressed_size)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(bad)?;
+                if rdev != (0, 0) {
+                    return Err(bad(format!("a regular file with rdev {rdev:?}")));
+                }
+            }
+            FileKind::Symlink => {
+                let target = self.symlink_target(id)?;
+                check_symlink(target).map_err(bad)?;
+                if size != target.len() as u64 || rdev != (0, 0) {
+                    return Err(bad(format!("a symlink with size {size} and rdev {rdev:?}")));
+                }
+            }
+            FileKind::CharDevice | FileKind::BlockDevice => {
+                if size != 0 || data != (0, 0) {
+                    return Err(bad(format!("a device with size {size} and data {data:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of directory `dir`: in range, validly named, strictly
+    /// sorted, each typed as the inode it names.
+    fn check_entries(&self, dir: InodeId) -> Result<()> {
+        let (recs, start) = self.dir_records(dir)?;
+        let mut prev: Option<&[u8]> = None;
+        for (i, rec) in recs.iter().enumerate() {
+            let global = u64::from(start) + i as u64;
+            let entry = self.entry_from(dir, global, rec)?;
+            let who = || format!("dirent {global} of inode {dir}");
+            check_name(entry.name).map_err(|e| corrupt(format!("{}: {e}", who())))?;
+            if let Some(p) = prev {
+                if p >= entry.name {
+                    return Err(corrupt(format!(
+                        "{}: name {:?} does not sort after {:?}",
+                        who(),
+                        entry.name.escape_ascii().to_string(),
+                        p.escape_ascii().to_string()
+                    )));
+                }
+            }
+            prev = Some(entry.name);
+            let child_kind = self.inode(entry.inode)?.kind()?;
+            if child_kind != entry.kind {
+                return Err(corrupt(format!(
+                    "{}: file_type {} ({}) but inode {} is a {}",
+                    who(),
+                    rec.file_type,
+                    entry.kind.name(),
+                    entry.inode,
+                    child_kind.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The full structural check: every record reachable and consistent with
     /// `docs/format.md`. Inodes are numbered breadth-first and every
     /// directory is reached once (so cycles are found, and the walk visits
@@ -939,10 +1065,7 @@ impl<'a> Bootstrap<'a> {
             let inode = self.inode(id)?;
             let kind = inode.kind()?;
             let bad = |m: String| corrupt(format!("inode {id}: {m}"));
-            if inode.mode() & !(S_IFMT | PERM_MASK) != 0 {
-                return Err(bad(format!("mode {:#o} has unknown bits", inode.mode())));
-            }
-            check_attrs(inode.perm(), inode.mtime().1).map_err(bad)?;
+            self.check_inode(id)?;
             if inode.parent().0 != parent {
                 return Err(bad(format!(
                     "parent {} but it is first reached from inode {parent}",
@@ -960,74 +1083,19 @@ impl<'a> Bootstrap<'a> {
                     inode.nlink()
                 )));
             }
-
-            let (xrecs, xstart) = self.xattr_records(id)?;
+            let xstart = inode.rec.xattr_start.get();
             if u64::from(xstart) != xattr_cursor {
                 return Err(bad(format!("xattr_start {xstart}, expected {xattr_cursor} (xattrs are stored in inode order)")));
             }
-            xattr_cursor += xrecs.len() as u64;
-            let mut prev: Option<&[u8]> = None;
-            for (k, rec) in xrecs.iter().enumerate() {
-                let (name, value) = self.xattr_from(id, u64::from(xstart) + k as u64, rec)?;
-                check_xattr(name, value.len()).map_err(bad)?;
-                if prev.is_some_and(|p| p >= name) {
+            xattr_cursor += u64::from(inode.xattr_count());
+            if kind == FileKind::Regular {
+                let start = inode.data_start();
+                if u64::from(start) != chunk_cursor {
                     return Err(bad(format!(
-                        "xattr {:?} out of order or repeated",
-                        name.escape_ascii().to_string()
+                        "chunk map starts at FILE_CHUNKS {start}, expected {chunk_cursor} (maps are stored in inode order)"
                     )));
                 }
-                prev = Some(name);
-            }
-
-            let (size, rdev) = (inode.size(), inode.rdev());
-            let data = (inode.data_start(), inode.data_count());
-            match kind {
-                FileKind::Directory | FileKind::Fifo | FileKind::Socket => {
-                    if size != 0 || rdev != (0, 0) {
-                        return Err(bad(format!(
-                            "a {} with size {size} and rdev {rdev:?}",
-                            kind.name()
-                        )));
-                    }
-                    if kind != FileKind::Directory && data != (0, 0) {
-                        return Err(bad(format!("a {} with data {data:?}", kind.name())));
-                    }
-                }
-                FileKind::Regular => {
-                    if u64::from(data.0) != chunk_cursor {
-                        return Err(bad(format!(
-                            "chunk map starts at FILE_CHUNKS {}, expected {chunk_cursor} (maps are stored in inode order)",
-                            data.0
-                        )));
-                    }
-                    chunk_cursor += u64::from(data.1);
-                    let recs = self.file_chunks(id)?;
-                    let map = recs.iter().map(|r| FileChunk {
-                        file_offset: r.file_offset(),
-                        chunk_index: r.chunk_index(),
-                    });
-                    check_chunk_map(size, map, |ci| {
-                        self.chunk(ci)
-                            .map(|c| c.uncompressed_size)
-                            .map_err(|e| e.to_string())
-                    })
-                    .map_err(bad)?;
-                    if rdev != (0, 0) {
-                        return Err(bad(format!("a regular file with rdev {rdev:?}")));
-                    }
-                }
-                FileKind::Symlink => {
-                    let target = self.symlink_target(id)?;
-                    check_symlink(target).map_err(bad)?;
-                    if size != target.len() as u64 || rdev != (0, 0) {
-                        return Err(bad(format!("a symlink with size {size} and rdev {rdev:?}")));
-                    }
-                }
-                FileKind::CharDevice | FileKind::BlockDevice => {
-                    if size != 0 || data != (0, 0) {
-                        return Err(bad(format!("a device with size {size} and data {data:?}")));
-                    }
-                }
+                chunk_cursor += u64::from(inode.data_count());
             }
         }
         if chunk_cursor != self.file_chunks.len() as u64 {

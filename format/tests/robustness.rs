@@ -323,3 +323,70 @@ proptest! {
         exercise(&buf);
     }
 }
+
+/// `check_inode` (what the mount runs once per inode) finds the lies that
+/// concern one inode and its records, names the inode, and passes the
+/// inodes the lie does not concern. Lies about how inodes relate (a cycle)
+/// are `validate`'s alone.
+#[test]
+fn check_inode_finds_local_lies() {
+    let ok = |buf: &[u8], ids: &[u32]| {
+        let b = Bootstrap::parse(buf).unwrap();
+        for &i in ids {
+            b.check_inode(InodeId(i))
+                .unwrap_or_else(|e| panic!("inode {i} is fine, got {e}"));
+        }
+    };
+    let bad = |buf: &[u8], id: u32, needle: &str| {
+        let b = Bootstrap::parse(buf).unwrap();
+        let err = b.check_inode(InodeId(id)).expect_err("a local lie passed");
+        assert!(err.to_string().contains(needle), "{err}");
+    };
+    // Inodes: 0 root, 1 a, 2 b, 3 a/f (= c), 4 a/l, 5 b/g.
+    let good = sample();
+    ok(&good, &[0, 1, 2, 3, 4, 5]);
+
+    let mut buf = good.clone();
+    patch::<FileChunkRecord>(&mut buf, SECTION_FILE_CHUNKS, 1, |c| {
+        c.file_offset = U64::new(50)
+    });
+    bad(&buf, 3, "overlapping");
+    ok(&buf, &[0, 1, 2, 4, 5]);
+
+    let mut buf = good.clone();
+    patch::<DirentRecord>(&mut buf, SECTION_DIRENTS, 0, |d| {
+        d.name_offset = U32::new(2)
+    });
+    bad(&buf, 0, "sort");
+    ok(&buf, &[1, 2, 3, 4, 5]);
+
+    let mut buf = good.clone();
+    patch::<DirentRecord>(&mut buf, SECTION_DIRENTS, 0, |d| d.file_type = 1);
+    bad(&buf, 0, "file_type");
+
+    let mut buf = good.clone();
+    patch::<XattrRecord>(&mut buf, SECTION_XATTRS, 0, |x| {
+        x.value_len = U32::new(1 << 20)
+    });
+    bad(&buf, 3, "beyond STRINGS");
+    ok(&buf, &[0, 1, 2, 4, 5]);
+
+    let mut buf = good.clone();
+    patch::<InodeRecord>(&mut buf, SECTION_INODES, 4, |i| {
+        i.data_count = U32::new(u32::MAX)
+    });
+    bad(&buf, 4, "symlink target");
+
+    let mut buf = good.clone();
+    patch::<InodeRecord>(&mut buf, SECTION_INODES, 1, |i| i.parent = U32::new(3));
+    bad(&buf, 1, "not a directory");
+
+    // A cycle: a's entry "f" names a itself. Each inode alone looks right.
+    let mut buf = good.clone();
+    patch::<DirentRecord>(&mut buf, SECTION_DIRENTS, 3, |d| {
+        d.inode = U32::new(1);
+        d.file_type = 2;
+    });
+    ok(&buf, &[0, 1, 2]);
+    assert!(Bootstrap::parse(&buf).unwrap().validate().is_err());
+}

@@ -155,6 +155,20 @@ impl SkiffFs {
         }
     }
 
+    /// [`id`](Self::id), checked with the records the inode owns
+    /// ([`Image::checked`]) before its content is served: entries, chunk
+    /// map, target, xattrs. Attributes alone need only the inode's own
+    /// record, so that a lying directory does not make its parent's
+    /// listing fail.
+    fn checked_id(&self, ino: INodeNo) -> Result<InodeId> {
+        Ok(self.image.checked(self.id(ino)?)?)
+    }
+
+    fn checked_inode(&self, ino: INodeNo) -> Result<(InodeId, Inode<'_>)> {
+        let id = self.checked_id(ino)?;
+        Ok((id, self.b().inode(id)?))
+    }
+
     fn inode(&self, ino: INodeNo) -> Result<(InodeId, Inode<'_>)> {
         let id = self.id(ino)?;
         Ok((id, self.b().inode(id)?))
@@ -163,11 +177,18 @@ impl SkiffFs {
     fn attr(&self, id: InodeId, inode: &Inode<'_>) -> Result<FileAttr> {
         let kind = inode.kind()?;
         let blocks = if kind == FileKind::Regular {
-            let mut stored = 0u64;
-            for fc in self.b().file_chunks(id)? {
-                stored += u64::from(self.b().chunk(fc.chunk_index())?.uncompressed_size);
-            }
-            stored.div_ceil(512)
+            // The bytes its chunks hold. A lying chunk map is not an error
+            // here (reads of the file are EIO, see `checked_id`): one bad
+            // file must not make its directory's listing fail.
+            let stored = || -> Result<u64> {
+                let mut stored = 0u64;
+                for fc in self.b().file_chunks(id)? {
+                    let len = self.b().chunk(fc.chunk_index())?.uncompressed_size;
+                    stored = stored.saturating_add(u64::from(len));
+                }
+                Ok(stored)
+            };
+            stored().unwrap_or(0).div_ceil(512)
         } else {
             0
         };
@@ -201,7 +222,7 @@ impl SkiffFs {
     /// TTL), so that the kernel caches the miss: interpreters probe many
     /// paths that do not exist, again and again.
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr> {
-        let dir = self.id(parent)?;
+        let dir = self.checked_id(parent)?;
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
@@ -217,7 +238,7 @@ impl SkiffFs {
     }
 
     fn do_readlink(&self, ino: INodeNo) -> Result<&[u8]> {
-        let (id, inode) = self.inode(ino)?;
+        let (id, inode) = self.checked_inode(ino)?;
         if inode.kind()? != FileKind::Symlink {
             return Err(FsError::Invalid);
         }
@@ -226,7 +247,7 @@ impl SkiffFs {
 
     fn do_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
         Metrics::add(&self.metrics.reads, 1);
-        let (id, inode) = self.inode(ino)?;
+        let (id, inode) = self.checked_inode(ino)?;
         match inode.kind()? {
             FileKind::Regular => {}
             FileKind::Directory => return Err(FsError::IsDir),
@@ -327,7 +348,7 @@ impl SkiffFs {
 
     /// The directory, its parent and the number of listing slots.
     fn dir_listing(&self, ino: INodeNo) -> Result<(InodeId, InodeId, u64)> {
-        let (id, inode) = self.inode(ino)?;
+        let (id, inode) = self.checked_inode(ino)?;
         if inode.kind()? != FileKind::Directory {
             return Err(FsError::NotDir);
         }
@@ -371,7 +392,7 @@ impl SkiffFs {
     }
 
     fn do_getxattr(&self, ino: INodeNo, name: &OsStr, size: u32) -> Result<Xattr<'_>> {
-        let id = self.id(ino)?;
+        let id = self.checked_id(ino)?;
         let value = self
             .b()
             .getxattr(id, name.as_bytes())?
@@ -380,7 +401,7 @@ impl SkiffFs {
     }
 
     fn do_listxattr(&self, ino: INodeNo, size: u32) -> Result<XattrReply> {
-        let id = self.id(ino)?;
+        let id = self.checked_id(ino)?;
         let mut names = Vec::new();
         for x in self.b().xattrs(id)? {
             let (name, _) = x?;
@@ -396,7 +417,7 @@ impl SkiffFs {
     /// `SEEK_DATA` / `SEEK_HOLE` from the chunk map (the kernel handles the
     /// other whences itself).
     fn do_lseek(&self, ino: INodeNo, offset: i64, whence: i32) -> Result<i64> {
-        let (id, inode) = self.inode(ino)?;
+        let (id, inode) = self.checked_inode(ino)?;
         if inode.kind()? != FileKind::Regular {
             return Err(FsError::Invalid);
         }

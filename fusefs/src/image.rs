@@ -6,8 +6,21 @@
 //! by the caller. Parsing checks the header and section CRCs once (O(size),
 //! a few ms for a large image) and walks nothing; every later access is a
 //! bounds-checked read of a record in place.
+//!
+//! Parsing does not walk the tree, so a bootstrap whose checksums are right
+//! may still lie (a chunk map out of order, entries unsorted, an offset past
+//! a section). [`Image::checked`] runs [`Bootstrap::check_inode`] the first
+//! time an inode is served and remembers the verdict (one byte per inode),
+//! so that a lying inode is an error every time, never a wrong answer.
 
-use skiff_format::{Bootstrap, FormatError};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use skiff_format::{Bootstrap, FormatError, InodeId};
+
+/// [`Image::checked`] states of an inode.
+const UNCHECKED: u8 = 0;
+const GOOD: u8 = 1;
+const BAD: u8 = 2;
 
 /// Bytes of a bootstrap: a `Vec<u8>`, a `memmap2::Mmap`, ...
 pub type BootstrapBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
@@ -24,6 +37,8 @@ self_cell::self_cell!(
 pub struct Image {
     cell: BootstrapCell,
     len: usize,
+    /// Per inode: [`UNCHECKED`], [`GOOD`] or [`BAD`].
+    verdicts: Vec<AtomicU8>,
 }
 
 impl Image {
@@ -31,7 +46,36 @@ impl Image {
     pub fn new(bytes: BootstrapBytes) -> Result<Image, FormatError> {
         let len = (*bytes).as_ref().len();
         let cell = BootstrapCell::try_new(bytes, |b| Bootstrap::parse((**b).as_ref()))?;
-        Ok(Image { cell, len })
+        let inodes = cell.borrow_dependent().inode_count() as usize;
+        let verdicts = (0..inodes).map(|_| AtomicU8::new(UNCHECKED)).collect();
+        Ok(Image {
+            cell,
+            len,
+            verdicts,
+        })
+    }
+
+    /// `id` after [`Bootstrap::check_inode`]: the first call checks the
+    /// inode and the records it owns, later calls read the verdict. Two
+    /// threads may both check an inode the first time; they agree.
+    pub fn checked(&self, id: InodeId) -> Result<InodeId, FormatError> {
+        let Some(verdict) = self.verdicts.get(id.index()) else {
+            // Out of range: the reader's own error.
+            self.bootstrap().inode(id)?;
+            return Ok(id);
+        };
+        match verdict.load(Ordering::Relaxed) {
+            GOOD => Ok(id),
+            state => {
+                // BAD is checked again, for the message (an error path only).
+                let result = self.bootstrap().check_inode(id);
+                if state == UNCHECKED {
+                    let v = if result.is_ok() { GOOD } else { BAD };
+                    verdict.store(v, Ordering::Relaxed);
+                }
+                result.map(|()| id)
+            }
+        }
     }
 
     /// The parsed bootstrap.

@@ -55,6 +55,14 @@ fn exercise(data: &[u8]) -> Result<(), String> {
     for i in 0..b.inode_count().min(256) {
         let id = InodeId(i);
         let Ok(inode) = b.inode(id) else { continue };
+        // What the mount checks once per inode before serving it: a valid
+        // bootstrap passes it for every inode.
+        let checked = b.check_inode(id);
+        if valid.is_ok() {
+            if let Err(e) = checked {
+                panic!("validate passes, check_inode of inode {i} fails: {e}");
+            }
+        }
         let _ = (inode.kind(), inode.nlink(), b.inode(inode.parent()));
         let _ = b.dir_len(id);
         let _ = b.dir_entry(id, 0);

@@ -140,6 +140,25 @@ impl SkiffMount {
     /// mount left at `dir/mnt` is cleaned up first, unless `extra` holds
     /// `--force-unmount` (then the daemon must deal with it itself).
     pub fn start_env(image: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> SkiffMount {
+        match SkiffMount::try_start_env(image, dir, extra, env) {
+            Ok(m) => m,
+            Err(f) => panic!(
+                "skiff mount did not become ready ({}):\n{}",
+                f.reason,
+                tail_of(&f.log_path, 30)
+            ),
+        }
+    }
+
+    /// [`SkiffMount::start_env`] for a mount that may be refused: when the
+    /// daemon exits (or does not get ready within 120 s) it is reaped and
+    /// the failure returned, with its exit status and log.
+    pub fn try_start_env(
+        image: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<SkiffMount, MountFailure> {
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
         assert!(
             on_path("fusermount3"),
@@ -200,10 +219,18 @@ impl SkiffMount {
         };
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.starts_with("skiff: mounted") => m.ready_line = line,
-            other => panic!(
-                "skiff mount did not become ready ({other:?}):\n{}",
-                tail_of(&m.log, 30)
-            ),
+            other => {
+                let status = m
+                    .child
+                    .take()
+                    .and_then(|mut c| stop_child(&mut c, "skiff mount"));
+                return Err(MountFailure {
+                    reason: format!("{other:?}"),
+                    status,
+                    log: m.logs(),
+                    log_path: m.log.clone(),
+                });
+            }
         }
         // Later stdout lines (the exit summary) go to the log's side file.
         let summary = m.log.with_extension("stdout");
@@ -211,7 +238,7 @@ impl SkiffMount {
             let lines: Vec<String> = rx.iter().collect();
             let _ = fs::write(summary, lines.join("\n"));
         });
-        m
+        Ok(m)
     }
 
     /// The daemon's process id (while it runs).
@@ -286,6 +313,19 @@ impl Drop for SkiffMount {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Why [`SkiffMount::try_start_env`] did not give a mount.
+#[derive(Debug)]
+pub struct MountFailure {
+    /// What came instead of the ready line (e.g. the daemon's stdout closing).
+    pub reason: String,
+    /// The daemon's exit status (`None` if it could not be reaped).
+    pub status: Option<ExitStatus>,
+    /// The daemon's stderr.
+    pub log: String,
+    /// Where that log is.
+    pub log_path: PathBuf,
 }
 
 /// A counter of an exit summary line (`name=VALUE`).

@@ -200,6 +200,12 @@ pub fn exercise(data: &[u8]) -> (bool, bool) {
     for i in 0..b.inode_count().min(1000) {
         let id = InodeId(i);
         let Ok(inode) = b.inode(id) else { continue };
+        // Every inode of a valid bootstrap passes the per-inode check.
+        let checked = b.check_inode(id);
+        assert!(
+            !valid || checked.is_ok(),
+            "validate passes but check_inode({i}) fails: {checked:?}"
+        );
         let _ = (
             inode.kind(),
             inode.mode(),
