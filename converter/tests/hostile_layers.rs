@@ -96,17 +96,33 @@ fn seal(h: &mut [u8; 512]) {
 /// compressor when the stream is too big to hold).
 struct Tar<W: Write> {
     out: W,
+    /// PAX records for the next entry, written as one extended header
+    /// in front of it.
+    pending: Vec<u8>,
 }
 
 impl Tar<Vec<u8>> {
     fn new() -> Self {
-        Tar { out: Vec::new() }
+        Tar {
+            out: Vec::new(),
+            pending: Vec::new(),
+        }
     }
 }
 
 impl<W: Write> Tar<W> {
-    /// A header and its data, padded to the next block.
+    /// A header and its data, padded to the next block, behind the
+    /// pending PAX records if there are any.
     fn raw(&mut self, h: &[u8; 512], data: &[u8]) -> &mut Self {
+        if !self.pending.is_empty() {
+            let body = std::mem::take(&mut self.pending);
+            let pax = header(PAX, b"PaxHeaders/entry", b"", 0o644, body.len() as u64);
+            self.block(&pax, &body);
+        }
+        self.block(h, data)
+    }
+
+    fn block(&mut self, h: &[u8; 512], data: &[u8]) -> &mut Self {
         self.out.write_all(h).unwrap();
         self.out.write_all(data).unwrap();
         let pad = (512 - data.len() % 512) % 512;
@@ -126,12 +142,21 @@ impl<W: Write> Tar<W> {
         self.raw(&header(DIR, name.as_ref(), b"", mode, 0), b"")
     }
 
+    /// A symlink; a target longer than the 100-byte header field goes in
+    /// a PAX `linkpath` record (the sandbox path can be long, as in CI).
     fn symlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> &mut Self {
-        self.raw(&header(SYM, name.as_ref(), target.as_ref(), 0o777, 0), b"")
+        self.long_link(SYM, name.as_ref(), target.as_ref(), 0o777)
     }
 
     fn hardlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> &mut Self {
-        self.raw(&header(HARD, name.as_ref(), target.as_ref(), 0o644, 0), b"")
+        self.long_link(HARD, name.as_ref(), target.as_ref(), 0o644)
+    }
+
+    fn long_link(&mut self, kind: u8, name: &[u8], target: &[u8], mode: u32) -> &mut Self {
+        if target.len() > 100 {
+            self.pax(&[(b"linkpath", target)]);
+        }
+        self.raw(&header(kind, name, target, mode, 0), b"")
     }
 
     fn device(&mut self, kind: u8, name: &str, major: u64, minor: u64) -> &mut Self {
@@ -142,13 +167,12 @@ impl<W: Write> Tar<W> {
         self.raw(&h, b"")
     }
 
-    /// A PAX extended header for the next entry.
+    /// PAX records for the next entry (merged with any the entry adds).
     fn pax(&mut self, records: &[(&[u8], &[u8])]) -> &mut Self {
-        let body: Vec<u8> = records.iter().flat_map(|(k, v)| pax_record(k, v)).collect();
-        self.raw(
-            &header(PAX, b"PaxHeaders/entry", b"", 0o644, body.len() as u64),
-            &body,
-        )
+        for (k, v) in records {
+            self.pending.extend(pax_record(k, v));
+        }
+        self
     }
 
     /// The end-of-archive marker; returns the writer.
@@ -1193,7 +1217,10 @@ fn many_empty_files() {
         std::io::BufWriter::new(fs::File::create(&layer).unwrap()),
         flate2::Compression::fast(),
     );
-    let mut t = Tar { out: gz };
+    let mut t = Tar {
+        out: gz,
+        pending: Vec::new(),
+    };
     let per_dir = 1000;
     for i in 0..files {
         if i % per_dir == 0 {
