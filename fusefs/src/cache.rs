@@ -357,6 +357,19 @@ impl ChunkSource {
                 }
             };
             match v {
+                // The cache is keyed by digest: a record that lies about the
+                // size of its digest's data gets an error, never data that
+                // would shift the bytes after it.
+                Some(d) if d.len() != req.info.uncompressed_size as usize => {
+                    return Err((
+                        i,
+                        ChunkError::RecordMismatch {
+                            digest: req.info.digest,
+                            expected: req.info.uncompressed_size,
+                            actual: d.len(),
+                        },
+                    ));
+                }
                 Some(d) => data.push(d),
                 None => {
                     return Err((i, ChunkError::Fetch("internal: chunk not produced".into())));
@@ -967,6 +980,34 @@ mod tests {
             assert_eq!(g.as_slice(), d.as_slice());
         }
         assert_eq!(f.reads(), 8);
+    }
+
+    #[test]
+    fn a_record_that_lies_about_its_digests_size_is_an_error() {
+        let f = fixture(3, 30_000, Duration::ZERO);
+        let source = f.source(1 << 20, None);
+        let mut liar = f.reqs[0];
+        liar.index = 7;
+        liar.info.uncompressed_size -= 1;
+        // Once with the digest already cached, once loaded in the same call
+        // as the honest record, and once on its own: never served.
+        assert!(source.get(&f.reqs[0]).is_ok());
+        for reqs in [vec![liar], vec![f.reqs[0], liar]] {
+            match source.get_many(&reqs) {
+                Err((
+                    i,
+                    ChunkError::RecordMismatch {
+                        expected, actual, ..
+                    },
+                )) => {
+                    assert_eq!(i, reqs.len() - 1);
+                    assert_eq!(expected as usize + 1, actual);
+                }
+                other => panic!("a lying record gave {other:?}"),
+            }
+        }
+        let fresh = f.source(1 << 20, None);
+        assert!(fresh.get(&liar).is_err());
     }
 
     #[test]

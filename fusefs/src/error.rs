@@ -17,6 +17,20 @@ pub enum ChunkError {
     /// length or digest mismatch): the blob is damaged.
     #[error("decoding: {0}")]
     Decode(#[source] FormatError),
+    /// The data of the chunk's digest (verified, or shared with another
+    /// chunk of the same digest) is not as long as this chunk's record
+    /// says: the bootstrap's records disagree with each other.
+    #[error(
+        "the data of digest {digest} is {actual} bytes, but this chunk's record says {expected}"
+    )]
+    RecordMismatch {
+        /// The digest in the chunk record.
+        digest: skiff_format::Digest,
+        /// The record's `uncompressed_size`.
+        expected: u32,
+        /// The length of the data of that digest.
+        actual: usize,
+    },
 }
 
 /// Errors of the filesystem operations.

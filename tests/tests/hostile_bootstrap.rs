@@ -41,8 +41,8 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use skiff_format::layout::{
     ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, XattrRecord,
-    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
-    SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
+    CHUNK_FLAG_ZSTD, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
+    SECTION_INODES, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
 };
 use skiff_format::{reseal, Bootstrap, InodeId};
 use skiff_registry::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP};
@@ -769,6 +769,30 @@ fn cases() -> Vec<Case> {
             });
         }),
         resealed(
+            "chunk shares another's digest, lies about its size",
+            &["data/big.bin"],
+            Errors,
+            |m, buf| {
+                // Chunk 4 becomes chunk 3 (same digest and stored bytes) but
+                // half as long: the cache, keyed by digest, holds chunk 3's
+                // full data, which must not be copied over the hole after it.
+                let (c3, c4) = (m.chunk("data/big.bin", 3), m.chunk("data/big.bin", 4));
+                let mut three = None;
+                patch::<ChunkRecord>(buf, SECTION_CHUNKS, c3, |r| three = Some(*r));
+                let three = three.unwrap();
+                patch::<ChunkRecord>(buf, SECTION_CHUNKS, c4, |r| {
+                    *r = three;
+                    let half = U32::new(three.uncompressed_size.get() / 2);
+                    r.uncompressed_size = half;
+                    // A stored (raw) chunk's sizes are equal: keep the record
+                    // consistent, so that only the digest's data can tell.
+                    if three.flags.get() & CHUNK_FLAG_ZSTD == 0 {
+                        r.compressed_size = half;
+                    }
+                });
+            },
+        ),
+        resealed(
             "mtime far before the epoch",
             &["etc/hosts"],
             Served,
@@ -1229,12 +1253,16 @@ fn hostile_bootstraps_are_refused_or_served_safely() {
                 eprintln!("  {:46} {expected:8} refused: {short}", case.name)
             }
             Outcome::Served { walk, find_lines } => eprintln!(
-                "  {:46} {expected:8} served: {} paths ({find_lines} by find), {} bytes read, {} errors {:?}",
+                "  {:46} {expected:8} served: {} paths ({find_lines} by find), {} bytes read, {} errors {:?}{}",
                 case.name,
                 walk.paths,
                 walk.bytes,
                 walk.error_count(),
-                walk.errors
+                walk.errors,
+                walk.examples
+                    .first()
+                    .map(|e| format!(", first: {e}"))
+                    .unwrap_or_default()
             ),
         }
     }
