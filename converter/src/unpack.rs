@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use serde::Serialize;
-use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
+use skiff_format::{check_name, Bootstrap, FileKind, Inode, InodeId};
 use skiff_registry::BlobStore;
 
 use crate::error::{ConvertError, IoContext};
@@ -200,17 +200,10 @@ fn unpack_into(
         }
         top.1 += 1;
         let entry = bootstrap.dir_entry(dir, index)?;
-        if entry.name.is_empty()
-            || entry.name.contains(&b'/')
-            || entry.name.contains(&0)
-            || entry.name == b"."
-            || entry.name == b".."
-        {
-            return Err(ConvertError::Invalid(format!(
-                "refusing entry name {:?} in the bootstrap",
-                String::from_utf8_lossy(entry.name)
-            )));
-        }
+        // Validated above; checked again where it decides what is written.
+        check_name(entry.name).map_err(|e| {
+            ConvertError::Invalid(format!("refusing an entry of the bootstrap: {e}"))
+        })?;
         let before = rel.len();
         if !rel.is_empty() {
             rel.push(b'/');

@@ -61,7 +61,7 @@ pub use error::FormatError;
 pub use layout::FileChunkRecord;
 pub use reader::{Bootstrap, DirEntry, Inode, InodeId};
 pub use tree::{
-    canonicalize, Attrs, BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node, NodeData,
-    NodeId,
+    canonicalize, check_name, Attrs, BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node,
+    NodeData, NodeId,
 };
 pub use writer::{reseal, write_bootstrap};

@@ -837,6 +837,15 @@ impl<'a> Bootstrap<'a> {
     /// before using it, so that a lying record is an error, not a wrong
     /// answer.
     pub fn check_inode(&self, id: InodeId) -> Result<()> {
+        if self.check_own_records(id)? == FileKind::Directory {
+            self.check_entries(id)?;
+        }
+        Ok(())
+    }
+
+    /// [`check_inode`](Self::check_inode) but for a directory's entries
+    /// (which `validate` checks in its walk); returns the inode's kind.
+    fn check_own_records(&self, id: InodeId) -> Result<FileKind> {
         let inode = self.inode(id)?;
         let kind = inode.kind()?;
         let bad = |m: String| corrupt(format!("inode {id}: {m}"));
@@ -876,9 +885,6 @@ impl<'a> Bootstrap<'a> {
                 if kind != FileKind::Directory && data != (0, 0) {
                     return Err(bad(format!("a {} with data {data:?}", kind.name())));
                 }
-                if kind == FileKind::Directory {
-                    self.check_entries(id)?;
-                }
             }
             FileKind::Regular => {
                 let recs = self.file_chunks(id)?;
@@ -909,7 +915,7 @@ impl<'a> Bootstrap<'a> {
                 }
             }
         }
-        Ok(())
+        Ok(kind)
     }
 
     /// The entries of directory `dir`: in range, validly named, strictly
@@ -918,34 +924,47 @@ impl<'a> Bootstrap<'a> {
         let (recs, start) = self.dir_records(dir)?;
         let mut prev: Option<&[u8]> = None;
         for (i, rec) in recs.iter().enumerate() {
-            let global = u64::from(start) + i as u64;
-            let entry = self.entry_from(dir, global, rec)?;
-            let who = || format!("dirent {global} of inode {dir}");
-            check_name(entry.name).map_err(|e| corrupt(format!("{}: {e}", who())))?;
-            if let Some(p) = prev {
-                if p >= entry.name {
-                    return Err(corrupt(format!(
-                        "{}: name {:?} does not sort after {:?}",
-                        who(),
-                        entry.name.escape_ascii().to_string(),
-                        p.escape_ascii().to_string()
-                    )));
-                }
-            }
+            let (entry, _) = self.checked_entry(dir, u64::from(start) + i as u64, rec, prev)?;
             prev = Some(entry.name);
-            let child_kind = self.inode(entry.inode)?.kind()?;
-            if child_kind != entry.kind {
+        }
+        Ok(())
+    }
+
+    /// Entry `global` of directory `dir` (record `rec`), checked: a valid
+    /// name that sorts strictly after `prev` (the entry before it), typed
+    /// as the inode it names. Returns the entry and that inode's kind.
+    fn checked_entry(
+        &self,
+        dir: InodeId,
+        global: u64,
+        rec: &DirentRecord,
+        prev: Option<&[u8]>,
+    ) -> Result<(DirEntry<'a>, FileKind)> {
+        let entry = self.entry_from(dir, global, rec)?;
+        let who = || format!("dirent {global} of inode {dir}");
+        check_name(entry.name).map_err(|e| corrupt(format!("{}: {e}", who())))?;
+        if let Some(p) = prev {
+            if p >= entry.name {
                 return Err(corrupt(format!(
-                    "{}: file_type {} ({}) but inode {} is a {}",
+                    "{}: name {:?} does not sort after {:?}",
                     who(),
-                    rec.file_type,
-                    entry.kind.name(),
-                    entry.inode,
-                    child_kind.name()
+                    entry.name.escape_ascii().to_string(),
+                    p.escape_ascii().to_string()
                 )));
             }
         }
-        Ok(())
+        let child_kind = self.inode(entry.inode)?.kind()?;
+        if child_kind != entry.kind {
+            return Err(corrupt(format!(
+                "{}: file_type {} ({}) but inode {} is a {}",
+                who(),
+                rec.file_type,
+                entry.kind.name(),
+                entry.inode,
+                child_kind.name()
+            )));
+        }
+        Ok((entry, child_kind))
     }
 
     /// The full structural check: every record reachable and consistent with
@@ -986,31 +1005,10 @@ impl<'a> Bootstrap<'a> {
             let mut prev: Option<&[u8]> = None;
             for (i, rec) in recs.iter().enumerate() {
                 let global = u64::from(start) + i as u64;
-                let entry = self.entry_from(dir, global, rec)?;
-                let who = || format!("dirent {global} of inode {dir}");
-                check_name(entry.name).map_err(|e| corrupt(format!("{}: {e}", who())))?;
-                if let Some(p) = prev {
-                    if p >= entry.name {
-                        return Err(corrupt(format!(
-                            "{}: name {:?} does not sort after {:?}",
-                            who(),
-                            entry.name.escape_ascii().to_string(),
-                            p.escape_ascii().to_string()
-                        )));
-                    }
-                }
+                let (entry, child_kind) = self.checked_entry(dir, global, rec, prev)?;
                 prev = Some(entry.name);
                 let child = entry.inode;
-                let child_kind = self.inode(child)?.kind()?;
-                if child_kind != entry.kind {
-                    return Err(corrupt(format!(
-                        "{}: file_type {} ({}) but inode {child} is a {}",
-                        who(),
-                        rec.file_type,
-                        entry.kind.name(),
-                        child_kind.name()
-                    )));
-                }
+                let who = || format!("dirent {global} of inode {dir}");
                 let (Some(seen_c), Some(refs_c), Some(parent_c)) = (
                     seen.get_mut(child.index()),
                     refs.get_mut(child.index()),
@@ -1062,10 +1060,10 @@ impl<'a> Bootstrap<'a> {
         for (i, ((&refs, &subdirs), &parent)) in refs.iter().zip(&subdirs).zip(&parent).enumerate()
         {
             let id = InodeId(i as u32);
+            // The walk above checked every directory's entries.
+            let kind = self.check_own_records(id)?;
             let inode = self.inode(id)?;
-            let kind = inode.kind()?;
             let bad = |m: String| corrupt(format!("inode {id}: {m}"));
-            self.check_inode(id)?;
             if inode.parent().0 != parent {
                 return Err(bad(format!(
                     "parent {} but it is first reached from inode {parent}",

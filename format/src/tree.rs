@@ -347,7 +347,8 @@ pub fn canonicalize(tree: &ImageTree) -> ImageTree {
 }
 
 /// Checks a directory entry name: 1..=255 bytes, no `/` or NUL, not `.`/`..`.
-pub(crate) fn check_name(name: &[u8]) -> Result<(), String> {
+/// The error says what is wrong with it.
+pub fn check_name(name: &[u8]) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(
             "name length {} not in 1..={MAX_NAME_LEN}",
