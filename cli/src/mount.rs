@@ -157,11 +157,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     };
     // Verified bootstraps are kept uncompressed beside the chunk cache and
     // mapped by later mounts of the same image (also for `oci:` images).
-    let bootstrap_cache = match (&args.cache_dir, args.no_disk_cache) {
-        (_, true) => None,
-        (Some(dir), false) => Some(BootstrapCache::new(dir)),
-        (None, false) => default_cache_dir().map(|d| BootstrapCache::new(&d)),
+    let cache_dir = if args.no_disk_cache {
+        None
+    } else {
+        args.cache_dir.clone().or_else(default_cache_dir)
     };
+    let bootstrap_cache = cache_dir.map(|dir| BootstrapCache::new(&dir));
     let image = open_image_cached(&reference, &config, bootstrap_cache.as_ref())
         .with_context(|| format!("opening {}", args.image))?;
     let mut opts = MountOptions::new(&args.mountpoint);

@@ -176,25 +176,32 @@ fn finish_open(
         .get("annotations")
         .and_then(|a| a.get(ANNOTATION_BOOTSTRAP_DIGEST))
         .and_then(Value::as_str);
+    // Parsed once on either path (the parse verifies every checksum): a
+    // cached copy that fails it is damaged, removed and fetched again.
     let cached = cache.and_then(|c| {
         let mapped = c.get(&bootstrap_layer_digest)?;
-        if let Err(e) = Bootstrap::parse(&mapped) {
-            tracing::warn!("cached bootstrap of {bootstrap_layer_digest}: {e}");
-            c.discard(&bootstrap_layer_digest);
-            return None;
-        }
+        let blobs = match Bootstrap::parse(&mapped) {
+            Ok(parsed) => check_blobs(&name, &parsed, &data_blobs),
+            Err(e) => {
+                tracing::warn!("cached bootstrap of {bootstrap_layer_digest}: {e}");
+                c.discard(&bootstrap_layer_digest);
+                return None;
+            }
+        };
         tracing::debug!("bootstrap {bootstrap_layer_digest} mapped from the cache");
-        Some(BootstrapBytes::Mapped(mapped))
+        Some(blobs.map(|()| BootstrapBytes::Mapped(mapped)))
     });
     let bootstrap = match cached {
-        Some(b) => b,
+        Some(b) => b?,
         None => {
             let bootstrap = fetch_bootstrap(
                 &name,
                 read_blob(&bootstrap_layer_digest, bootstrap_size)?,
                 expected,
             )?;
-            Bootstrap::parse(&bootstrap).map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
+            let parsed = Bootstrap::parse(&bootstrap)
+                .map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
+            check_blobs(&name, &parsed, &data_blobs)?;
             match cache.map(|c| c.put(&bootstrap_layer_digest, &bootstrap)) {
                 Some(Ok(mapped)) => BootstrapBytes::Mapped(mapped),
                 Some(Err(e)) => {
@@ -205,22 +212,6 @@ fn finish_open(
             }
         }
     };
-    let parsed =
-        Bootstrap::parse(&bootstrap).map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
-    for i in 0..parsed.blob_count() {
-        let blob = parsed
-            .blob(i)
-            .map_err(|e| invalid(&name, format!("bootstrap: {e}")))?;
-        if !data_blobs.contains(&blob.digest) {
-            return Err(invalid(
-                &name,
-                format!(
-                    "the bootstrap needs blob {} that the manifest does not list",
-                    blob.digest
-                ),
-            ));
-        }
-    }
     Ok(SkiffImage {
         reference: name,
         manifest_digest,
@@ -230,6 +221,29 @@ fn finish_open(
         store,
         registry_store,
     })
+}
+
+/// Refuses a bootstrap that needs a data blob the manifest does not list.
+fn check_blobs(
+    name: &str,
+    parsed: &Bootstrap<'_>,
+    data_blobs: &[Digest],
+) -> Result<(), RegistryError> {
+    for i in 0..parsed.blob_count() {
+        let blob = parsed
+            .blob(i)
+            .map_err(|e| invalid(name, format!("bootstrap: {e}")))?;
+        if !data_blobs.contains(&blob.digest) {
+            return Err(invalid(
+                name,
+                format!(
+                    "the bootstrap needs blob {} that the manifest does not list",
+                    blob.digest
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Decompresses a verified bootstrap layer (bounded) and checks it against
