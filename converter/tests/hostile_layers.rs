@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{pax_record, require_root, scratch};
-use skiff_tests::harness::{command_line, run_unchecked, skiff_cmd};
+use skiff_tests::harness::{catch_case, command_line, run_unchecked, skiff_cmd};
 
 // ---------------------------------------------------------------------------
 // Raw tar writing
@@ -1005,7 +1005,7 @@ fn hostile_layers_are_rejected_or_normalised() {
         let sb = Sandbox::new(case.name);
         let layers = (case.layers)(&sb);
         // Every case runs, and every mismatch is reported at the end.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let result = catch_case(case.name, || {
             let outcome = convert_and_unpack(&sb, case.name, &layers);
             match (&case.expect, &outcome) {
                 (Expect::Rejected(parts), Outcome::Rejected(message)) => {
@@ -1026,17 +1026,10 @@ fn hostile_layers_are_rejected_or_normalised() {
             }
             sb.assert_contained(case.name);
             outcome
-        }));
+        });
         match result {
             Ok(outcome) => table.push((case.name, outcome)),
-            Err(e) => {
-                let m = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                failures.push(format!("{}: {m}", case.name));
-            }
+            Err(failure) => failures.push(failure),
         }
     }
     eprintln!("\n{} hostile layer cases:", table.len());

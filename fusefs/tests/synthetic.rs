@@ -22,6 +22,7 @@ use skiff_format::{
 };
 use skiff_fusefs::{Backend, Daemon, MountOptions};
 use skiff_registry::LocalBlobStore;
+use skiff_tests::harness::noise;
 
 const CHUNK: usize = 64 << 10;
 const SPARSE_SIZE: u64 = 10 << 20;
@@ -98,19 +99,6 @@ fn node(mode: u32, data: NodeData) -> Node {
         data,
         xattrs: BTreeMap::new(),
     }
-}
-
-/// Pseudo-random bytes, different for each seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn build() -> Built {

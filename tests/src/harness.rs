@@ -279,3 +279,31 @@ pub fn remove_all(dir: &Path) {
         Err(e) => panic!("cannot remove {}: {e}", dir.display()),
     }
 }
+
+/// `len` deterministic pseudo-random bytes (xorshift), different for each
+/// `seed`: test data that does not compress and is the same in every run.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs one case of a table-driven test, catching its panic, so that every
+/// case runs and the test reports all failures at the end: `Err` holds
+/// "`name`: the panic message".
+pub fn catch_case<T>(name: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
+        let message = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("{name}: {message}")
+    })
+}

@@ -46,7 +46,7 @@ use skiff_format::layout::{
 };
 use skiff_format::{reseal, Bootstrap, InodeId};
 use skiff_registry::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP};
-use skiff_tests::harness::{remove_all, run, scratch_root, skiff_cmd};
+use skiff_tests::harness::{catch_case, noise, remove_all, run, scratch_root, skiff_cmd};
 use skiff_tests::services::{stop_child, SkiffMount};
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -75,19 +75,6 @@ enum Want {
 struct Original {
     paths: BTreeMap<String, Want>,
     xattrs: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
-}
-
-/// Deterministic bytes (xorshift), different for each seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Extended attributes of a file of the layer: (name, value).
@@ -123,12 +110,12 @@ fn write_layer(path: &Path) -> Original {
         paths.insert(d.to_string(), Want::Dir);
     }
     let files: Vec<(&str, Vec<u8>, Xattrs)> = vec![
-        (INTACT, noise(1, 150_000), vec![]),
+        (INTACT, noise(150_000, 1), vec![]),
         // Five 64 KiB chunks and a tail.
         (
             "data/big.bin",
-            noise(2, 5 * 65536 + 1234),
-            vec![("user.big", noise(3, 1000))],
+            noise(5 * 65536 + 1234, 2),
+            vec![("user.big", noise(1000, 3))],
         ),
         (
             "data/small.txt",
@@ -394,7 +381,7 @@ fn flips(name: &'static str, seed: u64, count: usize, region: fn(&[u8]) -> (usiz
         name,
         edit: Box::new(move |_, buf| {
             let (from, to) = region(buf);
-            let r = noise(seed, count * 9);
+            let r = noise(count * 9, seed);
             for k in 0..count {
                 let pick = u64::from_le_bytes(r[k * 9..k * 9 + 8].try_into().unwrap());
                 let at = from + (pick as usize) % (to - from);
@@ -1221,21 +1208,14 @@ fn hostile_bootstraps_are_refused_or_served_safely() {
     let mut table = Vec::new();
     let mut failures = Vec::new();
     for case in &cases {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let result = catch_case(case.name, || {
             let outcome = run_case(case, &good, &base, &work, &original);
             check_outcome(case, &outcome);
             outcome
-        }));
+        });
         match result {
             Ok(outcome) => table.push((case, outcome)),
-            Err(e) => {
-                let m = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                failures.push(format!("{}: {m}", case.name));
-            }
+            Err(failure) => failures.push(failure),
         }
     }
     eprintln!("\n{} hostile bootstrap cases:", table.len());
