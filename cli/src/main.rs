@@ -10,6 +10,7 @@
 //! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
 //! - `cache`: `skiff cache`, the disk cache of fetched chunks.
 //! - `snapshotter`: `skiff snapshotter`, the containerd remote snapshotter.
+//! - `upgrade`: `skiff upgrade`, hot upgrade of running mounts to a new binary.
 //! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
 //! - `progress`: the terminal progress bar for conversions.
 
@@ -23,6 +24,7 @@ mod mount;
 mod progress;
 mod snapshotter;
 mod tools;
+mod upgrade;
 
 /// Skiff: lazy-loading container images.
 #[derive(Debug, Parser)]
@@ -48,6 +50,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Serve containerd's snapshots API (a remote snapshotter for Skiff images).
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// Hand running mounts over to a new binary, without unmounting.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount::run(args),
         Command::Snapshotter(args) => snapshotter::run(args),
         Command::Cache(args) => cache::run(args),
+        Command::Upgrade(args) => upgrade::run(args),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,15 @@
 //! `--pid-file`); logs go to stderr (`RUST_LOG`). SIGINT or SIGTERM
 //! unmounts and exits 0.
 //!
+//! # Failover
+//!
+//! As root, `skiff mount` is a *keeper* (see `skiff_fusefs::keeper`): it
+//! holds the FUSE connection and runs the serving daemon as a child
+//! *worker* (the same binary with `--serve-fd`). When the worker dies, a
+//! new one takes the mount over and readers only see a pause; `skiff
+//! upgrade` replaces the binary under a live mount the same way. Without
+//! root (or with `--no-failover`) the mount is served in this process.
+//!
 //! The store stack: the image's blob store (`LocalBlobStore` for `oci:`,
 //! `RegistryBlobStore` for `docker://`, with its request/retry counters)
 //! under the coalescing fetch path, the disk cache (`--cache-dir`, shared by
@@ -21,8 +30,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use skiff_fusefs::disk::parse_size;
-use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode};
-use skiff_registry::skiff::open_image_cached;
+use skiff_fusefs::keeper::{self, KeeperOptions};
+use skiff_fusefs::session::{adopt_inherited, Connection};
+use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped};
+use skiff_registry::skiff::{open_image_cached, open_image_pinned, SkiffImage};
 use skiff_registry::{BootstrapCache, ImageRef, RegistryConfig};
 
 /// Arguments of `skiff mount`.
@@ -94,6 +105,26 @@ pub struct MountArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub metrics_socket: Option<PathBuf>,
+    /// Serve the mount in this process: no keeper, so a crash of the daemon
+    /// unmounts (reads then fail with ENOTCONN). Implied when not root.
+    #[arg(long)]
+    pub no_failover: bool,
+    /// Where the keeper records its state (`keeper.json`, for `skiff
+    /// upgrade`) [default: /run/skiff/mounts/HASH of the mountpoint].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Internal (worker): serve the keeper's /dev/fuse descriptor N.
+    #[arg(long, value_name = "N", hide = true)]
+    pub serve_fd: Option<i32>,
+    /// Internal (worker): write one byte to descriptor N once serving.
+    #[arg(long, value_name = "N", hide = true, requires = "serve_fd")]
+    pub ready_fd: Option<i32>,
+    /// Internal (worker): the mount exists; take it over.
+    #[arg(long, hide = true, requires = "serve_fd")]
+    pub takeover: bool,
+    /// Internal (keeper after an upgrade): resume with descriptor N.
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "serve_fd")]
+    pub keeper_fd: Option<i32>,
 }
 
 /// The default disk cache directory: /var/cache/skiff for root, else the
@@ -146,6 +177,149 @@ fn open_disk_cache(
 
 /// Runs `skiff mount`: returns once the mount is gone.
 pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if args.serve_fd.is_none() && !args.no_failover {
+        if is_root() {
+            return run_keeper(&args);
+        }
+        tracing::info!("not root: serving in this process (no failover)");
+    }
+    serve(args)
+}
+
+/// The arguments this process got after the binary, with the `--FLAG N`
+/// pairs of `drop` (and their `--FLAG=N` forms) left out.
+fn own_args(drop: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let a = a.into_string().map_err(|a| {
+            anyhow::anyhow!("argument {a:?} is not UTF-8: a keeper cannot pass it on")
+        })?;
+        if drop.contains(&a.as_str()) {
+            args.next();
+            continue;
+        }
+        if drop.iter().any(|d| a.starts_with(&format!("{d}="))) {
+            continue;
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// The keeper: holds the FUSE connection, runs workers that serve it.
+fn run_keeper(args: &MountArgs) -> anyhow::Result<ExitCode> {
+    let reference: ImageRef = args
+        .image
+        .parse()
+        .with_context(|| format!("image '{}'", args.image))?;
+    drop(reference);
+    if args.keeper_fd.is_none() {
+        skiff_fusefs::check_mountpoint(&args.mountpoint, args.force_unmount)
+            .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    }
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| keeper::default_state_dir(&args.mountpoint));
+    let keeper_args = own_args(&["--keeper-fd"])?;
+    let mut worker_args = own_args(&["--keeper-fd", "--pid-file", "--state-dir"])?;
+    worker_args.push("--state-dir".into());
+    worker_args.push(state_dir.to_string_lossy().into_owned());
+    let opts = KeeperOptions {
+        state_dir,
+        mountpoint: args.mountpoint.clone(),
+        args: keeper_args,
+        worker_args,
+        pid_file: args.pid_file.clone(),
+        resume_fd: args.keeper_fd,
+    };
+    let code = keeper::run(&opts).context("keeping the mount")?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Opens the image: a worker that takes a mount over uses the manifest its
+/// first predecessor resolved (`image.json`), so that it needs no registry
+/// round trip and serves exactly the same image.
+fn open(
+    args: &MountArgs,
+    reference: &ImageRef,
+    config: &RegistryConfig,
+    bootstrap_cache: Option<&BootstrapCache>,
+) -> anyhow::Result<SkiffImage> {
+    let pinned = args
+        .state_dir
+        .as_ref()
+        .filter(|_| args.serve_fd.is_some())
+        .map(|d| d.join(keeper::IMAGE_FILE));
+    if let Some(path) = pinned.as_ref().filter(|_| args.takeover) {
+        if let Ok(bytes) = std::fs::read(path) {
+            let saved: SavedImage = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            let digest = saved
+                .manifest_digest
+                .parse()
+                .with_context(|| format!("the digest in {}", path.display()))?;
+            return open_image_pinned(
+                reference,
+                config,
+                digest,
+                saved.manifest.as_bytes(),
+                bootstrap_cache,
+            )
+            .with_context(|| format!("opening {} from {}", args.image, path.display()));
+        }
+    }
+    let image = open_image_cached(reference, config, bootstrap_cache)
+        .with_context(|| format!("opening {}", args.image))?;
+    if let Some(path) = pinned {
+        let saved = SavedImage {
+            version: 1,
+            reference: args.image.clone(),
+            manifest_digest: image.manifest_digest.to_string(),
+            manifest: String::from_utf8_lossy(&image.manifest_bytes).into_owned(),
+        };
+        // Without it a successor resolves the reference again: slower, and
+        // it needs the registry; so a failure here is only a warning.
+        match serde_json::to_vec(&saved) {
+            Ok(bytes) => {
+                if let Err(e) = keeper::write_atomic(&path, &bytes) {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => tracing::warn!("encoding {}: {e}", path.display()),
+        }
+    }
+    Ok(image)
+}
+
+/// `image.json` in a keeper's state directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedImage {
+    version: u32,
+    reference: String,
+    manifest_digest: String,
+    manifest: String,
+}
+
+/// Tells the keeper that this worker serves: one byte on the ready pipe.
+/// The pipe is written through /proc (a descriptor number cannot become a
+/// `File` without `unsafe`; opening a pipe's /proc entry reaches the pipe).
+fn signal_ready(fd: i32) {
+    let path = format!("/proc/self/fd/{fd}");
+    match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(mut f) => {
+            if let Err(e) = f.write_all(b"1") {
+                tracing::warn!("telling the keeper we serve: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("telling the keeper we serve ({path}): {e}"),
+    }
+    let _ = nix::unistd::close(fd);
+}
+
+/// Serves the mount in this process (a worker, or without failover).
+fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let reference: ImageRef = args
         .image
@@ -163,8 +337,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
         args.cache_dir.clone().or_else(default_cache_dir)
     };
     let bootstrap_cache = cache_dir.map(|dir| BootstrapCache::new(&dir));
-    let image = open_image_cached(&reference, &config, bootstrap_cache.as_ref())
-        .with_context(|| format!("opening {}", args.image))?;
+    let image = open(&args, &reference, &config, bootstrap_cache.as_ref())?;
     let mut opts = MountOptions::new(&args.mountpoint);
     opts.threads = args.threads.max(1);
     opts.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
@@ -190,21 +363,49 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     if let Some(registry) = image.registry_store.clone() {
         backend = backend.with_stats(move || registry.stats());
     }
-    let daemon = Daemon::start(&opts, Box::new(image.bootstrap), backend)
+    let conn = match args.serve_fd {
+        Some(fd) => {
+            let fd = adopt_inherited(fd)?;
+            if args.takeover {
+                Connection::Takeover(fd)
+            } else {
+                Connection::Fresh(fd)
+            }
+        }
+        None => Connection::Mount,
+    };
+    let daemon = Daemon::start_on(&opts, Box::new(image.bootstrap), backend, conn)
         .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
+    if let Some(fd) = args.ready_fd {
+        signal_ready(fd);
+    }
     if let Some(pid_file) = &args.pid_file {
         std::fs::write(pid_file, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", pid_file.display()))?;
     }
-    println!(
-        "skiff: mounted {} at {} ({} inodes, bootstrap {} bytes, ready in {:.1} ms)",
-        args.image,
-        args.mountpoint.display(),
-        daemon.inode_count(),
-        daemon.bootstrap_len(),
-        t0.elapsed().as_secs_f64() * 1e3
-    );
-    let (_, metrics) = daemon.wait().context("serving the mount")?;
+    if args.takeover {
+        tracing::info!(
+            "took over {} in {:.1} ms",
+            args.mountpoint.display(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    } else {
+        println!(
+            "skiff: mounted {} at {} ({} inodes, bootstrap {} bytes, ready in {:.1} ms)",
+            args.image,
+            args.mountpoint.display(),
+            daemon.inode_count(),
+            daemon.bootstrap_len(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let (why, metrics) = daemon.wait().context("serving the mount")?;
+    if why == Stopped::HandedOver {
+        // The mount stays; the keeper's next worker serves it. Exit at
+        // once: nothing may unmount it on the way out.
+        tracing::info!("handed over: {metrics}");
+        std::process::exit(keeper::EXIT_HANDED_OVER);
+    }
     if let Some(pid_file) = &args.pid_file {
         let _ = std::fs::remove_file(pid_file);
     }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, MountOption, SessionACL};
 
 use crate::background::{spawn_prefetch, AccessLog, PrefetchMode, Readahead};
 use crate::cache::{ChunkSource, SourceOptions};
@@ -37,6 +37,7 @@ use crate::error::DaemonError;
 use crate::fs::SkiffFs;
 use crate::image::{BootstrapBytes, Image};
 use crate::metrics::{render_prometheus, Gauges, Metrics, MetricsServer, MetricsSnapshot};
+use crate::session::{self, Connection};
 
 /// How a mount is made.
 #[derive(Debug, Clone)]
@@ -122,6 +123,11 @@ const ACCESS_LOG_EVERY: Duration = Duration::from_secs(5);
 pub struct Daemon {
     /// Set by the SIGINT/SIGTERM handlers.
     stop: Arc<AtomicBool>,
+    /// Set by SIGUSR1 on a kept connection: hand the mount over to the
+    /// keeper's next server (exit without unmounting).
+    hand_over: Arc<AtomicBool>,
+    /// The connection is held by a keeper too (see [`crate::keeper`]).
+    kept: bool,
     session: Option<BackgroundSession>,
     /// Disconnects when the filesystem is dropped, i.e. the session is over.
     fs_gone: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
@@ -144,6 +150,9 @@ pub enum Stopped {
     Signal,
     /// The mount went away without us (`fusermount3 -u`, `umount`).
     Unmounted,
+    /// SIGUSR1 on a kept connection: the mount stays, served next by the
+    /// keeper's new server (a hot upgrade).
+    HandedOver,
 }
 
 impl Daemon {
@@ -155,6 +164,17 @@ impl Daemon {
         bootstrap: BootstrapBytes,
         backend: Backend,
     ) -> Result<Daemon, DaemonError> {
+        Daemon::start_on(opts, bootstrap, backend, Connection::Mount)
+    }
+
+    /// [`Daemon::start`] on a given [`Connection`]: a keeper's `/dev/fuse`
+    /// descriptor to mount, or a live mount to take over.
+    pub fn start_on(
+        opts: &MountOptions,
+        bootstrap: BootstrapBytes,
+        backend: Backend,
+        conn: Connection,
+    ) -> Result<Daemon, DaemonError> {
         let t0 = Instant::now();
         // Handlers go in before the mount exists: a signal that arrives as
         // soon as the mount is announced must unmount it, not kill us.
@@ -165,7 +185,22 @@ impl Daemon {
                 source: e,
             })?;
         }
-        check_mountpoint(&opts.mountpoint, opts.force_unmount)?;
+        let hand_over = Arc::new(AtomicBool::new(false));
+        let kept = conn.is_kept();
+        if kept {
+            signal_hook::flag::register(signal_hook::consts::SIGUSR1, hand_over.clone()).map_err(
+                |e| DaemonError::Io {
+                    context: "installing signal handlers".into(),
+                    source: e,
+                },
+            )?;
+        }
+        // A mount being taken over is ours and unserved: a `stat` of it
+        // would wait for this very process.
+        let takeover = conn.is_takeover();
+        if !takeover {
+            check_mountpoint(&opts.mountpoint, opts.force_unmount)?;
+        }
         let image = Arc::new(Image::new(bootstrap)?);
         let metrics = Arc::new(Metrics::default());
         let source = Arc::new(ChunkSource::new(
@@ -199,22 +234,22 @@ impl Daemon {
             .with_readahead(readahead.clone())
             .with_access_log(access.clone())
             .with_drop_signal(alive);
-        let mut config = Config::default();
-        config.mount_options = mount_options(opts);
-        config.acl = if opts.allow_other {
+        let acl = if opts.allow_other {
             SessionACL::All
         } else {
             SessionACL::Owner
         };
-        config.n_threads = Some(opts.threads.max(1));
-        config.clone_fd = true;
-        let session =
-            fuser::spawn_mount2(fs, &opts.mountpoint, &config).map_err(|e| DaemonError::Io {
-                context: format!("mounting at {}", opts.mountpoint.display()),
-                source: e,
-            })?;
+        let session = session::start(
+            fs,
+            conn,
+            &opts.mountpoint,
+            mount_options(opts),
+            acl,
+            opts.threads,
+        )?;
         let ready_in = t0.elapsed();
-        if opts.readahead_kb > 0 {
+        // The bdi keeps its readahead across a takeover.
+        if opts.readahead_kb > 0 && !takeover {
             set_readahead(&opts.mountpoint, opts.readahead_kb);
         }
         tracing::info!(
@@ -238,6 +273,8 @@ impl Daemon {
         );
         Ok(Daemon {
             stop,
+            hand_over,
+            kept,
             session: Some(session),
             fs_gone: std::sync::Mutex::new(fs_gone),
             mountpoint: opts.mountpoint.clone(),
@@ -311,6 +348,9 @@ impl Daemon {
             if self.stop.load(Ordering::Relaxed) {
                 break Stopped::Signal;
             }
+            if self.hand_over.load(Ordering::Relaxed) {
+                break Stopped::HandedOver;
+            }
             if self.session.as_ref().is_none_or(|s| s.guard.is_finished()) {
                 break Stopped::Unmounted;
             }
@@ -321,9 +361,41 @@ impl Daemon {
                 tracing::info!("signal received: unmounting {}", self.mountpoint.display())
             }
             Stopped::Unmounted => tracing::info!("{} was unmounted", self.mountpoint.display()),
+            Stopped::HandedOver => {
+                tracing::info!(
+                    "handing {} over to the keeper's next server",
+                    self.mountpoint.display()
+                );
+                return Ok((why, self.hand_over_now()));
+            }
         }
         let metrics = self.unmount()?;
         Ok((why, metrics))
+    }
+
+    /// Stops everything but the FUSE threads and keeps the mount: prefetch
+    /// and readahead stop, the access list is written, the disk cache
+    /// flushed. The caller then exits; requests this process has read but
+    /// not answered are sent again to the next server (see
+    /// [`crate::session`]).
+    fn hand_over_now(&mut self) -> MetricsSnapshot {
+        self.prefetch_stop.store(true, Ordering::Relaxed);
+        if let Some(p) = self.prefetch.take() {
+            let _ = p.join();
+        }
+        if let Some(ra) = self.readahead.take() {
+            ra.shutdown();
+        }
+        self.write_access_list();
+        if let Some(d) = self.source.disk() {
+            d.flush();
+        }
+        self.metrics_server = None;
+        let m = self.snapshot();
+        // Never unmount from here on, not even from `Drop`.
+        self.session = None;
+        self.final_metrics = Some(m);
+        m
     }
 
     /// Unmounts (lazily if busy), waits for the FUSE threads to finish and
@@ -336,6 +408,13 @@ impl Daemon {
         if let Some(session) = self.session.take() {
             let result = if session.guard.is_finished() {
                 session.join()
+            } else if self.kept {
+                // fuser did not mount it, so it cannot unmount it: the
+                // unmount aborts the connection and the threads end.
+                match nix::mount::umount(&self.mountpoint) {
+                    Ok(()) => session.join(),
+                    Err(e) => Err(std::io::Error::from(e)),
+                }
             } else {
                 session.umount_and_join()
             };

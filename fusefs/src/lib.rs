@@ -52,7 +52,9 @@ pub mod disk;
 pub mod error;
 pub mod fs;
 pub mod image;
+pub mod keeper;
 pub mod metrics;
+pub mod session;
 
 pub use background::PrefetchMode;
 pub use cache::{ChunkData, ChunkSource, SourceOptions};

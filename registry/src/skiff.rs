@@ -40,6 +40,8 @@ pub struct SkiffImage {
     pub manifest_digest: Digest,
     /// The manifest.
     pub manifest: Value,
+    /// The manifest as its digest covers it (for [`open_image_pinned`]).
+    pub manifest_bytes: Vec<u8>,
     /// The bootstrap, uncompressed and verified: in memory, or mapped from
     /// the bootstrap cache.
     pub bootstrap: BootstrapBytes,
@@ -111,6 +113,61 @@ pub fn open_image_cached(
                 name,
                 m.digest,
                 &m.bytes,
+                |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
+                store,
+                Some(remote),
+                cache,
+            )
+        }
+        ImageRef::DockerArchive { .. } => Err(invalid(
+            &name,
+            "Skiff images are opened from oci:DIR[:TAG] or docker://REF, not from docker-archive:",
+        )),
+    }
+}
+
+/// Opens a `docker://` or `oci:` image from a manifest fetched before
+/// (`manifest_bytes`, whose SHA-256 must be `manifest_digest`), without
+/// resolving the reference again: what a FUSE worker taking over a live
+/// mount uses, so that a registry that is down at that moment does not stop
+/// it. The bootstrap comes from `cache` when it holds it, as in
+/// [`open_image_cached`].
+pub fn open_image_pinned(
+    reference: &ImageRef,
+    config: &RegistryConfig,
+    manifest_digest: Digest,
+    manifest_bytes: &[u8],
+    cache: Option<&BootstrapCache>,
+) -> Result<SkiffImage, RegistryError> {
+    let name = reference.to_string();
+    if Digest::of(manifest_bytes) != manifest_digest {
+        return Err(invalid(
+            &name,
+            format!("the saved manifest does not match its digest {manifest_digest}"),
+        ));
+    }
+    match reference {
+        ImageRef::Oci { dir, .. } => {
+            let layout = OciLayout::open(dir)?;
+            let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir)?);
+            finish_open(
+                name,
+                manifest_digest,
+                manifest_bytes,
+                |digest, _size| layout.read_blob(digest),
+                store,
+                None,
+                cache,
+            )
+        }
+        ImageRef::Docker(d) => {
+            let client = RegistryClient::new(d, config)?;
+            let remote = Arc::new(RegistryBlobStore::from_client(client.clone()));
+            let store: Arc<dyn BlobStore> = remote.clone();
+            finish_open(
+                name,
+                manifest_digest,
+                manifest_bytes,
                 |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
                 store,
                 Some(remote),
@@ -216,6 +273,7 @@ fn finish_open(
         reference: name,
         manifest_digest,
         manifest,
+        manifest_bytes: manifest_bytes.to_vec(),
         bootstrap,
         bootstrap_layer: bootstrap_layer_digest,
         store,
