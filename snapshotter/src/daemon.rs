@@ -2,9 +2,14 @@
 //!
 //! Each daemon runs in its own session (through `setsid`) with its output
 //! in a log file, so that it outlives a restart of the snapshotter and
-//! keeps serving the containers whose overlays sit on its mount. Files of
-//! image `ID` live in `ROOT/mounts/ID/`: `mnt` (the mount point), `pid`
-//! (written by the daemon once the mount is ready) and `daemon.log`. The
+//! keeps serving the containers whose overlays sit on its mount. As root a
+//! `skiff mount` is a keeper that holds the FUSE connection and runs the
+//! serving worker as its child (see `skiff_fusefs::keeper`): a worker that
+//! dies is replaced without breaking the containers, and `skiff upgrade
+//! ROOT/mounts` moves every image to a new binary. Files of image `ID` live
+//! in `ROOT/mounts/ID/`: `mnt` (the mount point), `pid` (the keeper's,
+//! written once the mount is ready), `daemon.log`, and the keeper's state
+//! (`keeper.json`, `image.json`). The
 //! daemon's metrics (Prometheus text, when `mount.metrics` is on) are served
 //! on `ROOT/metrics/SHORT.sock`, `SHORT` being the first 16 hex digits of
 //! the image digest: a unix socket path must fit in 108 bytes.
@@ -150,7 +155,11 @@ impl Daemons {
             .arg("--cache-size")
             .arg(&self.options.cache_size)
             .arg("--pid-file")
-            .arg(&pid_file);
+            .arg(&pid_file)
+            // The keeper's state beside the mount: `skiff upgrade ROOT/mounts`
+            // finds every image's keeper there.
+            .arg("--state-dir")
+            .arg(self.dir.join(id));
         if let Some(dir) = &self.options.cache_dir {
             cmd.arg("--cache-dir").arg(dir);
         }
@@ -232,7 +241,13 @@ impl Daemons {
             detach_if_mounted(&mnt);
             // Only our own files: never recurse into a mount point.
             let _ = fs::remove_dir(&mnt);
-            for f in ["pid", "daemon.log"] {
+            for f in [
+                "pid",
+                "daemon.log",
+                skiff_fusefs::keeper::STATE_FILE,
+                skiff_fusefs::keeper::IMAGE_FILE,
+                skiff_fusefs::keeper::UPGRADE_FILE,
+            ] {
                 let _ = fs::remove_file(dir.join(f));
             }
             let _ = fs::remove_dir(&dir);

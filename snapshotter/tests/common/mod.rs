@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod rig;
+pub use rig::*;
 pub use skiff_tests::services::{stop_child, tail_of, Registry};
 
 pub use skiff_tests::harness::{fixture_image, fixture_layout, run, scratch_root, skiff_bin};
@@ -372,6 +374,8 @@ pub struct Snapshotter {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The `skiff` binary it runs (and starts image daemons from).
+    pub bin: PathBuf,
     child: Option<Child>,
 }
 
@@ -383,6 +387,7 @@ impl Snapshotter {
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             log: root.with_extension("log"),
+            bin: skiff_bin(),
             child: None,
         };
         sn.spawn();
@@ -406,7 +411,7 @@ impl Snapshotter {
             ),
         )
         .unwrap();
-        let child = Command::new(skiff_bin())
+        let child = Command::new(&self.bin)
             .arg("snapshotter")
             .arg("--config")
             .arg(&config)
@@ -449,6 +454,16 @@ impl Snapshotter {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, "skiff snapshotter");
         }
+        self.spawn();
+    }
+
+    /// Stops it and starts binary `bin` on the same root and socket (the
+    /// snapshotter's half of an upgrade).
+    pub fn restart_with(&mut self, bin: &Path) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, "skiff snapshotter");
+        }
+        self.bin = bin.to_path_buf();
         self.spawn();
     }
 
