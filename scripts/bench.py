@@ -307,6 +307,20 @@ def big_dataset(work, size):
 # ---------------------------------------------------------------- mounts --
 
 
+def process_tree(pid):
+    """`pid` and its descendants (/proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
+
+
 class Mount:
     """One mounted system; unmount() is idempotent."""
 
@@ -322,13 +336,21 @@ class Mount:
         return self.proc.pid if self.proc else None
 
     def memory(self):
+        """VmRSS and VmHWM of the daemon and its children, summed: a Skiff
+        mount run as root is a keeper holding the FUSE connection and the
+        worker serving it."""
         if not self.proc:
             return None
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0]) * 1024
+        out = {"VmRSS": 0, "VmHWM": 0}
+        for pid in process_tree(self.proc.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                k, _, v = line.partition(":")
+                if k in out:
+                    out[k] += int(v.split()[0]) * 1024
         return out
 
     def unmount(self):

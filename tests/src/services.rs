@@ -178,6 +178,11 @@ impl SkiffMount {
             let _ = fs::remove_dir_all(&cache);
             cache_args = vec!["--cache-dir".into(), cache.display().to_string()];
         }
+        // The keeper's state stays in the test's directory.
+        if !extra.contains(&"--state-dir") {
+            cache_args.push("--state-dir".into());
+            cache_args.push(dir.join("state").display().to_string());
+        }
         if !extra.contains(&"--force-unmount") {
             let _ = Command::new("fusermount3")
                 .arg("-uz")
@@ -246,11 +251,46 @@ impl SkiffMount {
         self.child.as_ref().map(Child::id)
     }
 
-    /// `kill -9` of the daemon, reaped; the mount is left behind, stale
-    /// (`ENOTCONN`), as a crash leaves it.
+    /// The process serving the FUSE requests: the keeper's worker (as
+    /// root, `skiff mount` is a keeper with the serving daemon as its
+    /// child), or the daemon itself when it has no child
+    /// (`--no-failover`). Its memory and descriptors are the daemon's.
+    pub fn serving_pid(&self) -> Option<u32> {
+        let pid = self.pid()?;
+        Some(child_of(pid).unwrap_or(pid))
+    }
+
+    /// `kill -9` of the serving worker only: its keeper starts another,
+    /// which takes the mount over.
+    pub fn kill9_worker(&self) -> Option<u32> {
+        let pid = self.pid()?;
+        let worker = child_of(pid)?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(worker as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        Some(worker)
+    }
+
+    /// `kill -9` of the keeper and its worker, reaped: nothing is left to
+    /// serve the mount, which stays behind stale (`ENOTCONN`), as a crash
+    /// of both leaves it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let worker = child_of(child.id());
             let _ = child.kill();
+            if let Some(w) = worker {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                // Wait until the worker is gone (not our child: no reaping).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(&format!("/proc/{w}/exe")).exists() && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             let _ = child.wait();
         }
     }
@@ -313,6 +353,16 @@ impl Drop for SkiffMount {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// The first child process of `pid` (`/proc/PID/task/PID/children`).
+pub fn child_of(pid: u32) -> Option<u32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Why [`SkiffMount::try_start_env`] did not give a mount.

@@ -24,7 +24,8 @@ use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -627,6 +628,55 @@ fn cache_file_damaged_on_disk() {
     );
 }
 
+/// Eight readers over `files`, each checking every byte, again and again
+/// until `stop` is set (once through at least); returns a channel on which
+/// each sends (reads done, reads failed) when through.
+fn start_readers(
+    mnt: &Path,
+    files: &[String],
+    stop: &Arc<AtomicBool>,
+) -> mpsc::Receiver<(u64, u64)> {
+    let (tx, rx) = mpsc::channel();
+    for t in 0..8 {
+        let tx = tx.clone();
+        let files = files.to_vec();
+        let mnt = mnt.to_path_buf();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            loop {
+                for f in files.iter().skip(t).step_by(8) {
+                    match fs::read(mnt.join(f)) {
+                        Ok(b) => {
+                            assert!(b == reference(f), "WRONG BYTES in {f} around kill -9");
+                            ok += 1;
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            let _ = tx.send((ok, failed));
+        });
+    }
+    rx
+}
+
+/// Waits for the eight readers of [`start_readers`]: (done, failed).
+fn join_readers(rx: mpsc::Receiver<(u64, u64)>, what: &str) -> (u64, u64) {
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..8 {
+        let (o, f) = rx
+            .recv_timeout(HANG)
+            .unwrap_or_else(|e| panic!("a reader hung or panicked after {what}: {e}"));
+        ok += o;
+        failed += f;
+    }
+    (ok, failed)
+}
+
 #[test]
 fn kill_9_in_the_middle_of_reads() {
     let dir = work_dir("kill-9");
@@ -636,37 +686,39 @@ fn kill_9_in_the_middle_of_reads() {
     let files = some_files(200);
     let mut mount = mount_via(&net, &dir, &["--cache-dir", &cache], &[]);
     let mnt = mount.mnt.clone();
-    // Readers over many files; the daemon dies under them.
-    let (tx, rx) = mpsc::channel();
-    for t in 0..8 {
-        let tx = tx.clone();
-        let files = files.clone();
-        let mnt = mnt.clone();
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u64, 0u64);
-            for f in files.iter().skip(t).step_by(8) {
-                match fs::read(mnt.join(f)) {
-                    Ok(b) => {
-                        assert!(b == reference(f), "WRONG BYTES in {f} around kill -9");
-                        ok += 1;
-                    }
-                    Err(_) => failed += 1,
-                }
-            }
-            let _ = tx.send((ok, failed));
-        });
+    // The serving worker dies under the readers, three times: its keeper
+    // starts another, which takes the mount over; no read fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = start_readers(&mnt, &files, &stop);
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        let killed = mount.kill9_worker().expect("a worker serves the mount");
+        workers.push(killed);
+        assert!(
+            wait_until(Duration::from_secs(30), || mount
+                .serving_pid()
+                .is_some_and(|p| !workers.contains(&p))),
+            "no new worker after kill -9 of {killed}: {}",
+            mount.logs()
+        );
     }
-    drop(tx);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (failover_ok, failover_failed) = join_readers(rx, "kill -9 of the worker");
+    assert_eq!(
+        failover_failed, 0,
+        "reads failed when the worker died ({failover_ok} done): {}",
+        mount.logs()
+    );
+    // Keeper and worker die together: nothing is left to serve.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = start_readers(&mnt, &files, &stop);
     std::thread::sleep(Duration::from_millis(700));
     mount.kill9();
-    let (mut ok, mut failed) = (0, 0);
-    for _ in 0..8 {
-        let (o, f) = rx
-            .recv_timeout(HANG)
-            .unwrap_or_else(|e| panic!("a reader hung or panicked after kill -9: {e}"));
-        ok += o;
-        failed += f;
-    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = join_readers(rx, "kill -9 of keeper and worker");
     assert!(failed > 0, "the daemon died after every read had finished");
     // The dead daemon left a stale mount behind (statfs, unlike stat, is
     // never answered from the kernel's attribute cache).
@@ -704,9 +756,10 @@ fn kill_9_in_the_middle_of_reads() {
     report(
         "kill-9-daemon",
         &format!(
-            "survived: {ok} reads done and {failed} failed when the daemon died (none wrong); \
-             stale mount refused, then cleaned by --force-unmount; {} files read correctly \
-             from the same cache",
+            "survived: kill -9 of the worker three times under 8 readers: {failover_ok} reads, \
+             none failed (a new worker took over); keeper and worker killed together: {ok} reads \
+             done and {failed} failed (none wrong); stale mount refused, then cleaned by \
+             --force-unmount; {} files read correctly from the same cache",
             files.len().div_ceil(4)
         ),
     );

@@ -131,7 +131,9 @@ fn soak_random_reads_with_constant_eviction() {
             &metrics_arg,
         ],
     );
-    let pid = mount.pid().unwrap_or_else(|| panic!("no daemon"));
+    // The serving worker holds the memory and descriptors (its keeper
+    // only holds the FUSE connection).
+    let pid = mount.serving_pid().unwrap_or_else(|| panic!("no daemon"));
     let (rss_before, fds_before) = (vm_rss_kib(pid), open_fds(pid));
     let counts = Arc::new(Counts::default());
     let mnt = mount.mnt.clone();
