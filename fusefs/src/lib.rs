@@ -26,6 +26,11 @@
 //! of the files a workload reads (to make such a list), and metrics on a
 //! unix socket ([`metrics`]).
 //!
+//! Failover (see [`keeper`]): as root the FUSE connection is held by a
+//! keeper process and served by a worker; a worker that dies is replaced
+//! and the new one takes the live mount over, so readers see a pause and no
+//! error.
+//!
 //! Mount time does not grow with the image: the bootstrap is checksummed and
 //! served, nothing walks the tree and no data is read at mount.
 //!
@@ -43,6 +48,11 @@
 //! - [`error`]: [`FsError`] and its errno mapping, [`ChunkError`], [`DaemonError`].
 //! - [`metrics`]: counters of the read path ([`Metrics`]), Prometheus text
 //!   and the socket that serves it.
+//! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
+//!   fuser's own mount, or a keeper's descriptor, mounted fresh or taken
+//!   over live.
+//! - [`keeper`]: the process that holds a mount's connection across the
+//!   death or upgrade of the one serving it.
 
 pub mod background;
 pub mod cache;
