@@ -24,7 +24,8 @@ use crate::progress::Bar;
     skiff convert --cache-dir /var/cache/skiff-convert docker://reg/app:2 docker://reg/app:2-skiff")]
 pub struct ConvertArgs {
     /// SOURCE DEST, or just DEST with --layer. Images use skopeo's syntax:
-    /// oci:DIR[:TAG], docker-archive:FILE[:REF].
+    /// docker://REGISTRY/REPO[:TAG|@DIGEST] (a registry), oci:DIR[:TAG],
+    /// docker-archive:FILE[:REF].
     #[arg(value_name = "IMAGE", num_args = 1..=2, required = true)]
     images: Vec<String>,
     /// A plain layer tar (tar, tar+gzip or tar+zstd), lowest first; repeat for more.

@@ -105,6 +105,16 @@ pub fn decode_chunk_into(
     Ok(())
 }
 
+thread_local! {
+    /// One zstd decoding context per thread, made on first use and reused
+    /// for every chunk: making one costs an allocation of about 100 KiB and
+    /// its initialisation, per chunk otherwise. A context keeps no state
+    /// from one frame to the next that could change a result (each
+    /// `decompress_to_buffer` starts a new frame), so reuse is exact.
+    static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn decompress(stored: &[u8], expected: usize, out: &mut Vec<u8>) -> Result<(), FormatError> {
     // One frame and nothing after it: a second frame would be data the
     // chunk's sizes do not account for.
@@ -132,8 +142,16 @@ fn decompress(stored: &[u8], expected: usize, out: &mut Vec<u8>) -> Result<(), F
     // A slice of exactly `expected` bytes, not the Vec's capacity, bounds
     // what zstd may write: a frame that decodes to more fails instead.
     out.resize(expected, 0);
-    let result = zstd::bulk::Decompressor::new()
-        .and_then(|mut d| d.decompress_to_buffer(stored, out.as_mut_slice()));
+    let result = DECODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress_to_buffer(stored, out.as_mut_slice()),
+            None => Err(std::io::Error::other("no zstd decoder")),
+        }
+    });
     match result {
         Ok(n) if n == expected => Ok(()),
         Ok(n) => {

@@ -367,7 +367,9 @@ pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
         state.worker_pid = None;
         let alive = connection_alive(fd.as_fd());
         let code = status.code();
-        tracing::info!(
+        // Debug only: when the mount ends here, the worker's own last
+        // words (its error, or its exit summary) are the ones to read.
+        tracing::debug!(
             worker = worker.pid,
             "worker exited ({status}); connection {}",
             if alive { "up" } else { "closed" }

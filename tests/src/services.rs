@@ -286,8 +286,7 @@ impl SkiffMount {
                 );
                 // Wait until the worker is gone (not our child: no reaping).
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while Path::new(&format!("/proc/{w}/exe")).exists() && Instant::now() < deadline
-                {
+                while Path::new(&format!("/proc/{w}/exe")).exists() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
