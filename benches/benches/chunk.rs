@@ -1,5 +1,7 @@
 //! Chunk decode + verify: what every first read of a chunk costs on the mount
-//! (zstd frame checks, decompression into a bounded buffer, SHA-256).
+//! (zstd frame checks, decompression into a bounded buffer, SHA-256), and
+//! beside it the floor of this machine: zstd decompression alone (one
+//! reused context) and SHA-256 alone.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -21,7 +23,7 @@ fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
 
 fn bench_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_chunk");
-    for size in [64 << 10, 128 << 10, 512 << 10, 1 << 20] {
+    for size in [4 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20] {
         let data = compressible_data(size, size as u64);
         let (stored, compressed) = encode_chunk(&data, 4).unwrap();
         assert!(compressed);
@@ -41,6 +43,14 @@ fn bench_decode(c: &mut Criterion) {
                 })
             },
         );
+        let mut dctx = zstd::bulk::Decompressor::new().unwrap();
+        let mut buf = vec![0u8; size];
+        g.bench_with_input(BenchmarkId::new("floor_zstd_only", size), &stored, |b, s| {
+            b.iter(|| black_box(dctx.decompress_to_buffer(s, &mut buf).unwrap()))
+        });
+        g.bench_with_input(BenchmarkId::new("floor_sha256_only", size), &data, |b, d| {
+            b.iter(|| black_box(Digest::of(d)))
+        });
     }
     // Incompressible data is stored raw: verify only.
     let mut rng = XorShift::new(9);
