@@ -45,12 +45,16 @@ fn bench_decode(c: &mut Criterion) {
         );
         let mut dctx = zstd::bulk::Decompressor::new().unwrap();
         let mut buf = vec![0u8; size];
-        g.bench_with_input(BenchmarkId::new("floor_zstd_only", size), &stored, |b, s| {
-            b.iter(|| black_box(dctx.decompress_to_buffer(s, &mut buf).unwrap()))
-        });
-        g.bench_with_input(BenchmarkId::new("floor_sha256_only", size), &data, |b, d| {
-            b.iter(|| black_box(Digest::of(d)))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("floor_zstd_only", size),
+            &stored,
+            |b, s| b.iter(|| black_box(dctx.decompress_to_buffer(s, &mut buf).unwrap())),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("floor_sha256_only", size),
+            &data,
+            |b, d| b.iter(|| black_box(Digest::of(d))),
+        );
     }
     // Incompressible data is stored raw: verify only.
     let mut rng = XorShift::new(9);

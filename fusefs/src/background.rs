@@ -1,6 +1,6 @@
-//! Work done off the read path: chunk readahead for sequential readers,
-//! prefetch of the image's PREFETCH list, and recording which files a
-//! workload reads (to make such a list).
+//! Work done beside the read path: chunk readahead for sequential readers,
+//! and recording which files a workload reads (to make a prefetch list;
+//! prefetch itself is in [`crate::prefetch`]).
 //!
 //! # Readahead
 //!
@@ -18,21 +18,6 @@
 //! full, readahead is skipped (the reader fetches for itself), never waited
 //! for.
 //!
-//! # Prefetch
-//!
-//! After the mount is ready, [`spawn_prefetch`] walks the PREFETCH list (the
-//! files a workload read first, in order; or every regular file with
-//! `--prefetch-all`) on a thread of its own. It takes files in list order
-//! into windows of about 32 MiB of chunks that are neither in memory nor on
-//! disk, sorts each window by blob offset and coalesces it into requests of
-//! up to 8 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
-//! than a round trip), and fetches those with a bounded number of threads.
-//! So early files are local early, and the whole list costs few requests.
-//! Prefetch yields to readers: before each request it waits (up to 200 ms)
-//! while any foreground fetch is in flight, and it shares single-flight
-//! guards with them, so a chunk is never fetched twice. It stops at
-//! unmount.
-//!
 //! # Access recording
 //!
 //! [`AccessLog`] notes each file the first time it is read (a flag per
@@ -41,109 +26,19 @@
 //! asked: periodically and at unmount. `skiff convert --prefetch-list`
 //! turns that file into the PREFETCH table.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
-use skiff_format::{Bootstrap, FileKind, FormatError, InodeId};
+use skiff_format::InodeId;
 
-use crate::cache::{foreground_busy, run_parallel, ChunkSource};
-use crate::chunk::{plan_runs, ChunkRequest};
+use crate::chunk::{file_chunk_requests, ChunkRequest};
 use crate::image::Image;
 use crate::metrics::Metrics;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The chunk requests of the part `[from, to)` of regular file `id`
-/// (everything when `to` is `u64::MAX`).
-pub fn file_chunk_requests(
-    b: &Bootstrap<'_>,
-    id: InodeId,
-    from: u64,
-    to: u64,
-) -> Result<Vec<ChunkRequest>, FormatError> {
-    let records = if to == u64::MAX && from == 0 {
-        b.file_chunks(id)?
-    } else {
-        b.chunks_in_range(id, from, to.saturating_sub(from))?
-    };
-    let mut reqs = Vec::with_capacity(records.len());
-    for fc in records {
-        let info = b.chunk(fc.chunk_index())?;
-        let blob = b.blob(info.blob_index)?;
-        reqs.push(ChunkRequest {
-            index: fc.chunk_index(),
-            info,
-            blob: blob.digest,
-        });
-    }
-    Ok(reqs)
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A few threads running queued jobs; a full queue refuses new ones.
-pub(crate) struct Pool {
-    tx: Mutex<Option<SyncSender<Job>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-impl Pool {
-    pub(crate) fn new(name: &str, threads: usize, queue: usize) -> Pool {
-        let (tx, rx) = mpsc::sync_channel::<Job>(queue);
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::new();
-        for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || loop {
-                    let job = lock(&rx).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
-                    }
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => tracing::warn!("cannot start a {name} thread: {e}"),
-            }
-        }
-        Pool {
-            tx: Mutex::new(Some(tx)),
-            threads: Mutex::new(handles),
-        }
-    }
-
-    /// Queues `job`; false if the queue is full or the pool stopped.
-    pub(crate) fn try_submit(&self, job: Job) -> bool {
-        match lock(&self.tx).as_ref() {
-            Some(tx) => tx.try_send(job).is_ok(),
-            None => false,
-        }
-    }
-
-    /// Runs what is queued and stops the threads.
-    pub(crate) fn shutdown(&self) {
-        drop(lock(&self.tx).take());
-        for h in lock(&self.threads).drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
+use crate::source::ChunkSource;
+use crate::workers::{lock, Pool};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Stream {
@@ -234,7 +129,7 @@ impl Readahead {
             // Failures surface to the reader when it gets there.
             let _ = source.get_many(&missing);
         }));
-        if !queued {
+        if queued.is_err() {
             tracing::trace!("readahead queue full");
         }
     }
@@ -242,149 +137,6 @@ impl Readahead {
     pub(crate) fn shutdown(&self) {
         self.pool.shutdown();
     }
-}
-
-/// What to prefetch after mounting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PrefetchMode {
-    /// Nothing.
-    None,
-    /// The image's PREFETCH list (nothing if it is empty).
-    #[default]
-    List,
-    /// Every regular file of the image.
-    All,
-}
-
-/// Prefetch works in windows of about this many stored bytes.
-const PREFETCH_WINDOW: u64 = 32 << 20;
-/// Longest wait for foreground fetches before a prefetch request.
-const YIELD_MAX: Duration = Duration::from_millis(200);
-
-/// Starts prefetching on a thread of its own; see the module documentation.
-pub(crate) fn spawn_prefetch(
-    image: Arc<Image>,
-    source: Arc<ChunkSource>,
-    mode: PrefetchMode,
-    threads: usize,
-    stop: Arc<AtomicBool>,
-) -> Option<JoinHandle<()>> {
-    let ids = match prefetch_ids(image.bootstrap(), mode) {
-        Ok(ids) if ids.is_empty() => return None,
-        Ok(ids) => ids,
-        Err(e) => {
-            tracing::warn!("prefetch list unusable: {e}");
-            return None;
-        }
-    };
-    let spawned = std::thread::Builder::new()
-        .name("skiff-prefetch".into())
-        .spawn(move || {
-            let t = Instant::now();
-            prefetch(&image, &source, &ids, threads.max(1), &stop);
-            let m = source.metrics();
-            m.prefetch_finished.store(true, Ordering::Relaxed);
-            tracing::info!(
-                files = ids.len(),
-                chunks = m.prefetch_done.load(Ordering::Relaxed),
-                failed = m.prefetch_failed.load(Ordering::Relaxed),
-                "prefetch finished in {:.2} s",
-                t.elapsed().as_secs_f64()
-            );
-        });
-    match spawned {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!("cannot start the prefetch thread: {e}");
-            None
-        }
-    }
-}
-
-fn prefetch_ids(b: &Bootstrap<'_>, mode: PrefetchMode) -> Result<Vec<InodeId>, FormatError> {
-    Ok(match mode {
-        PrefetchMode::None => Vec::new(),
-        PrefetchMode::List => b.prefetch()?,
-        PrefetchMode::All => (0..b.inode_count())
-            .map(InodeId)
-            .filter(|&id| {
-                b.inode(id)
-                    .and_then(|i| i.kind())
-                    .is_ok_and(|k| k == FileKind::Regular)
-            })
-            .collect(),
-    })
-}
-
-fn prefetch(
-    image: &Image,
-    source: &ChunkSource,
-    ids: &[InodeId],
-    threads: usize,
-    stop: &AtomicBool,
-) {
-    let b = image.bootstrap();
-    let mut seen = HashSet::new();
-    let mut window: Vec<ChunkRequest> = Vec::new();
-    let mut bytes = 0u64;
-    for &id in ids {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        // Directories and others in a hand-made list are skipped.
-        let Ok(reqs) = file_chunk_requests(b, id, 0, u64::MAX) else {
-            continue;
-        };
-        for r in reqs {
-            if seen.insert(r.info.digest) && !source.is_local(&r.info.digest) {
-                bytes += u64::from(r.info.compressed_size);
-                window.push(r);
-            }
-        }
-        if bytes >= PREFETCH_WINDOW {
-            prefetch_window(source, &std::mem::take(&mut window), threads, stop);
-            bytes = 0;
-        }
-    }
-    prefetch_window(source, &window, threads, stop);
-}
-
-fn prefetch_window(
-    source: &ChunkSource,
-    window: &[ChunkRequest],
-    threads: usize,
-    stop: &AtomicBool,
-) {
-    if window.is_empty() {
-        return;
-    }
-    let m = source.metrics();
-    Metrics::add(&m.prefetch_planned, window.len() as u64);
-    let runs = plan_runs(
-        window,
-        crate::cache::PREFETCH_MAX_REQUEST,
-        crate::cache::PREFETCH_MAX_GAP,
-    );
-    run_parallel(runs, threads, |run| {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let t = Instant::now();
-        while foreground_busy(m) && t.elapsed() < YIELD_MAX && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let reqs: Vec<ChunkRequest> = run
-            .members
-            .iter()
-            .filter_map(|&k| window.get(k).copied())
-            .collect();
-        let (_, failed) = source.prefetch(&reqs);
-        Metrics::add(&m.prefetch_failed, failed);
-        Metrics::add(
-            &m.prefetch_done,
-            reqs.len() as u64 - failed.min(reqs.len() as u64),
-        );
-    });
 }
 
 /// The files read so far, in first-read order; see the module documentation.
@@ -419,14 +171,14 @@ impl AccessLog {
     }
 
     /// Writes the list if it changed since the last write.
-    pub(crate) fn write(&self, b: &Bootstrap<'_>) -> std::io::Result<()> {
+    pub(crate) fn write(&self, image: &Image) -> std::io::Result<()> {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
         let ids = lock(&self.order).clone();
         let mut text = String::new();
         for id in ids {
-            let p = crate::fs::path_of(b, id);
+            let p = image.path_of(id);
             // A name with a newline cannot be written one per line.
             if !p.contains('\n') {
                 text.push_str(&p);

@@ -1,11 +1,12 @@
 //! Where stored chunk bytes come from: the blob store behind a [`Backend`],
-//! and the planning of range requests ([`plan_runs`]).
+//! the chunks of a file range ([`file_chunk_requests`]) and the planning of
+//! range requests ([`plan_runs`]).
 //!
 //! The seam at the network boundary is [`skiff_registry::BlobStore`]: a
 //! `LocalBlobStore` for a layout on disk, a `RegistryBlobStore` for HTTP
 //! Range requests (which retries inside). A store returns the *stored* form
 //! of chunks exactly as they sit in their blob; verifying and decompressing
-//! is the job of [`crate::cache::ChunkSource`], above every store, so that
+//! is the job of [`crate::fetch`], above every store, so that
 //! no store can let unverified bytes through.
 //!
 //! # Coalescing
@@ -26,7 +27,7 @@
 
 use std::sync::Arc;
 
-use skiff_format::{ChunkInfo, Digest};
+use skiff_format::{Bootstrap, ChunkInfo, Digest, FormatError, InodeId};
 use skiff_registry::{BlobStore, FetchStats};
 
 /// One chunk to produce: its CHUNKS record and the digest of its blob.
@@ -130,6 +131,32 @@ pub fn plan_runs(reqs: &[ChunkRequest], max_bytes: u64, max_gap: u64) -> Vec<Run
         });
     }
     runs
+}
+
+/// The chunk requests of the part `[from, to)` of regular file `id`
+/// (everything when `to` is `u64::MAX`).
+pub fn file_chunk_requests(
+    b: &Bootstrap<'_>,
+    id: InodeId,
+    from: u64,
+    to: u64,
+) -> Result<Vec<ChunkRequest>, FormatError> {
+    let records = if to == u64::MAX && from == 0 {
+        b.file_chunks(id)?
+    } else {
+        b.chunks_in_range(id, from, to.saturating_sub(from))?
+    };
+    let mut reqs = Vec::with_capacity(records.len());
+    for fc in records {
+        let info = b.chunk(fc.chunk_index())?;
+        let blob = b.blob(info.blob_index)?;
+        reqs.push(ChunkRequest {
+            index: fc.chunk_index(),
+            info,
+            blob: blob.digest,
+        });
+    }
+    Ok(reqs)
 }
 
 #[cfg(test)]

@@ -29,15 +29,18 @@ use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, MountOption, SessionACL};
 
-use crate::background::{spawn_prefetch, AccessLog, PrefetchMode, Readahead};
-use crate::cache::{ChunkSource, SourceOptions};
+use crate::background::{AccessLog, Readahead};
 use crate::chunk::Backend;
 use crate::disk::DiskCache;
 use crate::error::DaemonError;
+use crate::fetch::SourceOptions;
 use crate::fs::SkiffFs;
 use crate::image::{BootstrapBytes, Image};
 use crate::metrics::{render_prometheus, Gauges, Metrics, MetricsServer, MetricsSnapshot};
+use crate::prefetch::{spawn_prefetch, PrefetchMode};
 use crate::session::{self, Connection};
+use crate::source::ChunkSource;
+use crate::workers::Pool;
 
 /// How a mount is made.
 #[derive(Debug, Clone)]
@@ -81,15 +84,24 @@ pub struct MountOptions {
     pub record_access: Option<PathBuf>,
     /// Serve Prometheus metrics on this unix socket.
     pub metrics_socket: Option<PathBuf>,
+    /// How long a read may wait for chunks that are not local, counted from
+    /// when the kernel's request arrived; then it fails with `EIO`. Reads
+    /// that need the network wait on a pool of their own, never on a FUSE
+    /// thread, so metadata and local reads are served meanwhile.
+    pub read_budget: Duration,
+    /// Bytes of chunk data fetched or being decoded at once (reads,
+    /// readahead and prefetch together).
+    pub in_flight_bytes: u64,
 }
 
 impl MountOptions {
-    /// Defaults: 8 threads, 64 MiB of cache, 1 MiB readahead, nodev, nosuid.
+    /// Defaults: 8 threads, a 4 MiB memory cache, 8 MiB in flight, a 30 s
+    /// read budget, 1 MiB readahead, nodev, nosuid.
     pub fn new(mountpoint: impl Into<PathBuf>) -> MountOptions {
         MountOptions {
             mountpoint: mountpoint.into(),
             threads: 8,
-            cache_bytes: 64 << 20,
+            cache_bytes: crate::fetch::DEFAULT_MEMORY_CACHE,
             allow_other: false,
             dev: false,
             suid: false,
@@ -97,14 +109,16 @@ impl MountOptions {
             readahead_kb: 1024,
             fetch_window: DEFAULT_FETCH_WINDOW,
             disk_cache: None,
-            max_request_bytes: crate::cache::DEFAULT_MAX_REQUEST,
-            fetch_parallel: crate::cache::DEFAULT_MAX_PARALLEL,
+            max_request_bytes: crate::fetch::DEFAULT_MAX_REQUEST,
+            fetch_parallel: crate::fetch::DEFAULT_MAX_PARALLEL,
             chunk_readahead: DEFAULT_CHUNK_READAHEAD,
             readahead_threads: 2,
             prefetch: PrefetchMode::List,
             prefetch_threads: 2,
             record_access: None,
             metrics_socket: None,
+            read_budget: crate::fs::DEFAULT_READ_BUDGET,
+            in_flight_bytes: crate::fetch::DEFAULT_IN_FLIGHT,
         }
     }
 }
@@ -115,6 +129,12 @@ pub const DEFAULT_FETCH_WINDOW: u64 = 256 << 10;
 
 /// Default [`MountOptions::chunk_readahead`]: 4 MiB ahead of a sequential reader.
 pub const DEFAULT_CHUNK_READAHEAD: u64 = 4 << 20;
+
+/// Reads queued for the read pool beyond those it is fetching: the
+/// kernel's background reads (`MAX_BACKGROUND` in [`crate::fs`]) plus as
+/// many synchronous ones. A job is a `ReplyData` and a few chunk records;
+/// a read that finds the queue full waits on its FUSE thread instead.
+const READ_QUEUE: usize = 128;
 
 /// How often the access list is written while mounted.
 const ACCESS_LOG_EVERY: Duration = Duration::from_secs(5);
@@ -136,6 +156,7 @@ pub struct Daemon {
     source: Arc<ChunkSource>,
     ready_in: Duration,
     readahead: Option<Arc<Readahead>>,
+    read_pool: Arc<Pool>,
     access: Option<Arc<AccessLog>>,
     prefetch_stop: Arc<AtomicBool>,
     prefetch: Option<std::thread::JoinHandle<()>>,
@@ -210,6 +231,7 @@ impl Daemon {
                 memory_bytes: opts.cache_bytes,
                 max_request_bytes: opts.max_request_bytes.max(1),
                 max_parallel: opts.fetch_parallel.max(1),
+                in_flight_bytes: opts.in_flight_bytes,
                 ..SourceOptions::default()
             },
             metrics,
@@ -228,9 +250,13 @@ impl Daemon {
             Some(path) => Some(start_metrics(path, &source)?),
             None => None,
         };
+        // As many reads wait on the network at once as there are FUSE
+        // threads; READ_QUEUE more wait for one of them.
+        let read_pool = Arc::new(Pool::new("skiff-read", opts.threads.max(1), READ_QUEUE));
         let (alive, fs_gone) = std::sync::mpsc::channel();
         let fs = SkiffFs::new(image.clone(), source.clone())
             .with_fetch_window(opts.fetch_window)
+            .with_read_pool(Some(read_pool.clone()), opts.read_budget)
             .with_readahead(readahead.clone())
             .with_access_log(access.clone())
             .with_drop_signal(alive);
@@ -282,6 +308,7 @@ impl Daemon {
             source,
             ready_in,
             readahead,
+            read_pool,
             access,
             prefetch_stop,
             prefetch,
@@ -330,7 +357,7 @@ impl Daemon {
     /// Writes the access list now (if recording and it changed).
     pub fn write_access_list(&self) {
         if let Some(log) = &self.access {
-            if let Err(e) = log.write(self.image.bootstrap()) {
+            if let Err(e) = log.write(&self.image) {
                 tracing::warn!("writing the access list: {e}");
             }
         }
@@ -445,6 +472,8 @@ impl Daemon {
         if let Some(p) = self.prefetch.take() {
             let _ = p.join();
         }
+        // The session is over: queued reads reply to nobody.
+        self.read_pool.shutdown();
         if let Some(ra) = self.readahead.take() {
             ra.shutdown();
         }

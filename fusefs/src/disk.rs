@@ -78,8 +78,12 @@ pub const TEMP_PREFIX: &str = ".tmp-";
 pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 /// Eviction frees down to this fraction (in percent) of the bound.
 const LOW_WATER_PERCENT: u64 = 90;
-/// Chunks waiting for the writer thread.
-const WRITE_QUEUE: usize = 64;
+/// Chunks waiting for the writer thread. Each holds its stored bytes, so
+/// this bounds the queue's memory at 16 stored chunks (8 MiB at worst with
+/// the converter's default chunking, whose largest chunk is 512 KiB; about
+/// 1 MiB with its 128 KiB average, before compression); a reader that finds
+/// it full waits for one write, which is local.
+const WRITE_QUEUE: usize = 16;
 /// Index shards.
 const SHARDS: usize = 64;
 /// Ticks handed out live start here; scanned files rank below.

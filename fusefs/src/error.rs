@@ -66,6 +66,11 @@ pub enum FsError {
     /// The bootstrap is corrupt where this operation looked (`EIO`).
     #[error("bootstrap: {0}")]
     Format(#[from] FormatError),
+    /// The read's budget was spent before its chunks could be fetched
+    /// (`EIO`: the reader is told the data is unavailable, as for a failed
+    /// fetch).
+    #[error("the read's time budget was spent waiting to fetch")]
+    TimedOut,
     /// A chunk could not be fetched or failed verification (`EIO`).
     #[error("chunk {index}: {source}")]
     Chunk {
@@ -92,7 +97,7 @@ impl FsError {
             FsError::NoSuchOffset => libc::ENXIO,
             FsError::Format(FormatError::NotADirectory(_)) => libc::ENOTDIR,
             FsError::Format(FormatError::NotASymlink(_)) => libc::EINVAL,
-            FsError::Format(_) | FsError::Chunk { .. } => libc::EIO,
+            FsError::Format(_) | FsError::TimedOut | FsError::Chunk { .. } => libc::EIO,
         }
     }
 

@@ -19,13 +19,27 @@
 //! do not exist. `SEEK_DATA`/`SEEK_HOLE` follow the chunk map; `ioctl` is
 //! `ENOTTY`, as for any regular file.
 //!
+//! Reads never wait on the network on a FUSE thread. [`SkiffFs::read`]
+//! plans the read from the bootstrap and answers it at once when every
+//! chunk is in memory or on disk ([`ChunkSource::get_local`]); otherwise
+//! it hands the plan and its `ReplyData` (fuser replies are `Send`) to the
+//! read pool, with a deadline: the request's arrival plus the mount's read
+//! budget. A pool thread fetches (within the deadline, see
+//! [`crate::fetch`]) and replies; a job whose deadline passed while it was
+//! queued fails with `EIO` at once. So a stalled registry holds pool
+//! threads, never the threads that answer LOOKUP, GETATTR, READDIR and
+//! reads of local data. The pool holds at most its threads' worth of reads
+//! in progress and `READ_QUEUE` (see [`crate::daemon`]) waiting; a read
+//! that finds the queue full is fetched on its FUSE thread, still within
+//! its deadline.
+//!
 //! Directory offsets are entry positions: 0 is `.`, 1 is `..`, and `i + 2` the
 //! `i`-th stored entry, so resuming a `readdir` is an index, not a scan.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
@@ -37,11 +51,13 @@ use fuser::{
 use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
 
 use crate::background::{AccessLog, Readahead};
-use crate::cache::ChunkSource;
+use crate::cache::ChunkData;
 use crate::chunk::ChunkRequest;
 use crate::error::FsError;
 use crate::image::Image;
 use crate::metrics::Metrics;
+use crate::source::ChunkSource;
+use crate::workers::Pool;
 
 /// How long the kernel may cache entries and attributes: the image is
 /// immutable, so only memory pressure should evict them.
@@ -52,6 +68,16 @@ const BLOCK_SIZE: u32 = 4096;
 const NAME_MAX: usize = 255;
 /// Background requests (readahead, async reads) the kernel may queue.
 const MAX_BACKGROUND: u16 = 64;
+/// Default [`SkiffFs::with_read_pool`] budget: how long a reader may be
+/// made to wait for chunks that are not local, counted from when its
+/// request arrived. A container's reader would rather get `EIO` within
+/// seconds than hang for minutes (what the registry client's own 120 s
+/// deadline gives): 30 s rides out a registry restart, a pod network
+/// hiccup or a few slow attempts (with the default backoff, 4 attempts fit),
+/// and is still below the timeouts of health checks and of most clients
+/// that would otherwise give up on their own, leaving a reader stuck in
+/// the kernel (uninterruptible) meanwhile.
+pub const DEFAULT_READ_BUDGET: Duration = Duration::from_secs(30);
 
 type Result<T, E = FsError> = std::result::Result<T, E>;
 
@@ -66,6 +92,10 @@ pub struct SkiffFs {
     readahead: Option<Arc<Readahead>>,
     /// Records the files read, for a prefetch list.
     access: Option<Arc<AccessLog>>,
+    /// Takes reads that need the network off the FUSE threads.
+    read_pool: Option<Arc<Pool>>,
+    /// How long a read may wait for the network, from its arrival.
+    read_budget: Duration,
     /// Dropped with the filesystem, which tells the daemon the FUSE session
     /// is over (the session drops the filesystem when its threads end).
     _alive: Option<std::sync::mpsc::Sender<()>>,
@@ -82,6 +112,8 @@ impl SkiffFs {
             fetch_window: 0,
             readahead: None,
             access: None,
+            read_pool: None,
+            read_budget: DEFAULT_READ_BUDGET,
             _alive: None,
         }
     }
@@ -89,6 +121,15 @@ impl SkiffFs {
     /// Reads ahead for sequential readers.
     pub(crate) fn with_readahead(mut self, readahead: Option<Arc<Readahead>>) -> SkiffFs {
         self.readahead = readahead;
+        self
+    }
+
+    /// Hands reads that need the network to `pool` (without one they wait
+    /// on the FUSE thread), each failing with `EIO` once `budget` has
+    /// passed since its request arrived.
+    pub(crate) fn with_read_pool(mut self, pool: Option<Arc<Pool>>, budget: Duration) -> SkiffFs {
+        self.read_pool = pool;
+        self.read_budget = budget;
         self
     }
 
@@ -245,7 +286,10 @@ impl SkiffFs {
         Ok(self.b().symlink_target(id)?)
     }
 
-    fn do_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// A read, on the FUSE thread: everything that needs only the
+    /// bootstrap, then the data if every chunk is local (memory or disk);
+    /// otherwise the plan, for the read pool to fetch.
+    fn do_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<ReadStep> {
         Metrics::add(&self.metrics.reads, 1);
         let (id, inode) = self.checked_inode(ino)?;
         match inode.kind()? {
@@ -255,17 +299,16 @@ impl SkiffFs {
         }
         let file_size = inode.size();
         if offset >= file_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadStep::Done(Vec::new()));
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
-        let len = end - offset;
         if let Some(log) = &self.access {
             log.record(id);
         }
         if let Some(ra) = &self.readahead {
             ra.on_read(&self.image, &self.source, id, offset, end, file_size);
         }
-        let records = self.b().chunks_in_range(id, offset, len)?;
+        let records = self.b().chunks_in_range(id, offset, end - offset)?;
         let mut reqs = Vec::with_capacity(records.len());
         let mut starts = Vec::with_capacity(records.len());
         for fc in records {
@@ -278,54 +321,52 @@ impl SkiffFs {
             });
             starts.push(fc.file_offset());
         }
-        let ahead = match (reqs.first(), reqs.last()) {
+        let plan = ReadPlan {
+            id,
+            offset,
+            end,
+            reqs,
+            starts,
+        };
+        if let Some(datas) = self.source.get_local(&plan.reqs) {
+            let out = plan.assemble(&datas)?;
+            Metrics::add(&self.metrics.bytes_read, out.len() as u64);
+            return Ok(ReadStep::Done(out));
+        }
+        Ok(ReadStep::Fetch(plan))
+    }
+
+    /// Answers a read that needs the network from the read pool (or here,
+    /// when there is none or its queue is full), by `deadline`.
+    fn fetch_later(&self, plan: ReadPlan, deadline: Instant, reply: ReplyData) {
+        let ahead = match (plan.reqs.first(), plan.reqs.last()) {
             (Some(first), Some(last)) if self.fetch_window > 0 => {
                 self.chunks_ahead(last, first.info.compressed_offset)
             }
             _ => Vec::new(),
         };
-        let datas = self
-            .source
-            .get_with_read_ahead(&reqs, &ahead, self.fetch_window.max(1 << 20))
-            .map_err(|(i, source)| {
-                let req = &reqs[i];
-                tracing::error!(
-                    chunk = req.index,
-                    digest = %req.info.digest,
-                    blob = %req.blob,
-                    blob_offset = req.info.compressed_offset,
-                    ino = u64::from(id.0) + 1,
-                    path = %path_of(self.b(), id),
-                    file_offset = starts[i],
-                    "chunk {} ({}) of blob {} unusable: {source}",
-                    req.index,
-                    req.info.digest,
-                    req.blob
-                );
-                FsError::Chunk {
-                    index: req.index,
-                    source,
+        let job = ReadJob {
+            image: self.image.clone(),
+            source: self.source.clone(),
+            max_request: self.fetch_window.max(1 << 20),
+            plan,
+            ahead,
+            deadline,
+        };
+        let run: Box<dyn FnOnce() + Send> = Box::new(move || job.run(reply));
+        match &self.read_pool {
+            Some(pool) => {
+                if let Err(run) = pool.try_submit(run) {
+                    // The queue is full (READ_QUEUE reads already wait):
+                    // this FUSE thread waits instead, still bounded by the
+                    // deadline, rather than failing a read that may well
+                    // succeed.
+                    tracing::debug!("read pool queue full: reading on the FUSE thread");
+                    run();
                 }
-            })?;
-        // Holes (bytes no chunk covers) stay zero.
-        let mut out = vec![0u8; len as usize];
-        for (start, data) in starts.iter().copied().zip(&datas) {
-            let chunk_end = start.saturating_add(data.len() as u64);
-            let from = start.max(offset);
-            let to = chunk_end.min(end);
-            if from >= to {
-                continue;
             }
-            let src = data
-                .get((from - start) as usize..(to - start) as usize)
-                .ok_or(FsError::Invalid)?;
-            let dst = out
-                .get_mut((from - offset) as usize..(to - offset) as usize)
-                .ok_or(FsError::Invalid)?;
-            dst.copy_from_slice(src);
+            None => run(),
         }
-        Metrics::add(&self.metrics.bytes_read, len);
-        Ok(out)
     }
 
     /// The `index`-th entry of a directory listing: `.`, `..`, then the stored ones.
@@ -470,27 +511,119 @@ impl SkiffFs {
     }
 }
 
-/// A best-effort path of an inode for log messages and access lists: the
-/// first name of each ancestor, found by scanning its parent (only on error
-/// paths and when an access list is written).
-pub(crate) fn path_of(b: &Bootstrap<'_>, id: InodeId) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = id;
-    for _ in 0..4096 {
-        if cur == b.root() {
-            break;
+/// What [`SkiffFs::do_read`] did on the FUSE thread.
+enum ReadStep {
+    /// The reply's data.
+    Done(Vec<u8>),
+    /// Chunks to fetch first.
+    Fetch(ReadPlan),
+}
+
+/// The chunks of one FUSE read and where they go in its reply.
+struct ReadPlan {
+    id: InodeId,
+    offset: u64,
+    end: u64,
+    reqs: Vec<ChunkRequest>,
+    /// File offset of each chunk of `reqs`.
+    starts: Vec<u64>,
+}
+
+impl ReadPlan {
+    /// The reply: the overlapping part of each chunk; holes (bytes no
+    /// chunk covers) stay zero.
+    fn assemble(&self, datas: &[ChunkData]) -> Result<Vec<u8>> {
+        let (offset, end) = (self.offset, self.end);
+        let mut out = vec![0u8; (end - offset) as usize];
+        for (start, data) in self.starts.iter().copied().zip(datas) {
+            let chunk_end = start.saturating_add(data.len() as u64);
+            let from = start.max(offset);
+            let to = chunk_end.min(end);
+            if from >= to {
+                continue;
+            }
+            let src = data
+                .get((from - start) as usize..(to - start) as usize)
+                .ok_or(FsError::Invalid)?;
+            let dst = out
+                .get_mut((from - offset) as usize..(to - offset) as usize)
+                .ok_or(FsError::Invalid)?;
+            dst.copy_from_slice(src);
         }
-        let Ok(inode) = b.inode(cur) else { break };
-        let parent = inode.parent();
-        let name = (0..b.dir_len(parent).unwrap_or(0))
-            .filter_map(|i| b.dir_entry(parent, i).ok())
-            .find(|e| e.inode == cur)
-            .map(|e| String::from_utf8_lossy(e.name).into_owned());
-        parts.push(name.unwrap_or_else(|| format!("<inode {}>", cur.0)));
-        cur = parent;
+        Ok(out)
     }
-    parts.reverse();
-    format!("/{}", parts.join("/"))
+}
+
+/// A read handed to the read pool: fetches its chunks by its deadline and
+/// replies. Owns what it needs (the reply is `Send`), so the FUSE thread
+/// that made it is free at once.
+struct ReadJob {
+    image: Arc<Image>,
+    source: Arc<ChunkSource>,
+    max_request: u64,
+    plan: ReadPlan,
+    ahead: Vec<ChunkRequest>,
+    deadline: Instant,
+}
+
+impl ReadJob {
+    fn run(self, reply: ReplyData) {
+        let metrics = self.source.metrics().clone();
+        match self.fetch() {
+            Ok(data) => {
+                Metrics::add(&metrics.bytes_read, data.len() as u64);
+                reply.data(&data);
+            }
+            Err(e) => {
+                Metrics::add(&metrics.read_errors, 1);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn fetch(&self) -> Result<Vec<u8>> {
+        let plan = &self.plan;
+        let ino = u64::from(plan.id.0) + 1;
+        if Instant::now() >= self.deadline {
+            // Waited in the queue for all of its budget.
+            tracing::error!(
+                ino,
+                path = %self.image.path_of(plan.id),
+                "read at offset {} failed: its budget was spent before a fetch could start",
+                plan.offset
+            );
+            return Err(FsError::TimedOut);
+        }
+        let datas = self
+            .source
+            .get_with_read_ahead(
+                &plan.reqs,
+                &self.ahead,
+                self.max_request,
+                Some(self.deadline),
+            )
+            .map_err(|(i, source)| {
+                let req = &plan.reqs[i];
+                tracing::error!(
+                    chunk = req.index,
+                    digest = %req.info.digest,
+                    blob = %req.blob,
+                    blob_offset = req.info.compressed_offset,
+                    ino,
+                    path = %self.image.path_of(plan.id),
+                    file_offset = plan.starts[i],
+                    "chunk {} ({}) of blob {} unusable: {source}",
+                    req.index,
+                    req.info.digest,
+                    req.blob
+                );
+                FsError::Chunk {
+                    index: req.index,
+                    source,
+                }
+            })?;
+        plan.assemble(&datas)
+    }
 }
 
 /// The attributes of a negative entry: inode 0 means "no such name".
@@ -639,8 +772,11 @@ impl Filesystem for SkiffFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // The budget counts from here: time spent queued counts.
+        let arrived = Instant::now();
         match self.do_read(ino, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(ReadStep::Done(data)) => reply.data(&data),
+            Ok(ReadStep::Fetch(plan)) => self.fetch_later(plan, arrived + self.read_budget, reply),
             Err(e) => {
                 Metrics::add(&self.metrics.read_errors, 1);
                 reply.error(errno(&e))

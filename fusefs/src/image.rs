@@ -78,6 +78,30 @@ impl Image {
         }
     }
 
+    /// A best-effort path of an inode for log messages and access lists: the
+    /// first name of each ancestor, found by scanning its parent (only on error
+    /// paths and when an access list is written).
+    pub fn path_of(&self, id: InodeId) -> String {
+        let b = self.bootstrap();
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur = id;
+        for _ in 0..4096 {
+            if cur == b.root() {
+                break;
+            }
+            let Ok(inode) = b.inode(cur) else { break };
+            let parent = inode.parent();
+            let name = (0..b.dir_len(parent).unwrap_or(0))
+                .filter_map(|i| b.dir_entry(parent, i).ok())
+                .find(|e| e.inode == cur)
+                .map(|e| String::from_utf8_lossy(e.name).into_owned());
+            parts.push(name.unwrap_or_else(|| format!("<inode {}>", cur.0)));
+            cur = parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
     /// The parsed bootstrap.
     pub fn bootstrap(&self) -> &Bootstrap<'_> {
         self.cell.borrow_dependent()

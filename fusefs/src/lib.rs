@@ -2,29 +2,46 @@
 //!
 //! Layers, bottom up. The *backend* ([`Backend`]) is a
 //! [`skiff_registry::BlobStore`]: `LocalBlobStore` for a layout on disk,
-//! `RegistryBlobStore` for HTTP Range requests (it retries inside), with
-//! the store's own counters when it has any. The *source* ([`ChunkSource`])
-//! turns blob ranges into verified chunk data: a memory cache of
-//! decompressed chunks bounded by bytes, a [`DiskCache`] of stored
+//! `RegistryBlobStore` for HTTP Range requests (it retries inside, within a
+//! deadline its caller may shorten), with the store's own counters when it
+//! has any. The *source* ([`ChunkSource`]) turns blob ranges into verified
+//! chunk data: a small memory cache of decompressed chunks that is also
+//! the single-flight point ([`cache`]), a [`DiskCache`] of stored
 //! (compressed) chunks shared by all images of a node, and below them a
-//! fetch path that merges adjacent missing chunks into few range requests
-//! and runs independent ones in parallel; concurrent misses on one chunk do
-//! the work once. Every chunk is verified (SHA-256 of the decoded data)
-//! before it is served or cached, and again when read back from disk. The
-//! *filesystem* ([`SkiffFs`]) answers the kernel from the bootstrap, read
-//! in place, and from the source.
+//! fetch path ([`fetch`]) that merges adjacent missing chunks into few
+//! range requests, runs independent ones in parallel and holds at most a
+//! fixed budget of bytes in flight ([`ByteBudget`]). Every chunk is
+//! verified (SHA-256 of the decoded data) before it is served or cached,
+//! and again when read back from disk. The *filesystem* ([`SkiffFs`])
+//! answers the kernel from the bootstrap, read in place, and from the
+//! source.
 //!
-//! The read path: `read(ino, offset, size)` clamps the range at the end of
-//! the file, asks the bootstrap for the chunks that overlap it, takes them
-//! from memory, then disk, then the network (see [`cache`]), copies the
-//! overlapping parts out and leaves holes as zeros. A chunk that cannot be
-//! fetched or verified makes that read fail with `EIO` and a log line naming
-//! the chunk, its digest, its blob and the file; other files are unaffected.
+//! The read path, top to bottom:
+//! 1. [`fs`]: `read(ino, offset, size)` clamps the range at the end of the
+//!    file and asks the bootstrap for the chunks that overlap it (on the
+//!    FUSE thread; no I/O).
+//! 2. [`source`]: if every chunk is in memory or on disk
+//!    ([`ChunkSource::get_local`]), the reply is assembled and sent on the
+//!    FUSE thread. Otherwise the read, its `ReplyData` and a deadline (its
+//!    arrival plus the mount's read budget) go to the read pool
+//!    ([`workers`]) and the FUSE thread returns at once: a stalled registry
+//!    never holds the threads that answer metadata and local reads.
+//! 3. [`cache`]: on a pool thread, each chunk is looked up in memory; a
+//!    miss owns the chunk's load, a chunk that another reader is loading is
+//!    waited for until the deadline.
+//! 4. [`fetch`]: owned chunks come from the disk cache, else from the
+//!    network (coalesced runs, within the in-flight budget and the
+//!    deadline), are verified, handed to their waiters and queued for the
+//!    disk cache.
+//! 5. [`fs`] again: the overlapping parts are copied out, holes are zeros.
 //!
-//! Off the read path (see [`background`]): chunk readahead for sequential
-//! readers, prefetch of the image's PREFETCH list after mounting, recording
-//! of the files a workload reads (to make such a list), and metrics on a
-//! unix socket ([`metrics`]).
+//! A chunk that cannot be fetched or verified by the deadline makes that
+//! read fail with `EIO` and a log line naming the chunk, its digest, its
+//! blob and the file; other files are unaffected.
+//!
+//! Beside the read path: chunk readahead for sequential readers and access
+//! recording ([`background`]), prefetch of the image's PREFETCH list after
+//! mounting ([`prefetch`]), and metrics on a unix socket ([`metrics`]).
 //!
 //! Failover (see [`keeper`]): as root the FUSE connection is held by a
 //! keeper process and served by a worker; a worker that dies is replaced
@@ -34,23 +51,36 @@
 //! Mount time does not grow with the image: the bootstrap is checksummed and
 //! served, nothing walks the tree and no data is read at mount.
 //!
+//! Memory is bounded by design: the memory cache (`cache_bytes`, 4 MiB by
+//! default), the bytes in flight (`in_flight_bytes`, 8 MiB), the disk
+//! cache's write queue (16 stored chunks), the queues of the pools (jobs of
+//! a few hundred bytes). Everything else a mount holds is its bootstrap.
+//!
 //! # Layout
-//! - [`chunk`]: [`ChunkRequest`], the [`Backend`] seam and request planning
-//!   ([`plan_runs`]: coalescing of adjacent chunks).
-//! - [`cache`]: [`ChunkSource`]: memory cache, disk lookups, coalesced
-//!   parallel fetches, verification, single flight.
-//! - [`disk`]: [`DiskCache`]: stored chunks on disk, crash-safe, LRU-bounded,
-//!   shareable between daemons; `skiff cache` helpers.
-//! - [`background`]: readahead, prefetch, access recording.
-//! - [`image`]: [`Image`], the bootstrap bytes and their parsed view in one cell.
-//! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`).
-//! - [`daemon`]: mounting, mountpoint checks, signals, unmounting ([`Daemon`]).
+//! Modules depend on those listed before them, never the other way.
 //! - [`error`]: [`FsError`] and its errno mapping, [`ChunkError`], [`DaemonError`].
 //! - [`metrics`]: counters of the read path ([`Metrics`]), Prometheus text
 //!   and the socket that serves it.
+//! - [`workers`]: the long-lived pools, scoped parallel runs and the
+//!   in-flight [`ByteBudget`].
+//! - [`image`]: [`Image`], the bootstrap bytes and their parsed view in one
+//!   cell, per-inode checks, paths for messages.
+//! - [`chunk`]: [`ChunkRequest`], the [`Backend`] seam, the chunks of a file
+//!   range and request planning ([`plan_runs`]: coalescing of adjacent chunks).
+//! - [`disk`]: [`DiskCache`]: stored chunks on disk, crash-safe, LRU-bounded,
+//!   shareable between daemons; `skiff cache` helpers.
+//! - [`cache`]: [`MemoryCache`]: decoded chunks in memory, single flight.
+//! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
+//!   budget, decode, verification, one refetch.
+//! - [`source`]: [`ChunkSource`]: memory, then the fetcher; local-only reads.
+//! - [`background`]: readahead, access recording.
+//! - [`prefetch`]: the PREFETCH list after mounting.
+//! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
+//!   the hand-off of reads to the read pool.
 //! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
 //!   fuser's own mount, or a keeper's descriptor, mounted fresh or taken
 //!   over live.
+//! - [`daemon`]: mounting, mountpoint checks, signals, unmounting ([`Daemon`]).
 //! - [`keeper`]: the process that holds a mount's connection across the
 //!   death or upgrade of the one serving it.
 
@@ -60,18 +90,25 @@ pub mod chunk;
 pub mod daemon;
 pub mod disk;
 pub mod error;
+pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod keeper;
 pub mod metrics;
+pub mod prefetch;
 pub mod session;
+pub mod source;
+pub mod workers;
 
-pub use background::PrefetchMode;
-pub use cache::{ChunkData, ChunkSource, SourceOptions};
-pub use chunk::{plan_runs, Backend, ChunkRequest, Run};
+pub use cache::{ChunkData, MemoryCache};
+pub use chunk::{file_chunk_requests, plan_runs, Backend, ChunkRequest, Run};
 pub use daemon::{check_mountpoint, mount, Daemon, MountOptions, Stopped};
 pub use disk::{DiskCache, DiskStats};
 pub use error::{ChunkError, DaemonError, FsError};
+pub use fetch::SourceOptions;
 pub use fs::SkiffFs;
 pub use image::{BootstrapBytes, Image};
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use prefetch::PrefetchMode;
+pub use source::ChunkSource;
+pub use workers::ByteBudget;

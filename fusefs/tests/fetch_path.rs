@@ -354,9 +354,13 @@ fn a_sequential_read_is_a_few_merged_requests() {
     // With the fetch window (read-ahead in the blob), one request can cover
     // the file: ceil(4 MiB / bound).
     let store = Faulty::new(img.layout.path());
+    // No disk cache here: what is fetched ahead waits for its reader in
+    // the memory cache, which must hold the window (the default, 4 MiB,
+    // is for mounts with a disk cache).
     let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
         o.max_request_bytes = 4 << 20;
         o.fetch_window = 4 << 20;
+        o.cache_bytes = 64 << 20;
     });
     read_all(&m, &img);
     drop(m);
@@ -366,6 +370,7 @@ fn a_sequential_read_is_a_few_merged_requests() {
     let store = Faulty::new(img.layout.path());
     let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
         o.chunk_readahead = 4 << 20;
+        o.cache_bytes = 64 << 20;
     });
     read_all(&m, &img);
     let metrics = m.finish();

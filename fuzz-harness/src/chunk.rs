@@ -21,7 +21,9 @@ use std::io::Read;
 use std::sync::Arc;
 
 use skiff_format::{decode_chunk, ChunkInfo, Digest, MAX_CHUNK_SIZE};
-use skiff_fusefs::cache::{DEFAULT_MAX_REQUEST, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
+use skiff_fusefs::fetch::{
+    DEFAULT_IN_FLIGHT, DEFAULT_MAX_REQUEST, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST,
+};
 use skiff_fusefs::{plan_runs, Backend, ChunkRequest, ChunkSource, Metrics, SourceOptions};
 use skiff_registry::LocalBlobStore;
 
@@ -254,6 +256,7 @@ fn serve(blob: &[u8], reqs: &[ChunkRequest]) -> Result<(), String> {
             max_request_bytes: DEFAULT_MAX_REQUEST,
             max_parallel: 1,
             decode_threads: 1,
+            in_flight_bytes: DEFAULT_IN_FLIGHT,
         },
         Arc::new(Metrics::default()),
     );

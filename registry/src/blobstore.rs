@@ -11,6 +11,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use skiff_format::Digest;
 
@@ -28,6 +29,22 @@ pub trait BlobStore: Send + Sync {
     /// Reads exactly `len` bytes at `offset` of blob `digest`.
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError>;
 
+    /// [`read_range`](Self::read_range) for a caller that must have an
+    /// answer by `deadline` (a FUSE read: its reader would rather get an
+    /// error than wait): a store that waits on the network gives up by
+    /// then, retries and per-attempt timeouts included. The default is
+    /// `read_range`, for stores that never wait long (local files).
+    fn read_range_until(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let _ = deadline;
+        self.read_range(digest, offset, len)
+    }
+
     /// The size of blob `digest`.
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError>;
 }
@@ -35,6 +52,16 @@ pub trait BlobStore: Send + Sync {
 impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
         (**self).read_range(digest, offset, len)
+    }
+
+    fn read_range_until(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RegistryError> {
+        (**self).read_range_until(digest, offset, len, deadline)
     }
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {

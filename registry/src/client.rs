@@ -659,11 +659,27 @@ impl RegistryClient {
         ep: &Endpoint,
         what: &str,
         max_attempts: u32,
+        op: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        self.retrying_until(ep, what, max_attempts, None, op)
+    }
+
+    /// [`retrying`](Self::retrying), also giving up at `until` when it
+    /// comes before the client's own deadline: a caller that has promised
+    /// an answer by then (a FUSE read) must not wait for the full budget.
+    /// `op` bounds each attempt itself (see [`attempt_timeout`](Self::attempt_timeout)).
+    pub(crate) fn retrying_until<T>(
+        &self,
+        ep: &Endpoint,
+        what: &str,
+        max_attempts: u32,
+        until: Option<Instant>,
         mut op: impl FnMut() -> Result<T, Failure>,
     ) -> Result<T, RegistryError> {
         let policy = &self.inner.retry;
         let max = max_attempts.clamp(1, policy.max_attempts.max(1));
-        let deadline = Instant::now() + Duration::from_millis(policy.deadline_ms);
+        let own = Instant::now() + Duration::from_millis(policy.deadline_ms);
+        let deadline = until.map_or(own, |u| u.min(own));
         let mut attempt = 1;
         loop {
             let f = match op() {
@@ -699,8 +715,10 @@ impl RegistryClient {
             };
             if Instant::now() + wait > deadline {
                 return Err(give_up(format!(
-                    " (the {} ms deadline does not allow waiting {} ms more)",
-                    policy.deadline_ms,
+                    " (the deadline, {} ms from now, does not allow waiting {} ms more)",
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis(),
                     wait.as_millis()
                 )));
             }
@@ -722,16 +740,40 @@ impl RegistryClient {
     pub(crate) fn pull<T>(
         &self,
         what: &str,
+        op: impl FnMut(&Endpoint) -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        self.pull_until(what, None, op)
+    }
+
+    /// [`pull`](Self::pull), every source within one deadline `until`.
+    pub(crate) fn pull_until<T>(
+        &self,
+        what: &str,
+        until: Option<Instant>,
         mut op: impl FnMut(&Endpoint) -> Result<T, Failure>,
     ) -> Result<T, RegistryError> {
         for m in &self.inner.mirrors {
-            match self.retrying(m, what, MIRROR_ATTEMPTS, || op(m)) {
+            match self.retrying_until(m, what, MIRROR_ATTEMPTS, until, || op(m)) {
                 Ok(v) => return Ok(v),
                 Err(e) => tracing::warn!("mirror {}: {what}: {e}; trying the next source", m.name),
             }
         }
         let origin = &self.inner.origin;
-        self.retrying(origin, what, u32::MAX, || op(origin))
+        self.retrying_until(origin, what, u32::MAX, until, || op(origin))
+    }
+
+    /// The timeout of one attempt that must end by `until`: the client's
+    /// read timeout, or less when the deadline is nearer. `None` when the
+    /// deadline has passed (the attempt is not worth making).
+    pub(crate) fn attempt_timeout(&self, until: Option<Instant>) -> Option<Duration> {
+        let read = self.inner.read_timeout;
+        match until {
+            None => Some(read),
+            Some(u) => {
+                let left = u.saturating_duration_since(Instant::now());
+                (!left.is_zero()).then(|| left.min(read))
+            }
+        }
     }
 
     /// Counts a final error.

@@ -13,7 +13,7 @@
 //!   chunk it holds (the FUSE layer does, before serving or caching).
 
 use std::io::{self, Read};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use oci_spec::image::{Descriptor, ImageIndex};
 use reqwest::blocking::Response;
@@ -353,10 +353,25 @@ impl RegistryClient {
         len: Option<u64>,
         what: &str,
     ) -> Result<BlobResponse, Failure> {
+        self.blob_get_timeout(ep, digest, offset, len, what, None)
+    }
+
+    /// [`blob_get`](Self::blob_get) with a timeout of its own for the
+    /// whole request (`None`: the client's).
+    fn blob_get_timeout(
+        &self,
+        ep: &Endpoint,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+        what: &str,
+        timeout: Option<Duration>,
+    ) -> Result<BlobResponse, Failure> {
         let url = self
             .url(ep, &format!("blobs/{digest}"))
             .map_err(Failure::fatal)?;
         let mut call = Call::new(Method::GET, url, self.pull_scope(), what);
+        call.timeout = timeout;
         let wants_range = offset > 0 || len.is_some();
         if wants_range {
             let range = match len {
@@ -451,6 +466,19 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
+        self.read_blob_range_until(digest, offset, len, None)
+    }
+
+    /// [`read_blob_range`](Self::read_blob_range), giving up at `until`:
+    /// no attempt starts after it, each attempt's timeout ends by it, and
+    /// no backoff waits past it.
+    pub fn read_blob_range_until(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        until: Option<Instant>,
+    ) -> Result<Vec<u8>, RegistryError> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -459,8 +487,17 @@ impl RegistryClient {
         let want = usize::try_from(len).map_err(|_| {
             RegistryError::Invalid(format!("blob {digest}: range length {len} too large"))
         })?;
-        let r = self.pull(&what, |ep| {
-            let resp = self.blob_get(ep, digest, offset, Some(len), &what)?;
+        let r = self.pull_until(&what, until, |ep| {
+            let Some(timeout) = self.attempt_timeout(until) else {
+                return Err(Failure::fatal(RegistryError::Network {
+                    registry: ep.name.clone(),
+                    what: what.clone(),
+                    attempts: 0,
+                    detail: "the caller's deadline has passed".to_owned(),
+                }));
+            };
+            let resp =
+                self.blob_get_timeout(ep, digest, offset, Some(len), &what, Some(timeout))?;
             let mut out = Vec::with_capacity(want);
             let res = resp.response.take(len).read_to_end(&mut out);
             self.counters().bytes(out.len() as u64);

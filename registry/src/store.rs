@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use skiff_format::Digest;
 
@@ -151,6 +152,18 @@ impl BlobStore for RegistryBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
         self.check(digest, offset, len)?;
         self.client.read_blob_range(digest, offset, len)
+    }
+
+    fn read_range_until(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RegistryError> {
+        self.check(digest, offset, len)?;
+        self.client
+            .read_blob_range_until(digest, offset, len, Some(deadline))
     }
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {

@@ -9,7 +9,8 @@
 //!
 //! [mount]                                 # the per-image FUSE daemons
 //! threads = 8
-//! cache_mb = 256                          # memory cache of decompressed chunks
+//! cache_mb = 4                            # memory cache of decompressed chunks
+//! read_budget_secs = 30                   # a read waits this long for the network, then EIO
 //! readahead_kb = 1024
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
@@ -62,8 +63,15 @@ pub struct Config {
 pub struct MountConfig {
     /// FUSE worker threads per daemon.
     pub threads: usize,
-    /// Memory cache of decompressed chunks per daemon, in MiB.
+    /// Memory cache of decompressed chunks per daemon, in MiB: small, since
+    /// the page cache and the disk cache hold the data (`skiff mount
+    /// --cache-mb`).
     pub cache_mb: u64,
+    /// How long a container's read may wait for chunks that are not on the
+    /// node, retries included, before it fails with `EIO` (`skiff mount
+    /// --read-budget-secs`). A container would rather see an error in
+    /// seconds than hang in the kernel for minutes.
+    pub read_budget_secs: u64,
     /// Readahead of each mount in KiB.
     pub readahead_kb: u32,
     /// How long a daemon may take to have its mount ready, in seconds.
@@ -95,7 +103,8 @@ impl Default for MountConfig {
     fn default() -> Self {
         MountConfig {
             threads: 8,
-            cache_mb: 256,
+            cache_mb: 4,
+            read_budget_secs: 30,
             readahead_kb: 1024,
             ready_timeout_secs: 120,
             cache_dir: None,
@@ -136,6 +145,11 @@ impl Config {
                     dir.display()
                 )));
             }
+        }
+        if self.mount.read_budget_secs == 0 {
+            return Err(Error::Config(
+                "mount.read_budget_secs must be at least 1".into(),
+            ));
         }
         if self.mount.threads == 0 {
             return Err(Error::Config("mount.threads must be at least 1".into()));

@@ -150,6 +150,8 @@ impl Daemons {
             .arg(self.options.threads.to_string())
             .arg("--cache-mb")
             .arg(self.options.cache_mb.to_string())
+            .arg("--read-budget-secs")
+            .arg(self.options.read_budget_secs.to_string())
             .arg("--readahead-kb")
             .arg(self.options.readahead_kb.to_string())
             .arg("--cache-size")

@@ -418,6 +418,173 @@ fn expiring_tokens() {
     );
 }
 
+/// Longest a walk of the tree or a read of local data may take while the
+/// registry is stalled before the test calls it a hang: a hang detector,
+/// not a measure of speed (they take milliseconds).
+const STALL_HANG: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a thread; panics if it has not returned after `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} hung for {} s", limit.as_secs())
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked (see above)"),
+    }
+}
+
+/// `ls -lR`: readdir and lstat of every entry under `root`; the number of
+/// entries.
+fn walk(root: &Path) -> std::io::Result<u64> {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir)? {
+            let e = e?;
+            let m = fs::symlink_metadata(e.path())?;
+            n += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Drops the page cache of `path` (`POSIX_FADV_DONTNEED`), so that the
+/// next read of it reaches the daemon.
+fn drop_page_cache(path: &Path) {
+    if let Ok(f) = fs::File::open(path) {
+        let _ = nix::fcntl::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// The registry stalls every blob request (issue 15, part 4): a listing of
+/// the whole tree and reads of data already on the node are answered while
+/// readers of data that is not wait on the network, and those readers get
+/// `EIO` within the read budget, not after minutes.
+#[test]
+fn stalled_registry_leaves_metadata_and_local_reads_alone() {
+    /// The read budget the mount gets (`--read-budget-secs`).
+    const BUDGET: Duration = Duration::from_secs(3);
+    /// What a failing read may take beyond the budget: the kernel retries
+    /// a failed page once with a read of its own, which has a budget too.
+    const SLACK: Duration = Duration::from_secs(7);
+    let dir = work_dir("stalled-registry");
+    let net = FaultyRegistry::start(&dir);
+    let budget = BUDGET.as_secs().to_string();
+    let mount = mount_via(
+        &net,
+        &dir,
+        &["--read-budget-secs", &budget, "--threads", "4"],
+        &[],
+    );
+    let files = reference_files(64 << 10, 1 << 20);
+    assert!(files.len() > 60, "too few reference files: {}", files.len());
+    let pick = |i: usize| files[(i * 7919) % files.len()].clone();
+    let local: Vec<String> = (0..5).map(pick).collect();
+    for f in &local {
+        must_read(&mount, f, "before the stall");
+    }
+    let p = &net.proxy;
+    p.set_fault(r#"{"kind":"stall","match":"blobs","stall_seconds":300}"#);
+
+    // Far more readers of data that is not local than FUSE threads: every
+    // one of them waits on the network at once.
+    let cold: Vec<String> = (5..21).map(pick).filter(|f| !local.contains(f)).collect();
+    let t = Instant::now();
+    let readers: Vec<_> = cold
+        .iter()
+        .map(|f| {
+            let path = mount.p(f);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = fs::read(&path);
+                (r.map(|b| b.len()), t.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Metadata: the whole tree, listed and stat'ed.
+    let root = mount.mnt.clone();
+    let entries = within(STALL_HANG, "walking the tree during the stall", move || {
+        walk(&root)
+    });
+    let entries = entries.unwrap_or_else(|e| panic!("walking the tree during the stall: {e}"));
+    assert!(entries > 1000, "only {entries} entries in the tree");
+
+    // Data on the node (the disk cache), with the page cache dropped so
+    // that the reads reach the daemon.
+    for f in &local {
+        drop_page_cache(&mount.p(f));
+        let path = mount.p(f);
+        let want = reference(f);
+        let got = within(
+            STALL_HANG,
+            "reading a local file during the stall",
+            move || fs::read(path),
+        );
+        match got {
+            Ok(b) => assert!(b == want, "WRONG BYTES from {f} during the stall"),
+            Err(e) => panic!("reading {f}, fetched before the stall, failed during it: {e}"),
+        }
+    }
+    let listed_in = t.elapsed();
+
+    // The readers of data that is not local: EIO within the budget.
+    let mut failed = 0;
+    for (f, r) in cold.iter().zip(readers) {
+        let (r, took) = r
+            .join()
+            .unwrap_or_else(|_| panic!("the reader of {f} panicked"));
+        match r {
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "reading {f}: {e}");
+                assert!(
+                    took <= BUDGET + SLACK,
+                    "reading {f} failed after {took:?}, budget {BUDGET:?}"
+                );
+                failed += 1;
+            }
+            // Its data was fetched alongside an earlier file's: fine, if right.
+            Ok(n) => assert_eq!(n, reference(f).len(), "short read of {f}"),
+        }
+    }
+    assert!(failed > 0, "no reader waited on the stalled registry");
+
+    // The registry answers again: so does the mount.
+    p.clear();
+    for f in cold.iter().take(3) {
+        must_read(&mount, f, "after the stall");
+    }
+    report(
+        "stalled-registry",
+        &format!(
+            "survived: {entries} entries listed and {} local files read while {} readers waited; \
+             {failed} failed with EIO within the {} s budget; recovered ({:.1} s to list)",
+            local.len(),
+            cold.len(),
+            BUDGET.as_secs(),
+            listed_in.as_secs_f64()
+        ),
+    );
+}
+
 /// Files of the reference tree to read in the local fault tests: `n`
 /// spread over the tree, 64 KiB to 1 MiB each.
 fn some_files(n: usize) -> Vec<String> {
