@@ -299,7 +299,7 @@ impl SkiffFs {
         }
         let file_size = inode.size();
         if offset >= file_size || size == 0 {
-            return Ok(ReadStep::Done(Vec::new()));
+            return Ok(ReadStep::Done(ReplyBytes::Owned(Vec::new())));
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
         if let Some(log) = &self.access {
@@ -330,7 +330,7 @@ impl SkiffFs {
         };
         if let Some(datas) = self.source.get_local(&plan.reqs) {
             let out = plan.assemble(&datas)?;
-            Metrics::add(&self.metrics.bytes_read, out.len() as u64);
+            Metrics::add(&self.metrics.bytes_read, out.as_slice().len() as u64);
             return Ok(ReadStep::Done(out));
         }
         Ok(ReadStep::Fetch(plan))
@@ -514,7 +514,7 @@ impl SkiffFs {
 /// What [`SkiffFs::do_read`] did on the FUSE thread.
 enum ReadStep {
     /// The reply's data.
-    Done(Vec<u8>),
+    Done(ReplyBytes),
     /// Chunks to fetch first.
     Fetch(ReadPlan),
 }
@@ -529,11 +529,42 @@ struct ReadPlan {
     starts: Vec<u64>,
 }
 
+/// The data of a read's reply.
+enum ReplyBytes {
+    /// Assembled from several chunks (and holes).
+    Owned(Vec<u8>),
+    /// A part of one decoded chunk that covers the whole read: replied
+    /// from the cached chunk as it is, with no buffer and no copy (most
+    /// reads: the kernel reads at most 1 MiB, chunks average 64 KiB to
+    /// 1 MiB, and a small file is one chunk).
+    Chunk(ChunkData, std::ops::Range<usize>),
+}
+
+impl ReplyBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            ReplyBytes::Owned(v) => v,
+            ReplyBytes::Chunk(data, range) => data.get(range.clone()).unwrap_or_default(),
+        }
+    }
+}
+
 impl ReadPlan {
     /// The reply: the overlapping part of each chunk; holes (bytes no
     /// chunk covers) stay zero.
-    fn assemble(&self, datas: &[ChunkData]) -> Result<Vec<u8>> {
+    fn assemble(&self, datas: &[ChunkData]) -> Result<ReplyBytes> {
         let (offset, end) = (self.offset, self.end);
+        if let ([start], [data]) = (self.starts.as_slice(), datas) {
+            let chunk_end = start.saturating_add(data.len() as u64);
+            if *start <= offset && chunk_end >= end {
+                let range = (offset - start) as usize..(end - start) as usize;
+                // Checked here, so that `as_slice` can never come up short.
+                if data.get(range.clone()).is_some() {
+                    return Ok(ReplyBytes::Chunk(data.clone(), range));
+                }
+                return Err(FsError::Invalid);
+            }
+        }
         let mut out = vec![0u8; (end - offset) as usize];
         for (start, data) in self.starts.iter().copied().zip(datas) {
             let chunk_end = start.saturating_add(data.len() as u64);
@@ -550,7 +581,7 @@ impl ReadPlan {
                 .ok_or(FsError::Invalid)?;
             dst.copy_from_slice(src);
         }
-        Ok(out)
+        Ok(ReplyBytes::Owned(out))
     }
 }
 
@@ -571,8 +602,8 @@ impl ReadJob {
         let metrics = self.source.metrics().clone();
         match self.fetch() {
             Ok(data) => {
-                Metrics::add(&metrics.bytes_read, data.len() as u64);
-                reply.data(&data);
+                Metrics::add(&metrics.bytes_read, data.as_slice().len() as u64);
+                reply.data(data.as_slice());
             }
             Err(e) => {
                 Metrics::add(&metrics.read_errors, 1);
@@ -581,7 +612,7 @@ impl ReadJob {
         }
     }
 
-    fn fetch(&self) -> Result<Vec<u8>> {
+    fn fetch(&self) -> Result<ReplyBytes> {
         let plan = &self.plan;
         let ino = u64::from(plan.id.0) + 1;
         if Instant::now() >= self.deadline {
@@ -775,7 +806,7 @@ impl Filesystem for SkiffFs {
         // The budget counts from here: time spent queued counts.
         let arrived = Instant::now();
         match self.do_read(ino, offset, size) {
-            Ok(ReadStep::Done(data)) => reply.data(&data),
+            Ok(ReadStep::Done(data)) => reply.data(data.as_slice()),
             Ok(ReadStep::Fetch(plan)) => self.fetch_later(plan, arrived + self.read_budget, reply),
             Err(e) => {
                 Metrics::add(&self.metrics.read_errors, 1);
