@@ -292,7 +292,7 @@ def report(a, R, m0):
     p(f"Made by `scripts/bench-node{' --quick' if a.quick else ''}` on {m1['date']} at commit `{m1['commit']}` "
       f"({m1['cores']} cores, {m1['memory']}, kernel {m1['kernel']}; load average {' '.join(m0['load'])} at the "
       f"start, {' '.join(m1['load'])} at the end: the machine is shared with other builds). "
-      "Figures from one run; memory does not move much between runs, times do.\n")
+      "Figures from one run; times move with the machine's load.\n")
     p("- **Image**: the fixture `python` (Debian 12 + python3 + numpy/pandas, 2 layers, 17k entries), converted "
       f"with `skiff convert` into a Debian docker-registry on 127.0.0.1 (plain HTTP on loopback) and mounted "
       f"from there: `skiff mount docker://127.0.0.1:PORT/bench/python:skiff`"
@@ -353,6 +353,17 @@ def report(a, R, m0):
             p(f"| {r['cfg']} | {label} | {mib(x['hwm'])} | {mib(x['rss'])} | {mib(x['pss'])} | "
               f"{mib(x['keeper_rss']) if sk else '–'} | {x['procs']} | "
               f"{r['mount_s'] * 1e3:.0f} | {f'{r[t]:.2f}' if t else '–'} |")
+    p("")
+    defaults = dict(re.findall(r"--([\w-]+) (\S+)", mount_defaults(a.skiff)))
+    for r in R["one"]:
+        if r["system"] != "skiff" or "readall" not in r:
+            continue
+        opts = dict(re.findall(r"--([\w-]+) (\S+)", a.snap_opts)) if r["cfg"] == "snapshotter's options" else defaults
+        if "cache-mb" in opts:
+            cmb = int(opts["cache-mb"])
+            p(f"- {r['cfg']}: the memory chunk cache is bounded at {cmb} MiB (`--cache-mb`); after reading every "
+              f"file of the image (more data than that bound) the pair's VmRSS is {mib(r['readall']['rss'] - cmb * MiB)} "
+              f"MiB above it, if the cache is full ({mib(r['idle']['rss'])} MiB right after mounting).")
     p("")
 
     # ---- four
