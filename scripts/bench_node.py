@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import process_tree  # scripts/bench.py: a daemon and its descendants
+
 MiB = 1 << 20
 WORKLOAD = "python3 -c 'import numpy, pandas'"
 PARALLEL = 2  # workloads at a time (the machine has 2 cores)
@@ -34,20 +36,6 @@ def log(msg):
 
 class BenchError(Exception):
     pass
-
-
-def process_tree(pid):
-    """`pid` and its descendants (/proc/PID/task/TID/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return out
 
 
 def proc_memory(pid):

@@ -500,10 +500,11 @@ mod tests {
         assert!(source.cached_chunks() > 0);
     }
 
-    #[test]
-    fn concurrent_misses_fetch_once() {
+    /// 16 readers miss one slow chunk at once, with `memory` bytes of
+    /// memory cache: it is fetched once.
+    fn concurrent_misses_fetch_once_with(memory: u64) {
         let f = fixture(1, 50_000, Duration::from_millis(100));
-        let source = f.source(1 << 20, None);
+        let source = f.source(memory, None);
         let barrier = Barrier::new(16);
         std::thread::scope(|s| {
             for _ in 0..16 {
@@ -518,22 +519,15 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_misses_fetch_once() {
+        concurrent_misses_fetch_once_with(1 << 20);
+    }
+
+    #[test]
     fn concurrent_misses_fetch_once_without_a_memory_cache() {
         // The memory cache is off: single flight still holds, since the
         // waiters get the value from the owner's guard.
-        let f = fixture(1, 50_000, Duration::from_millis(100));
-        let source = f.source(0, None);
-        let barrier = Barrier::new(16);
-        std::thread::scope(|s| {
-            for _ in 0..16 {
-                s.spawn(|| {
-                    barrier.wait();
-                    let data = source.get(&f.reqs[0]).unwrap();
-                    assert_eq!(data.as_slice(), f.datas[0].as_slice());
-                });
-            }
-        });
-        assert_eq!(f.reads(), 1);
+        concurrent_misses_fetch_once_with(0);
     }
 
     #[test]

@@ -88,42 +88,7 @@ pub fn open_image_cached(
     config: &RegistryConfig,
     cache: Option<&BootstrapCache>,
 ) -> Result<SkiffImage, RegistryError> {
-    let name = reference.to_string();
-    match reference {
-        ImageRef::Oci { dir, tag } => {
-            let layout = OciLayout::open(dir)?;
-            let (manifest_digest, manifest_bytes) = layout.resolve(tag.as_deref())?;
-            let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir)?);
-            finish_open(
-                name,
-                manifest_digest,
-                &manifest_bytes,
-                |digest, _size| layout.read_blob(digest),
-                store,
-                None,
-                cache,
-            )
-        }
-        ImageRef::Docker(d) => {
-            let client = RegistryClient::new(d, config)?;
-            let m = client.resolve_manifest(d, &Platform::host())?;
-            let remote = Arc::new(RegistryBlobStore::from_client(client.clone()));
-            let store: Arc<dyn BlobStore> = remote.clone();
-            finish_open(
-                name,
-                m.digest,
-                &m.bytes,
-                |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
-                store,
-                Some(remote),
-                cache,
-            )
-        }
-        ImageRef::DockerArchive { .. } => Err(invalid(
-            &name,
-            "Skiff images are opened from oci:DIR[:TAG] or docker://REF, not from docker-archive:",
-        )),
-    }
+    open(reference, config, None, cache)
 }
 
 /// Opens a `docker://` or `oci:` image from a manifest fetched before
@@ -139,21 +104,41 @@ pub fn open_image_pinned(
     manifest_bytes: &[u8],
     cache: Option<&BootstrapCache>,
 ) -> Result<SkiffImage, RegistryError> {
-    let name = reference.to_string();
     if Digest::of(manifest_bytes) != manifest_digest {
         return Err(invalid(
-            &name,
+            &reference.to_string(),
             format!("the saved manifest does not match its digest {manifest_digest}"),
         ));
     }
+    open(
+        reference,
+        config,
+        Some((manifest_digest, manifest_bytes)),
+        cache,
+    )
+}
+
+/// Opens `reference` with its manifest: `pinned`, or resolved now (a tag of
+/// a layout, or a registry reference through an index for the host).
+fn open(
+    reference: &ImageRef,
+    config: &RegistryConfig,
+    pinned: Option<(Digest, &[u8])>,
+    cache: Option<&BootstrapCache>,
+) -> Result<SkiffImage, RegistryError> {
+    let name = reference.to_string();
     match reference {
-        ImageRef::Oci { dir, .. } => {
+        ImageRef::Oci { dir, tag } => {
             let layout = OciLayout::open(dir)?;
+            let (manifest_digest, manifest_bytes) = match pinned {
+                Some((d, b)) => (d, b.to_vec()),
+                None => layout.resolve(tag.as_deref())?,
+            };
             let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir)?);
             finish_open(
                 name,
                 manifest_digest,
-                manifest_bytes,
+                &manifest_bytes,
                 |digest, _size| layout.read_blob(digest),
                 store,
                 None,
@@ -162,12 +147,19 @@ pub fn open_image_pinned(
         }
         ImageRef::Docker(d) => {
             let client = RegistryClient::new(d, config)?;
+            let (manifest_digest, manifest_bytes) = match pinned {
+                Some((d, b)) => (d, b.to_vec()),
+                None => {
+                    let m = client.resolve_manifest(d, &Platform::host())?;
+                    (m.digest, m.bytes)
+                }
+            };
             let remote = Arc::new(RegistryBlobStore::from_client(client.clone()));
             let store: Arc<dyn BlobStore> = remote.clone();
             finish_open(
                 name,
                 manifest_digest,
-                manifest_bytes,
+                &manifest_bytes,
                 |digest, size| client.fetch_blob(digest, size, MAX_BOOTSTRAP_SIZE),
                 store,
                 Some(remote),
