@@ -192,6 +192,8 @@ enum Event {
     Signal(i32),
     Ready(u64),
     Exited(u64, std::process::ExitStatus),
+    /// Worker `generation` was asked to hand over that long ago.
+    HandOverTimeout(u64),
 }
 
 /// A worker being started or serving.
@@ -331,6 +333,14 @@ pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
                 Event::Ready(_) => {}
                 Event::Exited(g, status) if g == worker.generation => break status,
                 Event::Exited(..) => {}
+                Event::HandOverTimeout(g) if g == worker.generation => {
+                    tracing::warn!(
+                        worker = worker.pid,
+                        "the worker did not hand over within {HAND_OVER_TIMEOUT:?}: killing it"
+                    );
+                    signal(worker.pid, Signal::SIGKILL);
+                }
+                Event::HandOverTimeout(_) => {}
                 Event::Signal(sig) if sig == signal_hook::consts::SIGHUP => {
                     match take_upgrade_request(&opts.state_dir) {
                         Ok(Some(new)) if !stopping => {
@@ -341,16 +351,17 @@ pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
                             );
                             upgrading = Some(new);
                             signal(worker.pid, Signal::SIGUSR1);
-                            let pid = worker.pid;
+                            let generation = worker.generation;
                             let tx = tx.clone();
                             // A worker that does not hand over in time is
-                            // killed: its requests are sent again anyway.
+                            // killed (its requests are sent again anyway);
+                            // the loop does it, and only while that worker
+                            // has not exited, so a reused PID is never hit.
                             let _ = std::thread::Builder::new()
                                 .name("skiff-keeper-timeout".into())
                                 .spawn(move || {
                                     std::thread::sleep(HAND_OVER_TIMEOUT);
-                                    signal(pid, Signal::SIGKILL);
-                                    drop(tx);
+                                    let _ = tx.send(Event::HandOverTimeout(generation));
                                 });
                         }
                         Ok(_) => tracing::info!("SIGHUP without an upgrade to do"),
