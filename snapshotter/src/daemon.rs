@@ -266,23 +266,14 @@ fn read_pid(path: &Path) -> Option<i32> {
 
 /// Whether process `pid` lives (not a zombie) and is a `skiff mount` of `mnt`.
 pub fn process_serves(pid: i32, mnt: &Path) -> bool {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let Ok(stat) = fs::read_to_string(proc_dir.join("stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next());
-    if matches!(state, Some("Z" | "X") | None) {
+    if !skiff_fusefs::keeper::is_live_mount_process(pid) {
         return false;
     }
-    let Ok(cmdline) = fs::read(proc_dir.join("cmdline")) else {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let mnt = mnt.as_os_str().as_encoded_bytes();
-    args.contains(&&b"mount"[..]) && args.contains(&mnt)
+    cmdline.split(|b| *b == 0).any(|a| a == mnt)
 }
 
 /// Whether `dir` is a FUSE mount that answers `statfs` (on a blocking
