@@ -18,6 +18,7 @@ fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
         compressed_offset: 0,
         compressed_size: stored.len() as u32,
         uncompressed_size: data.len() as u32,
+        frame: None,
     }
 }
 

@@ -135,6 +135,7 @@ pub fn synthetic_tree(files: usize, per_dir: usize) -> (ImageTree, Vec<Vec<u8>>)
                 compressed_offset: offset,
                 compressed_size: size / 2,
                 uncompressed_size: size,
+                frame: None,
             });
             offset += u64::from(size / 2);
             let file_id = tree.nodes.len();

@@ -40,6 +40,12 @@ pub struct ConvertArgs {
     /// zstd compression level of chunks (1-22).
     #[arg(long, default_value_t = ConvertOptions::default().level)]
     level: i32,
+    /// Pack small files and file tails (chunks under half this size and
+    /// under the chunker's minimum) into shared zstd frames of about this
+    /// size (format 1.1); 0 gives every chunk its own frame (format 1.0
+    /// readers can mount the result).
+    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_pack_size)]
+    pack_size: u32,
     /// Compression threads (default: the number of CPUs).
     #[arg(long)]
     threads: Option<usize>,
@@ -111,6 +117,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let mut options = ConvertOptions {
         chunking: args.chunking,
         level: args.level,
+        pack_size: args.pack_size,
         ..ConvertOptions::default()
     };
     if let Some(t) = args.threads {
@@ -207,4 +214,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
 
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// `--pack-size`: 0, or 4 KiB..=4 MiB (sizes like 64k).
+fn parse_pack_size(s: &str) -> Result<u32, String> {
+    let n = skiff_fusefs::disk::parse_size(s)?;
+    if n != 0 && !(4096..=4 << 20).contains(&n) {
+        return Err(format!("pack size {n} is not 0 or 4 KiB..=4 MiB"));
+    }
+    u32::try_from(n).map_err(|_| format!("pack size {n} is too large"))
 }

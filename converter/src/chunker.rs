@@ -96,6 +96,14 @@ impl Chunking {
         Ok(())
     }
 
+    /// The smallest chunk this policy produces, except a file's last.
+    pub fn min_size(&self) -> u32 {
+        match *self {
+            Chunking::Fixed { size } => size,
+            Chunking::FastCdc { min, .. } => min,
+        }
+    }
+
     /// The largest chunk this policy produces.
     pub fn max_size(&self) -> u32 {
         match *self {

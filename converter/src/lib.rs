@@ -48,6 +48,7 @@ pub mod unpack;
 pub use chunker::Chunking;
 pub use convert::{
     BlobOrigin, ConvertOptions, Converted, Converter, LayerOutcome, Progress, Stats,
+    DEFAULT_PACK_SIZE,
 };
 pub use error::ConvertError;
 pub use pipeline::{BlobOut, BlobSink};

@@ -3,7 +3,8 @@
 //! The layer reader (decompression, tar parsing, chunking, hashing) runs on the
 //! caller's thread and is the natural bottleneck: it is sequential by nature.
 //! Everything after it runs beside it: new chunks are gathered in batches of a
-//! few MiB, worker threads compress whole batches (one zstd frame per chunk),
+//! few MiB, worker threads compress whole batches (one zstd frame per chunk,
+//! or per *pack* of small chunks: see [`BlobPipeline::push_pack`]),
 //! and one writer thread puts the batches into the blob in their original
 //! order, so the output does not depend on thread timing. Channels are bounded,
 //! so memory stays at a few batches per worker whatever the layer size.
@@ -13,7 +14,7 @@ use std::io::Write;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use skiff_format::Digest;
+use skiff_format::{Digest, SharedFrame};
 
 use crate::error::ConvertError;
 
@@ -40,6 +41,8 @@ pub struct Placement {
     pub size: u32,
     /// Stored as a zstd frame (else raw).
     pub compressed: bool,
+    /// Set when the chunk is a slice of a shared frame (a pack).
+    pub frame: Option<SharedFrame>,
 }
 
 /// A finished blob.
@@ -53,15 +56,23 @@ pub struct BlobResult {
     pub size: u64,
 }
 
+/// One frame to encode: its members (chunk index, offset in the frame,
+/// length), one for an ordinary chunk.
+struct Item {
+    start: usize,
+    len: usize,
+    members: Vec<(u32, u32, u32)>,
+}
+
 struct Batch {
     seq: u64,
     data: Vec<u8>,
-    /// (chunk index, start in data, length)
-    items: Vec<(u32, usize, usize)>,
+    items: Vec<Item>,
 }
 
-/// A compressed batch: the stored bytes and (chunk, stored size, compressed).
-type Compressed = (Vec<u8>, Vec<(u32, u32, bool)>);
+/// A compressed batch: the stored bytes and, per chunk, its placement with
+/// the offset relative to the batch's first stored byte.
+type Compressed = (Vec<u8>, Vec<Placement>);
 
 struct Done {
     seq: u64,
@@ -107,9 +118,36 @@ impl BlobPipeline {
 
     /// Queues a new chunk for the blob.
     pub fn push(&mut self, chunk: u32, data: &[u8]) -> Result<(), ConvertError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| ConvertError::Invalid("chunk larger than 4 GiB".into()))?;
+        self.push_frame(vec![(chunk, 0, len)], data)
+    }
+
+    /// Queues a pack: `data` is the concatenation of several small chunks,
+    /// `members` gives each one's (chunk index, offset in `data`, length).
+    /// The pack is compressed as one zstd frame that every member points
+    /// into ([`SharedFrame`]); if zstd does not pay, the members are stored
+    /// raw one after the other, as ordinary chunks.
+    pub fn push_pack(
+        &mut self,
+        members: Vec<(u32, u32, u32)>,
+        data: &[u8],
+    ) -> Result<(), ConvertError> {
+        self.push_frame(members, data)
+    }
+
+    fn push_frame(
+        &mut self,
+        members: Vec<(u32, u32, u32)>,
+        data: &[u8],
+    ) -> Result<(), ConvertError> {
         let start = self.batch.data.len();
         self.batch.data.extend_from_slice(data);
-        self.batch.items.push((chunk, start, data.len()));
+        self.batch.items.push(Item {
+            start,
+            len: data.len(),
+            members,
+        });
         if self.batch.data.len() >= BATCH_BYTES {
             self.flush()?;
         }
@@ -181,19 +219,57 @@ fn compress_worker(rx: Receiver<Batch>, done: Sender<Done>, level: i32) {
     for batch in rx {
         let result = (|| {
             let mut stored = Vec::with_capacity(batch.data.len() / 2);
-            let mut items = Vec::with_capacity(batch.items.len());
-            for &(chunk, start, len) in &batch.items {
-                let data = batch.data.get(start..start + len).ok_or_else(|| {
-                    ConvertError::Invalid("internal error: batch item out of range".into())
-                })?;
+            let mut placements = Vec::with_capacity(batch.items.len());
+            for item in &batch.items {
+                let data = batch
+                    .data
+                    .get(item.start..item.start + item.len)
+                    .ok_or_else(|| {
+                        ConvertError::Invalid("internal error: batch item out of range".into())
+                    })?;
                 let (bytes, compressed) = skiff_format::encode_chunk(data, level)?;
                 let size = u32::try_from(bytes.len()).map_err(|_| {
-                    ConvertError::Invalid(format!("chunk {chunk} compresses to over 4 GiB"))
+                    ConvertError::Invalid("a frame compresses to over 4 GiB".into())
                 })?;
+                let offset = stored.len() as u64;
                 stored.extend_from_slice(&bytes);
-                items.push((chunk, size, compressed));
+                match item.members.as_slice() {
+                    [(chunk, _, _)] => placements.push(Placement {
+                        chunk: *chunk,
+                        offset,
+                        size,
+                        compressed,
+                        frame: None,
+                    }),
+                    members if compressed => {
+                        let frame_size = u32::try_from(item.len).map_err(|_| {
+                            ConvertError::Invalid("a pack larger than 4 GiB".into())
+                        })?;
+                        placements.extend(members.iter().map(|&(chunk, off, _)| Placement {
+                            chunk,
+                            offset,
+                            size,
+                            compressed,
+                            frame: Some(SharedFrame {
+                                offset: off,
+                                size: frame_size,
+                            }),
+                        }));
+                    }
+                    // Stored raw: the members are ordinary raw chunks, back
+                    // to back in the order they were packed.
+                    members => {
+                        placements.extend(members.iter().map(|&(chunk, off, len)| Placement {
+                            chunk,
+                            offset: offset + u64::from(off),
+                            size: len,
+                            compressed: false,
+                            frame: None,
+                        }))
+                    }
+                }
             }
-            Ok((stored, items))
+            Ok((stored, placements))
         })();
         if done
             .send(Done {
@@ -220,15 +296,11 @@ fn write_blob(mut out: Box<dyn BlobOut>, done: Receiver<Done>) -> Result<BlobRes
                 context: "writing a data blob".into(),
                 source,
             })?;
-            for (chunk, size, compressed) in items {
-                placements.push(Placement {
-                    chunk,
-                    offset,
-                    size,
-                    compressed,
-                });
-                offset += u64::from(size);
-            }
+            placements.extend(items.into_iter().map(|p| Placement {
+                offset: offset + p.offset,
+                ..p
+            }));
+            offset += stored.len() as u64;
             next += 1;
         }
     }

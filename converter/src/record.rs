@@ -19,8 +19,9 @@
 //! settings key (32), diff ID (32), figures (7 x u64: entries, files, hard
 //! links, whiteouts, file bytes, hole bytes, tar bytes), blob flag (u8) and
 //! if set the blob (digest 32, size u64, uncompressed size u64, chunk count
-//! u32, then per chunk: digest 32, flags u8 (bit 0 zstd), offset u64, stored
-//! size u32, size u32), the referenced chunks (count u32, then digest 32 +
+//! u32, then per chunk: digest 32, flags u8 (bit 0 zstd, bit 1 in a shared
+//! frame), offset u64, stored size u32, size u32, and with bit 1 the frame
+//! offset u32 and frame size u32), the referenced chunks (count u32, then digest 32 +
 //! size u32 each, in first-reference order), and the operations (count u32,
 //! each a tag byte: 1 whiteout PATH, 2 hard link PATH TARGET, 3 insert PATH
 //! NODE). Byte strings are a u32 length and the bytes. A node is mode, uid,
@@ -33,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use skiff_format::{Attrs, ChunkInfo, Digest, FileChunk, Node, NodeData};
+use skiff_format::{Attrs, ChunkInfo, Digest, FileChunk, Node, NodeData, SharedFrame};
 
 use crate::convert::ConvertOptions;
 use crate::error::ConvertError;
@@ -41,17 +42,18 @@ use crate::error::ConvertError;
 /// First bytes of an encoded record.
 pub const RECORD_MAGIC: &[u8; 8] = b"SKIFFLR1";
 /// Version of the record encoding; part of the settings key.
-pub const RECORD_VERSION: u32 = 1;
+pub const RECORD_VERSION: u32 = 2;
 /// Largest decoded record accepted: far above any real layer's metadata.
 pub const MAX_RECORD_SIZE: u64 = 1 << 30;
 
 /// The text the settings key is the digest of: one `name value` per line.
 pub fn settings_text(options: &ConvertOptions) -> String {
     format!(
-        "skiff-layer-record {RECORD_VERSION}\nbootstrap {}.{}\nchunking {}\nzstd-level {}\nzstd-library {}\n",
+        "skiff-layer-record {RECORD_VERSION}\nbootstrap {}.{}\nchunking {}\npack-size {}\nzstd-level {}\nzstd-library {}\n",
         skiff_format::layout::VERSION_MAJOR,
         skiff_format::layout::VERSION_MINOR,
         options.chunking,
+        options.pack_size,
         options.level,
         zstd::zstd_safe::version_number(),
     )
@@ -95,6 +97,8 @@ pub struct StoredChunk {
     pub size: u32,
     /// Data length.
     pub uncompressed_size: u32,
+    /// Set when it is a slice of a shared frame (a pack of small chunks).
+    pub frame: Option<SharedFrame>,
 }
 
 /// The data blob a layer wrote.
@@ -176,10 +180,14 @@ impl LayerRecord {
                 put_len(&mut w, b.chunks.len())?;
                 for c in &b.chunks {
                     w.extend_from_slice(&c.digest.0);
-                    w.push(u8::from(c.compressed));
+                    w.push(u8::from(c.compressed) | (u8::from(c.frame.is_some()) << 1));
                     w.extend_from_slice(&c.offset.to_le_bytes());
                     w.extend_from_slice(&c.size.to_le_bytes());
                     w.extend_from_slice(&c.uncompressed_size.to_le_bytes());
+                    if let Some(f) = c.frame {
+                        w.extend_from_slice(&f.offset.to_le_bytes());
+                        w.extend_from_slice(&f.size.to_le_bytes());
+                    }
                 }
             }
         }
@@ -252,22 +260,49 @@ impl LayerRecord {
                 let n = r.count(53)?;
                 let mut chunks = Vec::with_capacity(n);
                 let (mut end, mut total) = (0u64, 0u64);
+                // The shared frame the previous chunk was in: its members
+                // follow one another and share its stored bytes.
+                let mut last_frame: Option<(u64, u32, u32)> = None;
                 for _ in 0..n {
-                    let c = StoredChunk {
-                        digest: r.digest()?,
-                        compressed: match r.u8()? {
-                            0 => false,
-                            1 => true,
-                            f => return Err(format!("stored chunk flags {f} unknown")),
-                        },
-                        offset: r.u64()?,
-                        size: r.u32()?,
-                        uncompressed_size: r.u32()?,
-                    };
-                    if c.offset != end || c.size == 0 || c.uncompressed_size == 0 {
-                        return Err("stored chunks do not tile the blob".into());
+                    let digest = r.digest()?;
+                    let flags = r.u8()?;
+                    if flags > 3 || flags == 2 {
+                        return Err(format!("stored chunk flags {flags} unknown"));
                     }
-                    end = end.saturating_add(u64::from(c.size));
+                    let (offset, size, uncompressed_size) = (r.u64()?, r.u32()?, r.u32()?);
+                    let frame = if flags & 2 != 0 {
+                        Some(SharedFrame {
+                            offset: r.u32()?,
+                            size: r.u32()?,
+                        })
+                    } else {
+                        None
+                    };
+                    let c = StoredChunk {
+                        digest,
+                        compressed: flags & 1 != 0,
+                        offset,
+                        size,
+                        uncompressed_size,
+                        frame,
+                    };
+                    if c.size == 0 || c.uncompressed_size == 0 {
+                        return Err("a stored chunk has size 0".into());
+                    }
+                    if let Some(f) = c.frame {
+                        if u64::from(f.offset) + u64::from(c.uncompressed_size) > u64::from(f.size)
+                        {
+                            return Err("a stored chunk lies outside its frame".into());
+                        }
+                    }
+                    let same_frame = matches!((c.frame, last_frame), (Some(f), Some(l)) if l == (c.offset, c.size, f.size));
+                    if !same_frame {
+                        if c.offset != end {
+                            return Err("stored chunks do not tile the blob".into());
+                        }
+                        end = end.saturating_add(u64::from(c.size));
+                    }
+                    last_frame = c.frame.map(|f| (c.offset, c.size, f.size));
                     total = total.saturating_add(u64::from(c.uncompressed_size));
                     chunks.push(c);
                 }
@@ -564,6 +599,7 @@ mod tests {
                     offset: 0,
                     size: 7,
                     uncompressed_size: 10,
+                    frame: None,
                 }],
             }),
             refs: vec![(d(4), 10)],

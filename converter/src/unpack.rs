@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use serde::Serialize;
+use skiff_format::chunk::LastFrame;
 use skiff_format::{check_name, Bootstrap, FileKind, Inode, InodeId};
 use skiff_registry::BlobStore;
 
@@ -163,6 +164,9 @@ fn unpack_into(
             "unpack needs /proc (it writes relative to open directories)".into(),
         ));
     }
+    // Files are written in inode order, so small files of one directory,
+    // packed together, come one after another: one fetch and decode each.
+    let mut last = LastFrame::new();
     let walk = Walk {
         target,
         root: open_dir(staging).ctx(|| format!("opening {}", staging.display()))?,
@@ -227,7 +231,9 @@ fn unpack_into(
             fs::hard_link(in_dir(&dir, name), &path)
                 .ctx(|| format!("linking {shown} to {}", walk.show(first)))?;
         } else {
-            create_node(bootstrap, store, &inode, &path, &shown, &mut stats)?;
+            create_node(
+                bootstrap, store, &inode, &path, &shown, &mut stats, &mut last,
+            )?;
             set_attrs(bootstrap, &inode, &path, &shown, as_root)?;
             if inode.nlink() > 1 {
                 first_path.insert(entry.inode, rel.clone());
@@ -270,6 +276,7 @@ fn create_node(
     path: &Path,
     shown: &str,
     stats: &mut UnpackStats,
+    last: &mut LastFrame,
 ) -> Result<(), ConvertError> {
     let kind = inode.kind()?;
     match kind {
@@ -280,7 +287,7 @@ fn create_node(
                 .mode(0o600)
                 .open(path)
                 .ctx(|| format!("creating {shown}"))?;
-            write_content(bootstrap, store, inode, &file, shown, stats)?;
+            write_content(bootstrap, store, inode, &file, shown, stats, last)?;
             stats.files += 1;
         }
         FileKind::Symlink => {
@@ -316,28 +323,31 @@ fn write_content(
     file: &File,
     shown: &str,
     stats: &mut UnpackStats,
+    last: &mut LastFrame,
 ) -> Result<(), ConvertError> {
-    let mut buf = Vec::new();
     for fc in bootstrap.file_chunks(inode.id())? {
         let info = bootstrap.chunk(fc.chunk_index())?;
         let blob = bootstrap.blob(info.blob_index)?;
-        let stored = store.read_range(
-            &blob.digest,
-            info.compressed_offset,
-            u64::from(info.compressed_size),
-        )?;
-        skiff_format::decode_chunk_into(&info, &stored, &mut buf).map_err(|e| {
-            ConvertError::Chunk {
-                path: shown.to_string(),
-                chunk: fc.chunk_index(),
-                digest: info.digest,
-                offset: fc.file_offset(),
-                message: e.to_string(),
-            }
+        let data = if last.holds(&info) {
+            last.chunk(&info)
+        } else {
+            let stored = store.read_range(
+                &blob.digest,
+                info.compressed_offset,
+                u64::from(info.compressed_size),
+            )?;
+            last.decode(&info, &stored)
+        };
+        let data = data.map_err(|e| ConvertError::Chunk {
+            path: shown.to_string(),
+            chunk: fc.chunk_index(),
+            digest: info.digest,
+            offset: fc.file_offset(),
+            message: e.to_string(),
         })?;
-        file.write_all_at(&buf, fc.file_offset())
+        file.write_all_at(data, fc.file_offset())
             .ctx(|| format!("writing {shown}"))?;
-        stats.bytes += buf.len() as u64;
+        stats.bytes += data.len() as u64;
     }
     // Whatever no chunk covers is a hole: extending the length leaves it sparse.
     file.set_len(inode.size())

@@ -67,8 +67,156 @@ pub fn decode_chunk_into(
     stored: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), FormatError> {
+    decode_unverified(info, stored, out)?;
+    let checked = match info.frame {
+        Some(_) => slice_of_frame(info, out).map(<[u8]>::to_vec).map(Some),
+        None => slice_of_frame(info, out).map(|_| None),
+    };
+    match checked {
+        Ok(Some(data)) => *out = data,
+        Ok(None) => {}
+        Err(e) => {
+            out.clear();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the stored bytes of chunk `info` into the frame they hold,
+/// **unverified**: for a chunk in a shared frame (format 1.1) all
+/// `frame.size` bytes of the frame, else the chunk's data. Each chunk is
+/// then checked by [`slice_of_frame`] before use, so one decode serves
+/// every chunk of a shared frame. The length checks of
+/// [`decode_chunk_into`] apply.
+pub fn decode_frame(info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::new();
+    decode_unverified(info, stored, &mut out)?;
+    Ok(out)
+}
+
+fn decode_unverified(
+    info: &ChunkInfo,
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
     out.clear();
-    let expected = info.uncompressed_size as usize;
+    check_sizes(info, stored)?;
+    let expected = match info.frame {
+        Some(f) if !info.compressed || f.size == 0 || f.size > MAX_CHUNK_SIZE => {
+            return Err(FormatError::Corrupt(format!(
+                "chunk {}: shared frame of {} bytes (zstd: {}) is not 1..={MAX_CHUNK_SIZE} bytes of zstd",
+                info.digest, f.size, info.compressed
+            )));
+        }
+        Some(f) => f.size as usize,
+        None => info.uncompressed_size as usize,
+    };
+    if !info.compressed {
+        if stored.len() != expected {
+            return Err(FormatError::ChunkLength {
+                field: "uncompressed_size",
+                expected: expected as u64,
+                actual: stored.len() as u64,
+            });
+        }
+        out.extend_from_slice(stored);
+        return Ok(());
+    }
+    decompress(stored, expected, out)
+}
+
+/// Chunk `info`'s bytes in its decoded shared frame `frame` (from
+/// [`decode_frame`]), after checking their bounds and SHA-256. For a chunk
+/// not in a shared frame, `frame` is the chunk's data and is checked whole.
+pub fn slice_of_frame<'f>(info: &ChunkInfo, frame: &'f [u8]) -> Result<&'f [u8], FormatError> {
+    let (offset, size) = match info.frame {
+        Some(f) => (f.offset as usize, f.size as usize),
+        None => (0, info.uncompressed_size as usize),
+    };
+    if frame.len() != size {
+        return Err(FormatError::ChunkLength {
+            field: "frame_size",
+            expected: size as u64,
+            actual: frame.len() as u64,
+        });
+    }
+    let data = offset
+        .checked_add(info.uncompressed_size as usize)
+        .and_then(|end| frame.get(offset..end))
+        .ok_or_else(|| {
+            FormatError::Corrupt(format!(
+                "chunk {}: {} bytes at offset {offset} lie outside its {size}-byte frame",
+                info.digest, info.uncompressed_size
+            ))
+        })?;
+    let actual = Digest::of(data);
+    if actual != info.digest {
+        return Err(FormatError::ChunkDigestMismatch {
+            expected: info.digest,
+            actual,
+        });
+    }
+    Ok(data)
+}
+
+/// The last frame decoded, for readers that walk chunks in blob order
+/// (`check`, `unpack`): the members of a shared frame then cost one fetch
+/// and one decode together, and each is still verified on its own.
+#[derive(Debug, Default)]
+pub struct LastFrame {
+    /// (blob, offset, stored size) of the shared frame in `buf`.
+    key: Option<(u32, u64, u32)>,
+    buf: Vec<u8>,
+}
+
+impl LastFrame {
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `info` is a member of the shared frame decoded last.
+    pub fn holds(&self, info: &ChunkInfo) -> bool {
+        info.frame.is_some()
+            && self.key
+                == Some((
+                    info.blob_index,
+                    info.compressed_offset,
+                    info.compressed_size,
+                ))
+    }
+
+    /// Chunk `info`'s verified data from the frame decoded last; call when
+    /// [`holds`](Self::holds) says so.
+    pub fn chunk(&self, info: &ChunkInfo) -> Result<&[u8], FormatError> {
+        if !self.holds(info) {
+            return Err(FormatError::Corrupt(format!(
+                "chunk {}: not in the frame decoded last",
+                info.digest
+            )));
+        }
+        slice_of_frame(info, &self.buf)
+    }
+
+    /// Decodes `stored` (chunk `info`'s stored bytes), keeps the frame if it
+    /// is shared, and returns the chunk's verified data.
+    pub fn decode(&mut self, info: &ChunkInfo, stored: &[u8]) -> Result<&[u8], FormatError> {
+        self.key = None;
+        decode_unverified(info, stored, &mut self.buf)?;
+        if info.frame.is_some() {
+            self.key = Some((
+                info.blob_index,
+                info.compressed_offset,
+                info.compressed_size,
+            ));
+        }
+        slice_of_frame(info, &self.buf)
+    }
+}
+
+/// The checks of a chunk's sizes common to every stored form.
+fn check_sizes(info: &ChunkInfo, stored: &[u8]) -> Result<(), FormatError> {
     if info.uncompressed_size == 0 || info.uncompressed_size > MAX_CHUNK_SIZE {
         return Err(FormatError::Corrupt(format!(
             "chunk {}: uncompressed_size {} not in 1..={MAX_CHUNK_SIZE}",
@@ -80,26 +228,6 @@ pub fn decode_chunk_into(
             field: "compressed_size",
             expected: info.compressed_size.into(),
             actual: stored.len() as u64,
-        });
-    }
-    if !info.compressed {
-        if stored.len() != expected {
-            return Err(FormatError::ChunkLength {
-                field: "uncompressed_size",
-                expected: expected as u64,
-                actual: stored.len() as u64,
-            });
-        }
-        out.extend_from_slice(stored);
-    } else {
-        decompress(stored, expected, out)?;
-    }
-    let actual = Digest::of(out);
-    if actual != info.digest {
-        out.clear();
-        return Err(FormatError::ChunkDigestMismatch {
-            expected: info.digest,
-            actual,
         });
     }
     Ok(())

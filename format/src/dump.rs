@@ -177,8 +177,16 @@ fn dump_section(
             )
         }),
         SECTION_CHUNKS => each::<ChunkRecord>(out, name, base, bytes, |i, r| {
+            let frame = if r.flags.get() & crate::layout::CHUNK_FLAG_SHARED_FRAME != 0 {
+                format!(
+                    " frame_offset={} frame_size={}",
+                    r.frame_offset, r.frame_size
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "chunk {i}: digest={} blob_index={} flags={:#x} compressed_offset={} compressed_size={} uncompressed_size={}",
+                "chunk {i}: digest={} blob_index={} flags={:#x} compressed_offset={} compressed_size={} uncompressed_size={}{frame}",
                 Digest(r.digest),
                 r.blob_index,
                 r.flags.get(),

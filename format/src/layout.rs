@@ -15,8 +15,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"\x89SKF\r\n\x1a\n";
 /// Major version written and accepted. A reader refuses any other major.
 pub const VERSION_MAJOR: u16 = 1;
-/// Minor version written. Readers accept any minor of their major.
-pub const VERSION_MINOR: u16 = 0;
+/// Minor version written. Readers accept any minor of their major; a
+/// feature an older reader must not ignore sets a [`Superblock`] flag.
+pub const VERSION_MINOR: u16 = 1;
+/// Superblock flag (1.1): some chunks are slices of shared zstd frames
+/// ([`CHUNK_FLAG_SHARED_FRAME`]). A 1.0 reader refuses the bootstrap at open.
+pub const FEATURE_SHARED_FRAMES: u32 = 1;
+/// The superblock flags this reader knows.
+pub const KNOWN_FEATURES: u32 = FEATURE_SHARED_FRAMES;
 /// Size of the [`Superblock`].
 pub const SUPERBLOCK_SIZE: usize = 64;
 /// Size of one [`SectionEntry`].
@@ -90,6 +96,11 @@ pub fn section_record_size(kind: u32) -> Option<u32> {
 
 /// CHUNKS `flags` bit 0: the chunk is stored as one zstd frame.
 pub const CHUNK_FLAG_ZSTD: u32 = 1;
+/// CHUNKS `flags` bit 1 (1.1, with [`FEATURE_SHARED_FRAMES`]): the zstd
+/// frame at `compressed_offset` holds several chunks (small files packed
+/// together); this chunk is `frame_offset..frame_offset+uncompressed_size`
+/// of its decoded `frame_size` bytes. Always set together with bit 0.
+pub const CHUNK_FLAG_SHARED_FRAME: u32 = 2;
 /// Largest uncompressed chunk: 16 MiB.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Largest stored chunk: 16 MiB + 64 KiB, room for zstd's worst-case framing.
@@ -242,7 +253,7 @@ pub struct ChunkRecord {
     pub digest: [u8; 32],
     /// @32: BLOBS index of the blob holding the chunk.
     pub blob_index: U32,
-    /// @36: [`CHUNK_FLAG_ZSTD`] or 0.
+    /// @36: [`CHUNK_FLAG_ZSTD`], optionally with [`CHUNK_FLAG_SHARED_FRAME`], or 0.
     pub flags: U32,
     /// @40: offset of the stored bytes in the blob.
     pub compressed_offset: U64,
@@ -250,8 +261,12 @@ pub struct ChunkRecord {
     pub compressed_size: U32,
     /// @52: length of the chunk data.
     pub uncompressed_size: U32,
-    /// @56: reserved, zero.
-    pub reserved: U64,
+    /// @56: with [`CHUNK_FLAG_SHARED_FRAME`]: offset of the chunk's data in
+    /// the decoded frame; else zero.
+    pub frame_offset: U32,
+    /// @60: with [`CHUNK_FLAG_SHARED_FRAME`]: the decoded frame's length;
+    /// else zero.
+    pub frame_size: U32,
 }
 
 /// An XATTRS record (16 bytes).
@@ -333,6 +348,8 @@ mod tests {
         assert_eq!(offset_of!(ChunkRecord, compressed_offset), 40);
         assert_eq!(offset_of!(ChunkRecord, compressed_size), 48);
         assert_eq!(offset_of!(ChunkRecord, uncompressed_size), 52);
+        assert_eq!(offset_of!(ChunkRecord, frame_offset), 56);
+        assert_eq!(offset_of!(ChunkRecord, frame_size), 60);
         assert_eq!(offset_of!(XattrRecord, value_offset), 8);
         assert_eq!(offset_of!(XattrRecord, value_len), 12);
         assert_eq!(offset_of!(BlobRecord, size), 32);

@@ -54,7 +54,9 @@ pub mod reader;
 pub mod tree;
 pub mod writer;
 
-pub use chunk::{decode_chunk, decode_chunk_into, encode_chunk, MAX_CHUNK_SIZE};
+pub use chunk::{
+    decode_chunk, decode_chunk_into, decode_frame, encode_chunk, slice_of_frame, MAX_CHUNK_SIZE,
+};
 pub use digest::Digest;
 pub use dump::dump;
 pub use error::FormatError;
@@ -62,6 +64,6 @@ pub use layout::FileChunkRecord;
 pub use reader::{Bootstrap, DirEntry, Inode, InodeId};
 pub use tree::{
     canonicalize, check_name, Attrs, BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node,
-    NodeData, NodeId,
+    NodeData, NodeId, SharedFrame,
 };
 pub use writer::{reseal, write_bootstrap};

@@ -17,14 +17,15 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::layout::{
     section_name, section_record_size, BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord,
-    InodeRecord, SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_ZSTD, MAGIC, PERM_MASK,
-    SECTION_ALIGN, SECTION_BLOBS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE,
-    SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS,
-    SECTION_XATTRS, SUPERBLOCK_SIZE, S_IFMT, VERSION_MAJOR,
+    InodeRecord, SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD,
+    FEATURE_SHARED_FRAMES, KNOWN_FEATURES, MAGIC, PERM_MASK, SECTION_ALIGN, SECTION_BLOBS,
+    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
+    SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, S_IFMT,
+    VERSION_MAJOR,
 };
 use crate::tree::{
     check_attrs, check_chunk, check_chunk_map, check_name, check_symlink, check_xattr, Attrs,
-    BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node, NodeData,
+    BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node, NodeData, SharedFrame,
 };
 use crate::writer::header_crc;
 use crate::{Digest, FormatError};
@@ -266,7 +267,7 @@ impl<'a> Bootstrap<'a> {
         if major != VERSION_MAJOR {
             return Err(FormatError::UnsupportedVersion { major, minor });
         }
-        if superblock.flags.get() != 0 {
+        if superblock.flags.get() & !KNOWN_FEATURES != 0 {
             return Err(FormatError::UnknownFlags(superblock.flags.get()));
         }
         let total_size = superblock.total_size.get();
@@ -746,12 +747,31 @@ impl<'a> Bootstrap<'a> {
             ))
         })?;
         let flags = rec.flags.get();
-        if flags & !CHUNK_FLAG_ZSTD != 0 {
+        let known = if self.superblock.flags.get() & FEATURE_SHARED_FRAMES != 0 {
+            CHUNK_FLAG_ZSTD | CHUNK_FLAG_SHARED_FRAME
+        } else {
+            CHUNK_FLAG_ZSTD
+        };
+        if flags & !known != 0 {
             return Err(corrupt(format!(
                 "chunk {index}: flags {flags:#x} has unknown bits"
             )));
         }
+        let frame = if flags & CHUNK_FLAG_SHARED_FRAME != 0 {
+            Some(SharedFrame {
+                offset: rec.frame_offset.get(),
+                size: rec.frame_size.get(),
+            })
+        } else {
+            if rec.frame_offset.get() != 0 || rec.frame_size.get() != 0 {
+                return Err(corrupt(format!(
+                    "chunk {index}: frame fields set without the shared-frame flag"
+                )));
+            }
+            None
+        };
         let info = ChunkInfo {
+            frame,
             digest: Digest(rec.digest),
             blob_index: rec.blob_index.get(),
             compressed: flags & CHUNK_FLAG_ZSTD != 0,

@@ -205,6 +205,19 @@ pub struct ChunkInfo {
     pub compressed_size: u32,
     /// Length of the chunk data.
     pub uncompressed_size: u32,
+    /// Set when the chunk is a slice of a zstd frame shared with other
+    /// chunks (format 1.1): `compressed_offset`/`compressed_size` then
+    /// locate the whole frame.
+    pub frame: Option<SharedFrame>,
+}
+
+/// Where a chunk lies in a zstd frame that packs several chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SharedFrame {
+    /// Offset of the chunk's data in the decoded frame.
+    pub offset: u32,
+    /// Length of the decoded frame.
+    pub size: u32,
 }
 
 /// One data blob.
@@ -444,6 +457,20 @@ pub(crate) fn check_chunk(info: &ChunkInfo, blob_count: usize) -> Result<(), Str
             "raw chunk has compressed_size {} != uncompressed_size {}",
             info.compressed_size, info.uncompressed_size
         ));
+    }
+    if let Some(f) = info.frame {
+        if !info.compressed {
+            return Err("a chunk in a shared frame is not marked zstd".into());
+        }
+        if f.size == 0 || f.size > MAX_CHUNK_SIZE {
+            return Err(format!("frame_size {} not in 1..={MAX_CHUNK_SIZE}", f.size));
+        }
+        if u64::from(f.offset) + u64::from(info.uncompressed_size) > u64::from(f.size) {
+            return Err(format!(
+                "frame_offset {} + uncompressed_size {} beyond frame_size {}",
+                f.offset, info.uncompressed_size, f.size
+            ));
+        }
     }
     if info
         .compressed_offset

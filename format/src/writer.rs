@@ -13,10 +13,10 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::layout::{
     BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, Superblock,
-    XattrRecord, CHUNK_FLAG_ZSTD, HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS,
-    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
-    SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
-    VERSION_MAJOR, VERSION_MINOR,
+    XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_SHARED_FRAMES,
+    HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS, SECTION_CHUNKS, SECTION_DIRENTS,
+    SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH,
+    SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::tree::{
     bfs_order, canonicalize, check_attrs, check_chunk, check_chunk_map, check_name, check_symlink,
@@ -260,11 +260,16 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         .map(|c| ChunkRecord {
             digest: c.digest.0,
             blob_index: U32::new(c.blob_index),
-            flags: U32::new(if c.compressed { CHUNK_FLAG_ZSTD } else { 0 }),
+            flags: U32::new(match (c.compressed, c.frame.is_some()) {
+                (true, true) => CHUNK_FLAG_ZSTD | CHUNK_FLAG_SHARED_FRAME,
+                (true, false) => CHUNK_FLAG_ZSTD,
+                (false, _) => 0,
+            }),
             compressed_offset: U64::new(c.compressed_offset),
             compressed_size: U32::new(c.compressed_size),
             uncompressed_size: U32::new(c.uncompressed_size),
-            reserved: U64::ZERO,
+            frame_offset: U32::new(c.frame.map_or(0, |f| f.offset)),
+            frame_size: U32::new(c.frame.map_or(0, |f| f.size)),
         })
         .collect();
     let blobs: Vec<BlobRecord> = tree
@@ -318,7 +323,11 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         magic: MAGIC,
         major: U16::new(VERSION_MAJOR),
         minor: U16::new(VERSION_MINOR),
-        flags: U32::ZERO,
+        flags: U32::new(if tree.chunks.iter().any(|c| c.frame.is_some()) {
+            FEATURE_SHARED_FRAMES
+        } else {
+            0
+        }),
         total_size: U64::new(out.len() as u64),
         section_count: U32::new(to_u32(table.len(), "section count")?),
         inode_count: U32::new(inode_count),

@@ -5,8 +5,10 @@
 use std::io::Write;
 
 use proptest::prelude::*;
+use skiff_format::chunk::LastFrame;
 use skiff_format::{
-    decode_chunk, decode_chunk_into, encode_chunk, ChunkInfo, Digest, FormatError, MAX_CHUNK_SIZE,
+    decode_chunk, decode_chunk_into, decode_frame, encode_chunk, slice_of_frame, ChunkInfo, Digest,
+    FormatError, SharedFrame, MAX_CHUNK_SIZE,
 };
 
 fn noise(len: usize, mut seed: u64) -> Vec<u8> {
@@ -28,6 +30,7 @@ fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
         compressed_offset: 0,
         compressed_size: stored.len() as u32,
         uncompressed_size: data.len() as u32,
+        frame: None,
     }
 }
 
@@ -182,6 +185,7 @@ fn zstd_bomb_is_refused() {
             compressed_offset: 0,
             compressed_size: bomb.len() as u32,
             uncompressed_size: 4096,
+            frame: None,
         };
         let mut out = Vec::new();
         let err = decode_chunk_into(&info, &bomb, &mut out).unwrap_err();
@@ -219,7 +223,100 @@ proptest! {
             compressed_offset: 0,
             compressed_size: stored.len() as u32,
             uncompressed_size: size,
+            frame: None,
         };
         prop_assert!(decode_chunk(&info, &stored).is_err());
     }
+}
+
+/// Three small files packed into one zstd frame, as the converter packs
+/// them (format 1.1): each member's record and the frame's stored bytes.
+fn packed() -> (Vec<Vec<u8>>, Vec<ChunkInfo>, Vec<u8>) {
+    let files: Vec<Vec<u8>> = vec![
+        b"first small file\n".repeat(40),
+        b"second\n".repeat(300),
+        b"#!/bin/sh\necho third\n".to_vec(),
+    ];
+    let frame: Vec<u8> = files.concat();
+    let (stored, compressed) = encode_chunk(&frame, 3).unwrap();
+    assert!(compressed);
+    let mut offset = 0u32;
+    let infos = files
+        .iter()
+        .map(|f| {
+            let info = ChunkInfo {
+                frame: Some(SharedFrame {
+                    offset,
+                    size: frame.len() as u32,
+                }),
+                uncompressed_size: f.len() as u32,
+                ..info_for(f, &stored, true)
+            };
+            offset += f.len() as u32;
+            info
+        })
+        .collect();
+    (files, infos, stored)
+}
+
+#[test]
+fn shared_frame_members_decode_and_verify_alone() {
+    let (files, infos, stored) = packed();
+    for (f, info) in files.iter().zip(&infos) {
+        assert_eq!(&decode_chunk(info, &stored).unwrap(), f);
+    }
+    // One decode serves all members, each verified on its own.
+    let frame = decode_frame(&infos[0], &stored).unwrap();
+    assert_eq!(frame, files.concat());
+    for (f, info) in files.iter().zip(&infos) {
+        assert_eq!(slice_of_frame(info, &frame).unwrap(), &f[..]);
+    }
+    let mut last = LastFrame::new();
+    assert!(!last.holds(&infos[1]));
+    assert_eq!(last.decode(&infos[0], &stored).unwrap(), &files[0][..]);
+    assert!(last.holds(&infos[1]));
+    assert_eq!(last.chunk(&infos[2]).unwrap(), &files[2][..]);
+}
+
+#[test]
+fn shared_frame_lies_are_errors() {
+    let (files, infos, stored) = packed();
+    // A member whose digest is another member's.
+    let swapped = ChunkInfo {
+        digest: infos[0].digest,
+        ..infos[1]
+    };
+    assert!(matches!(
+        decode_chunk(&swapped, &stored),
+        Err(FormatError::ChunkDigestMismatch { .. })
+    ));
+    // A frame size the frame does not have: refused before decoding more.
+    let mut short = infos[0];
+    short.frame = Some(SharedFrame {
+        offset: 0,
+        size: files[0].len() as u32,
+    });
+    assert!(matches!(
+        decode_chunk(&short, &stored),
+        Err(FormatError::ChunkLength { .. })
+    ));
+    // A member that runs past the end of its frame.
+    let mut past = infos[2];
+    past.uncompressed_size += 1;
+    assert!(decode_chunk(&past, &stored).is_err());
+    // A shared frame stored raw is not a thing.
+    let raw = ChunkInfo {
+        compressed: false,
+        ..infos[0]
+    };
+    assert!(decode_chunk(&raw, &stored).is_err());
+    // The memo does not answer for another frame.
+    let mut last = LastFrame::new();
+    last.decode(&infos[0], &stored).unwrap();
+    let elsewhere = ChunkInfo {
+        compressed_offset: 7,
+        ..infos[1]
+    };
+    assert!(!last.holds(&elsewhere));
+    assert!(last.chunk(&elsewhere).is_err());
 }

@@ -112,6 +112,7 @@ fn build(
             compressed_offset: i as u64 * 100_000,
             compressed_size: if compressed { size / 3 + 1 } else { size },
             uncompressed_size: size,
+            frame: None,
         })
         .collect();
     let mut nodes = vec![Node {

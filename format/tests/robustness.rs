@@ -90,7 +90,7 @@ fn header_errors_are_specific() {
     bad[8] = 2;
     assert!(matches!(
         Bootstrap::parse(&bad),
-        Err(FormatError::UnsupportedVersion { major: 2, minor: 0 })
+        Err(FormatError::UnsupportedVersion { major: 2, minor: 1 })
     ));
     let mut bad = good.clone();
     bad[12] = 4;
@@ -205,6 +205,40 @@ fn lying_offsets_are_rejected() {
     let mut buf = sample();
     patch::<ChunkRecord>(&mut buf, SECTION_CHUNKS, 0, |c| c.flags = U32::new(2));
     hostile(&buf);
+
+    // Shared frames (1.1) need the superblock's feature flag, bit 0 with
+    // bit 1, and a slice inside the frame.
+    let shared = |edit: fn(&mut ChunkRecord)| {
+        let mut buf = sample();
+        buf[12] = 1;
+        patch::<ChunkRecord>(&mut buf, SECTION_CHUNKS, 0, edit);
+        buf
+    };
+    let ok = shared(|c| {
+        c.flags = U32::new(3);
+        c.frame_size = U32::new(c.uncompressed_size.get() + 10);
+        c.frame_offset = U32::new(10);
+    });
+    assert!(Bootstrap::parse(&ok)
+        .unwrap()
+        .chunk(0)
+        .unwrap()
+        .frame
+        .is_some());
+    hostile(&shared(|c| {
+        c.flags = U32::new(3);
+        c.frame_size = U32::new(c.uncompressed_size.get() + 10);
+        c.frame_offset = U32::new(11);
+    }));
+    hostile(&shared(|c| {
+        c.flags = U32::new(2);
+        c.frame_size = U32::new(c.uncompressed_size.get());
+    }));
+    hostile(&shared(|c| {
+        c.flags = U32::new(3);
+        c.frame_size = U32::new(0);
+    }));
+    hostile(&shared(|c| c.frame_offset = U32::new(1)));
 
     let mut buf = sample();
     patch::<U32>(&mut buf, SECTION_PREFETCH, 0, |p| *p = U32::new(99));

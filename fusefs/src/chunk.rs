@@ -173,6 +173,7 @@ mod tests {
                 compressed_offset: offset,
                 compressed_size: size,
                 uncompressed_size: size * 2,
+                frame: None,
             },
             blob: Digest([blob; 32]),
         }

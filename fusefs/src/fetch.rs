@@ -14,8 +14,9 @@
 //!    at most. Runs are fetched in parallel (at most `max_parallel` at once),
 //!    each through [`BlobStore::read_range_until`] when the plan has a
 //!    deadline, so that a stalled registry gives up when the reader does.
-//! 3. **Decode.** Each chunk of a fetched run is decoded and verified on its
-//!    own (in parallel: decoding is the CPU-bound half), handed to its
+//! 3. **Decode.** Each stored frame of a fetched run is decoded once (in
+//!    parallel: decoding is the CPU-bound half) and each chunk in it (one,
+//!    or the members of a shared frame) verified on its own, handed to its
 //!    guard (which wakes the threads parked on it) and queued for the disk
 //!    cache. A chunk that fails verification is fetched once more on its
 //!    own; a second failure is the answer.
@@ -29,8 +30,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skiff_format::chunk::decode_chunk;
-use skiff_format::ChunkInfo;
+use skiff_format::chunk::{decode_chunk, decode_frame, slice_of_frame};
+use skiff_format::{ChunkInfo, FormatError};
 
 use crate::cache::{ChunkData, Owned};
 use crate::chunk::{plan_runs, Backend, ChunkRequest, Run};
@@ -231,13 +232,26 @@ impl Fetcher {
         let fetched = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
             (self.fetch_run(&run, plan), run, members)
         });
-        let mut decode = Vec::new();
+        // Decode tasks: the members of one stored frame (one chunk, or the
+        // chunks of a shared frame, decoded once for all of them).
+        let mut decode: Vec<(Arc<Vec<u8>>, u64, Vec<Owned<'a>>)> = Vec::new();
         for (res, run, members) in fetched.into_iter().flatten() {
             match res {
                 Ok(buf) => {
                     let buf = Arc::new(buf);
+                    let mut last: Option<(u64, u32)> = None;
                     for o in members {
-                        decode.push((buf.clone(), run.offset, o));
+                        let frame = reqs
+                            .get(o.pos)
+                            .filter(|r| r.info.frame.is_some())
+                            .map(|r| (r.start(), r.info.compressed_size));
+                        match decode.last_mut() {
+                            Some((_, _, group)) if frame.is_some() && frame == last => {
+                                group.push(o)
+                            }
+                            _ => decode.push((buf.clone(), run.offset, vec![o])),
+                        }
+                        last = frame;
                     }
                 }
                 Err(msg) => {
@@ -248,12 +262,11 @@ impl Fetcher {
                 }
             }
         }
-        let decoded = run_parallel(decode, self.opts.decode_threads, |(buf, base, o)| {
-            let pos = o.pos;
-            (pos, self.finish_fetched(reqs.get(pos), &buf, base, o))
+        let decoded = run_parallel(decode, self.opts.decode_threads, |(buf, base, group)| {
+            self.finish_fetched(reqs, &buf, base, group)
         });
         let mut again = Vec::new();
-        for (pos, r) in decoded.into_iter().flatten() {
+        for (pos, r) in decoded.into_iter().flatten().flatten() {
             match r {
                 Ok(data) => results.push((pos, Ok(data))),
                 Err((e, o)) if plan.refetch_corrupt && pos < plan.optional_from => {
@@ -288,42 +301,90 @@ impl Fetcher {
         results
     }
 
-    /// Cuts one chunk out of a fetched run, verifies it, and fills the
-    /// caches. A chunk that does not verify comes back with its guard, so
-    /// that the caller may fetch it again.
+    /// Cuts one stored frame out of a fetched run, decodes it once and
+    /// verifies each chunk of `group` in it (one chunk, or the members of a
+    /// shared frame), and fills the caches. A chunk that does not verify
+    /// comes back with its guard, so that the caller may fetch it again.
+    #[allow(clippy::type_complexity)]
     fn finish_fetched<'a>(
         &self,
-        req: Option<&ChunkRequest>,
+        reqs: &[ChunkRequest],
         buf: &[u8],
         base: u64,
-        o: Owned<'a>,
-    ) -> Result<ChunkData, (ChunkError, Owned<'a>)> {
-        let Some(req) = req else {
-            return Err((ChunkError::Fetch("internal: bad position".into()), o));
+        group: Vec<Owned<'a>>,
+    ) -> Vec<(usize, Result<ChunkData, (ChunkError, Owned<'a>)>)> {
+        let first = group.first().and_then(|o| reqs.get(o.pos));
+        let stored = first.and_then(|req| {
+            let from = usize::try_from(req.start().saturating_sub(base)).ok()?;
+            buf.get(from..from.checked_add(req.info.compressed_size as usize)?)
+        });
+        let (Some(first), Some(stored)) = (first, stored) else {
+            return group
+                .into_iter()
+                .map(|o| {
+                    let e = ChunkError::Fetch("internal: run shorter than its chunks".into());
+                    (o.pos, Err((e, o)))
+                })
+                .collect();
         };
-        let from = usize::try_from(req.start().saturating_sub(base)).unwrap_or(usize::MAX);
-        let to = from.saturating_add(req.info.compressed_size as usize);
-        let Some(stored) = buf.get(from..to) else {
-            return Err((
-                ChunkError::Fetch("internal: run shorter than its chunks".into()),
-                o,
-            ));
-        };
-        match decode_chunk(&req.info, stored) {
-            Ok(data) => {
-                Metrics::add(&self.metrics.chunks_fetched, 1);
-                let data = Arc::new(data);
-                o.fill(&data);
-                if let Some(disk) = &self.disk {
-                    disk.insert(req.info.digest, stored.to_vec());
-                }
-                Ok(data)
-            }
+        let frame = match decode_frame(&first.info, stored) {
+            Ok(frame) => frame,
             Err(e) => {
-                Metrics::add(&self.metrics.chunk_errors, 1);
-                Err((ChunkError::Decode(e), o))
+                Metrics::add(&self.metrics.chunk_errors, group.len() as u64);
+                let message = e.to_string();
+                let mut error = Some(e);
+                return group
+                    .into_iter()
+                    .map(|o| {
+                        let e = error
+                            .take()
+                            .unwrap_or_else(|| FormatError::Corrupt(message.clone()));
+                        (o.pos, Err((ChunkError::Decode(e), o)))
+                    })
+                    .collect();
             }
+        };
+        let shared = first.info.frame.is_some();
+        let mut frame = Some(frame);
+        let mut out = Vec::with_capacity(group.len());
+        for o in group {
+            let pos = o.pos;
+            let (Some(req), Some(bytes)) = (reqs.get(pos), frame.as_ref()) else {
+                let e = ChunkError::Fetch("internal: bad position".into());
+                out.push((pos, Err((e, o))));
+                continue;
+            };
+            let checked = match slice_of_frame(&req.info, bytes) {
+                Ok(d) if shared => Ok(Some(d.to_vec())),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let data = match checked {
+                Ok(Some(data)) => data,
+                // A chunk of its own: its frame is its data, moved.
+                Ok(None) => frame.take().unwrap_or_default(),
+                Err(e) => {
+                    Metrics::add(&self.metrics.chunk_errors, 1);
+                    out.push((pos, Err((ChunkError::Decode(e), o))));
+                    continue;
+                }
+            };
+            Metrics::add(&self.metrics.chunks_fetched, 1);
+            let data = Arc::new(data);
+            o.fill(&data);
+            if let Some(disk) = &self.disk {
+                // A chunk of a shared frame is kept raw: the frame is not
+                // its own to store.
+                let keep = if shared {
+                    data.to_vec()
+                } else {
+                    stored.to_vec()
+                };
+                disk.insert(req.info.digest, keep);
+            }
+            out.push((pos, Ok(data)));
         }
+        out
     }
 
     /// One range request, counted and timed.
@@ -371,9 +432,12 @@ impl Fetcher {
         let len = u32::try_from(bytes.len()).ok()?;
         // The stored form is told by its length (see `disk`): the file may
         // come from another image that compressed the chunk otherwise.
+        // A disk file is always a chunk's own stored form, also for a chunk
+        // that the image keeps in a shared frame.
         let info = ChunkInfo {
             compressed: u64::from(len) != raw,
             compressed_size: len,
+            frame: None,
             ..req.info
         };
         match decode_chunk(&info, &bytes) {

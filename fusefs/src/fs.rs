@@ -146,8 +146,9 @@ impl SkiffFs {
         self
     }
 
-    /// The chunks that follow `last` in its blob, back to back, within the
-    /// fetch window counted from `first_offset`.
+    /// The chunks that follow `last` in its blob, back to back (or in the
+    /// same shared frame), within the fetch window counted from
+    /// `first_offset`.
     fn chunks_ahead(&self, last: &ChunkRequest, first_offset: u64) -> Vec<ChunkRequest> {
         let mut ahead = Vec::new();
         let mut prev = *last;
@@ -157,9 +158,15 @@ impl SkiffFs {
                 break;
             };
             let end = info.compressed_offset + u64::from(info.compressed_size);
+            // Next in the blob, or the next member of the same shared frame
+            // (its bytes come with the frame).
+            let same_frame = info.frame.is_some()
+                && info.compressed_offset == prev.info.compressed_offset
+                && info.compressed_size == prev.info.compressed_size;
             if info.blob_index != prev.info.blob_index
-                || info.compressed_offset
-                    != prev.info.compressed_offset + u64::from(prev.info.compressed_size)
+                || (!same_frame
+                    && info.compressed_offset
+                        != prev.info.compressed_offset + u64::from(prev.info.compressed_size))
                 || end.saturating_sub(first_offset) > self.fetch_window
             {
                 break;

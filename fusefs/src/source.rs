@@ -438,6 +438,7 @@ mod tests {
                 compressed_offset: blob.len() as u64,
                 compressed_size: stored.len() as u32,
                 uncompressed_size: data.len() as u32,
+                frame: None,
             });
             blob.extend_from_slice(&stored);
             datas.push(data);

@@ -123,6 +123,7 @@ fn build() -> Built {
                         compressed_offset: blob.len() as u64,
                         compressed_size: stored.len() as u32,
                         uncompressed_size: piece.len() as u32,
+                        frame: None,
                     });
                     blob.extend_from_slice(&stored);
                     chunks.len() - 1

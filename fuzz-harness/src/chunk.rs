@@ -7,9 +7,11 @@
 //! Flags: bit 0, the chunk is stored as a zstd frame; bit 1, its digest is
 //! the SHA-256 of what a plain streaming zstd decoder makes of the stored
 //! bytes (else a fixed digest no data has); bit 2, its `uncompressed_size`
-//! is that decoder's output length. Bits 1 and 2 let the fuzzer reach the
-//! paths behind the digest and size checks, where the decoder must agree
-//! with the reference decoder.
+//! is that decoder's output length; bit 3, the chunk is the second half of
+//! a shared frame (format 1.1) whose size is the record's size (after bit
+//! 2), and bits 1 and 2 then speak of that half. Bits 1 and 2 let the
+//! fuzzer reach the paths behind the digest and size checks, where the
+//! decoder must agree with the reference decoder.
 //!
 //! Checks: a chunk that decodes has its record's size and digest (and the
 //! reference decoder's bytes); every chunk is in exactly one planned range
@@ -20,7 +22,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use skiff_format::{decode_chunk, ChunkInfo, Digest, MAX_CHUNK_SIZE};
+use skiff_format::{decode_chunk, ChunkInfo, Digest, SharedFrame, MAX_CHUNK_SIZE};
 use skiff_fusefs::fetch::{
     DEFAULT_IN_FLIGHT, DEFAULT_MAX_REQUEST, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST,
 };
@@ -35,7 +37,8 @@ pub const RECORD_LEN: usize = 13;
 /// One record of the input, before the flags are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
-    /// Bit 0: compressed; bit 1: honest digest; bit 2: honest size.
+    /// Bit 0: compressed; bit 1: honest digest; bit 2: honest size; bit 3:
+    /// in a shared frame.
     pub flags: u8,
     /// Offset of the stored bytes in the blob.
     pub offset: u32,
@@ -128,14 +131,31 @@ pub fn chunk(data: &[u8]) -> Outcome {
             compressed_offset: u64::from(r.offset),
             compressed_size: r.compressed_size,
             uncompressed_size: r.uncompressed_size,
+            frame: None,
         };
-        let reference = stored_of(blob, &info).and_then(|s| reference_decode(s, info.compressed));
+        let mut reference =
+            stored_of(blob, &info).and_then(|s| reference_decode(s, info.compressed));
+        if let Some(data) = &reference {
+            if r.flags & 4 != 0 {
+                info.uncompressed_size = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            }
+        }
+        if r.flags & 8 != 0 {
+            // A slice of a shared frame: the second half of what the size
+            // field says the frame holds.
+            let size = info.uncompressed_size;
+            let offset = size / 2;
+            info.frame = Some(SharedFrame { offset, size });
+            info.uncompressed_size = size - offset;
+            reference = reference.and_then(|d| {
+                d.get(offset as usize..size as usize)
+                    .filter(|_| d.len() == size as usize)
+                    .map(<[u8]>::to_vec)
+            });
+        }
         if let Some(data) = &reference {
             if r.flags & 2 != 0 {
                 info.digest = Digest::of(data);
-            }
-            if r.flags & 4 != 0 {
-                info.uncompressed_size = u32::try_from(data.len()).unwrap_or(u32::MAX);
             }
         }
         references.push(reference);

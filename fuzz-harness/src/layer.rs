@@ -94,6 +94,7 @@ pub fn options() -> ConvertOptions {
             max: 4096,
         },
         level: 1,
+        pack_size: 4096,
         threads: 1,
     }
 }

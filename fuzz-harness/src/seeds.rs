@@ -356,6 +356,20 @@ fn chunk_seeds() -> Vec<Seed> {
             "repeat-and-sized".into(),
             encode_input(&[*first, *first, sized], &blob),
         ));
+        // Two slices of one shared frame (format 1.1), read together.
+        if first.flags & 1 != 0 {
+            let shared = Record {
+                flags: first.flags | 8,
+                ..*first
+            };
+            out.push((
+                "shared-frame".into(),
+                encode_input(
+                    &[shared, shared, records.get(1).copied().unwrap_or(*first)],
+                    &blob,
+                ),
+            ));
+        }
     }
     out
 }

@@ -320,6 +320,7 @@ fn skiff_image(
         compressed_offset: 0,
         compressed_size: u32::try_from(stored.len())?,
         uncompressed_size: u32::try_from(content.len())?,
+        frame: None,
     };
     let attrs = |mode| Attrs {
         mode,

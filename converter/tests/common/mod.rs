@@ -970,6 +970,7 @@ pub fn options() -> ConvertOptions {
     ConvertOptions {
         chunking: Chunking::fastcdc(16 << 10).unwrap(),
         level: 3,
+        pack_size: skiff_converter::DEFAULT_PACK_SIZE,
         threads: 2,
     }
 }

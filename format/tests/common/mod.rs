@@ -91,6 +91,7 @@ impl Builder {
             compressed_offset: offset,
             compressed_size: if i % 2 == 0 { size / 2 + 1 } else { size },
             uncompressed_size: size,
+            frame: None,
         });
         let c = self.tree.chunks[i as usize];
         let b = &mut self.tree.blobs[0];
