@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -353,6 +354,21 @@ class Mount:
                     out[k] += int(v.split()[0]) * 1024
         return out
 
+    def cpu(self):
+        """CPU seconds (user + system) the daemon and its children have
+        used so far; None for systems without a daemon (kernel, native)."""
+        if not self.proc:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in process_tree(self.proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
+
     def unmount(self):
         if self not in Mount.live:
             return
@@ -462,6 +478,32 @@ def random_pread(path, count, seed=11, block=4096):
 
 def workload(mnt):
     return timed(["chroot", str(mnt), "sh", "-c", WORKLOAD])
+
+
+def cpu_floor(ds, work, R, size=256 * MiB):
+    """This machine's floor for serving a GB: zstd decompression alone (the
+    zstd CLI, one thread, level 4 frames) and SHA-256 alone (OpenSSL through
+    hashlib), in CPU seconds per GB of data, on the data set's own bytes."""
+    sample, packed = work / "floor.bin", work / "floor.bin.zst"
+    with open(ds.layers[0], "rb") as f, open(sample, "wb") as out:
+        z = subprocess.Popen(["zcat", "-f"], stdin=f, stdout=subprocess.PIPE)
+        out.write(z.stdout.read(size))
+        z.stdout.close()
+        z.wait()
+    data = sample.read_bytes()
+    gb = len(data) / 1e9
+    run(["zstd", "-q", "-f", "-4", "-T1", str(sample), "-o", str(packed)])
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run(["zstd", "-q", "-d", "-c", "-T1", str(packed)])
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        R.add(f"{ds.name}/cpu_floor/zstd", (after.ru_utime + after.ru_stime
+                                             - before.ru_utime - before.ru_stime) / gb)
+        t = time.process_time()
+        hashlib.sha256(data).digest()
+        R.add(f"{ds.name}/cpu_floor/sha256", (time.process_time() - t) / gb)
+    sample.unlink()
+    packed.unlink()
 
 
 # ------------------------------------------------------------ measuring --
@@ -578,7 +620,12 @@ def bench_mounts(ds, systems, runs, R, work, quick):
             # C: sequential read of every file, cold then warm; memory after.
             drop_caches()
             m, _ = mount(s, ds, work)
+            cpu0 = m.cpu()
             R.add(k("seq_cold", s), read_list(m.mnt, seq_list))
+            cpu1 = m.cpu()
+            if cpu0 is not None and cpu1 is not None:
+                # The daemon's CPU (decode + verify + FUSE) per GB served.
+                R.add(k("cpu_seq_cold", s), (cpu1 - cpu0) / (ds.file_bytes / 1e9))
             R.add(k("seq_warm", s), read_list(m.mnt, seq_list))
             mem = m.memory()
             if mem:
@@ -852,6 +899,7 @@ def main():
                             and not k.startswith(ds.name + "/convert/")]:
                     del R.data["samples"][key]
                 bench_mounts(ds, systems, runs, R, WORK, a.quick)
+                cpu_floor(ds, WORK, R, (16 if a.quick else 256) * MiB)
                 R.save()
         if "dedup" in steps:
             log("dedup across two versions")

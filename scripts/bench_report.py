@@ -156,7 +156,65 @@ def goal_rows(d):
         if s and n:
             add("python import cold close to native (no numeric goal)", ds, WL,
                 ratio(s, n) + " native", None, "Nydus 1.78x (1.07/0.60 s), erofs 1.05x")
+    read_path_goal_rows(d, add)
     return rows
+
+
+def read_path_goal_rows(d, add):
+    """The read-path goals: every local figure at least as fast as
+    squashfuse_ll, some close to erofs or native, sizes, CPU per GB."""
+    def vs(ds, metric, label, goal_label, extra=None):
+        s, ll = d.med(ds, metric, "skiff"), d.med(ds, metric, "squashfuse_ll")
+        if not (s and ll):
+            return
+        add(goal_label, ds, label, f"{ratio(ll, s)} squashfuse_ll", ll / s >= 1.0,
+            extra or f"erofs {ratio(d.med(ds, metric, 'erofs'), s)} of Skiff's time")
+
+    for ds in d.order:
+        big = d.ds[ds]["files"] < 100
+        vs(ds, "seq_cold", "read every file, cold", "at least as fast as squashfuse_ll")
+        vs(ds, "rand_cold", "4 KiB random reads, cold" if big else "files in random order, cold",
+           "at least as fast as squashfuse_ll")
+        vs(ds, "seq_warm", "read every file, warm", "at least as fast as squashfuse_ll")
+        if big:
+            s, e = d.med(ds, "rand_cold", "skiff"), d.med(ds, "rand_cold", "erofs")
+            if s and e:
+                add("4 KiB random reads >= 0.5x erofs", ds, "4 KiB random reads, cold",
+                    f"{ratio(e, s)} erofs", e / s >= 0.5, "")
+            s, n = d.med(ds, "seq_warm", "skiff"), d.med(ds, "seq_warm", "native")
+            if s and n:
+                add("warm sequential within 1.3x native", ds, "read every file, warm",
+                    ratio(s, n) + " native", s / n <= 1.3, "")
+        s, e = d.med(ds, "workload_cold", "skiff"), d.med(ds, "workload_cold", "erofs")
+        if s and e:
+            vs(ds, "workload_cold", WL, "at least as fast as squashfuse_ll")
+            add("import cold within 1.1x erofs", ds, WL, f"{ratio(s, e)} erofs", s / e <= 1.1, "")
+        if ds.startswith("small"):
+            t = d.med(ds, "mount_cold", "skiff")
+            vs(ds, "mount_cold", "skiff mount, cold caches", "at least as fast as squashfuse_ll")
+            if t:
+                add("mount of the 100k-file image <= 10 ms cold", ds, "skiff mount, cold caches",
+                    f"{fnum(t * 1e3)} ms", t <= 0.010, "")
+            sk, sq = d.v.get(f"{ds}/size/skiff"), d.v.get(f"{ds}/size/squashfs")
+            if sk and sq:
+                add("stored size no larger than squashfs zstd-3", ds, "image bytes",
+                    f"{fnum(sk / 1e6)} MB", sk <= sq, f"squashfs {fnum(sq / 1e6)} MB")
+        if ds == "python":
+            sk, oci = d.v.get(f"{ds}/size/skiff"), d.v.get(f"{ds}/size/oci")
+            if sk and oci:
+                add("fixture image no larger than its gzip layers", ds, "image bytes",
+                    f"{sk / oci:.3f}x gzip", sk <= oci, f"gzip {fnum(oci / 1e6)} MB")
+        conv, zc = d.med(ds, "convert", "skiff_convert"), d.med(ds, "convert", "zcat")
+        if conv and zc:
+            add("converter at least 0.8x zcat", ds, "skiff convert", f"{zc / conv:.2f}x zcat",
+                zc / conv >= 0.8, "")
+        cpu = d.med(ds, "cpu_seq_cold", "skiff")
+        if cpu is not None:
+            floor = (d.med(ds, "cpu_floor", "zstd") or 0) + (d.med(ds, "cpu_floor", "sha256") or 0)
+            ll = d.med(ds, "cpu_seq_cold", "squashfuse_ll")
+            add("CPU per GB served, cold (reported)", ds, "daemon CPU s per GB read",
+                f"{cpu:.2f} s/GB", None,
+                f"floor (zstd + sha256 alone) {floor:.2f} s/GB; squashfuse_ll {fnum(ll)} s/GB")
 
 
 WL = "`import numpy, pandas` cold"
