@@ -6,6 +6,8 @@
 //! root = "/var/lib/skiff-snapshotter"     # metadata, snapshots, image mounts
 //! address = "/run/skiff/snapshotter.sock" # the gRPC socket (created 0600)
 //! # skiff_bin = "/usr/local/bin/skiff"    # binary for `skiff mount` (default: this one)
+//! # containerd's registry config_path: hosts.toml files (mirrors, CAs, plain HTTP)
+//! registry_config_path = "/etc/containerd/certs.d"
 //!
 //! [mount]                                 # the per-image FUSE daemons
 //! threads = 8
@@ -50,6 +52,11 @@ pub struct Config {
     /// The `skiff` binary that runs the FUSE daemons (`skiff mount`); by
     /// default the running executable.
     pub skiff_bin: Option<PathBuf>,
+    /// containerd's registry host directory (`config_path` of its CRI
+    /// registry configuration): the `hosts.toml` of each registry is read
+    /// by the snapshotter and its mount daemons too, so mirrors, CAs and
+    /// plain-HTTP registries are configured once. Empty for none.
+    pub registry_config_path: PathBuf,
     /// Settings of the per-image FUSE daemons.
     pub mount: MountConfig,
     /// Skiff's registry configuration, passed on as a file through
@@ -93,6 +100,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             skiff_bin: None,
+            registry_config_path: PathBuf::from(skiff_registry::hosts::DEFAULT_HOSTS_DIR),
             mount: MountConfig::default(),
             registry: None,
         }
@@ -115,6 +123,13 @@ impl Default for MountConfig {
 }
 
 impl Config {
+    /// The registry host directory, `None` when `registry_config_path` is
+    /// empty.
+    pub fn hosts_dir(&self) -> Option<PathBuf> {
+        (!self.registry_config_path.as_os_str().is_empty())
+            .then(|| self.registry_config_path.clone())
+    }
+
     /// Reads a TOML configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, Error> {
         let path = path.as_ref();
@@ -149,6 +164,15 @@ impl Config {
         if self.mount.read_budget_secs == 0 {
             return Err(Error::Config(
                 "mount.read_budget_secs must be at least 1".into(),
+            ));
+        }
+        if self
+            .registry
+            .as_ref()
+            .is_some_and(|t| t.contains_key("hosts_dir"))
+        {
+            return Err(Error::Config(
+                "[registry] hosts_dir: set registry_config_path (at the top level) instead".into(),
             ));
         }
         if self.mount.threads == 0 {
