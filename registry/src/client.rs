@@ -940,12 +940,11 @@ impl RegistryClient {
                     if matches!(e, RegistryError::Network { .. }) {
                         m.mark_down();
                         tracing::warn!(
-                            "{}: {what}: {e}; trying the next source (this one is skipped for {} s)",
-                            m.name,
+                            "{e}; trying the next source (this one is skipped for {} s)",
                             MIRROR_COOLDOWN.as_secs()
                         );
                     } else {
-                        tracing::warn!("{}: {what}: {e}; trying the next source", m.name);
+                        tracing::warn!("{}: {e}; trying the next source", m.name);
                     }
                 }
             }
