@@ -103,7 +103,7 @@ pub mod workers;
 pub use cache::{ChunkData, MemoryCache};
 pub use chunk::{file_chunk_requests, plan_runs, Backend, ChunkRequest, Run};
 pub use daemon::{check_mountpoint, mount, Daemon, MountOptions, Stopped};
-pub use disk::{DiskCache, DiskStats};
+pub use disk::{CacheLimit, DiskCache, DiskStats, Watermarks};
 pub use error::{ChunkError, DaemonError, FsError};
 pub use fetch::SourceOptions;
 pub use fs::SkiffFs;

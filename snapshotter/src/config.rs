@@ -16,7 +16,8 @@
 //! readahead_kb = 1024
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
-//! cache_size = "10g"                      # its bound (LRU eviction beyond it)
+//! cache_size = "10g"                      # its high watermark: bytes or "20%" of its filesystem
+//! # cache_low = "9g"                      # evict down to this (default: 90% of cache_size)
 //! metrics = true                          # ROOT/metrics/DIGEST16.sock (Prometheus text)
 //!
 //! # How the snapshotter and its daemons talk to registries: the registry
@@ -87,8 +88,12 @@ pub struct MountConfig {
     /// plain `skiff mount`s on the node); `skiff mount`'s default when unset
     /// (/var/cache/skiff for root).
     pub cache_dir: Option<PathBuf>,
-    /// Bound of the disk cache (`skiff mount --cache-size`: 10g, 512m, ...).
+    /// Bound of the disk cache, its high watermark (`skiff mount
+    /// --cache-size`: 10g, 512m, or a percentage of its filesystem, 20%).
     pub cache_size: String,
+    /// Low watermark of the disk cache: eviction frees down to it (`skiff
+    /// mount --cache-low`; default 90% of `cache_size`).
+    pub cache_low: Option<String>,
     /// Serve each daemon's metrics on `ROOT/metrics/DIGEST16.sock` (the
     /// first 16 hex digits of the image's digest).
     pub metrics: bool,
@@ -117,6 +122,7 @@ impl Default for MountConfig {
             ready_timeout_secs: 120,
             cache_dir: None,
             cache_size: "10g".into(),
+            cache_low: None,
             metrics: true,
         }
     }

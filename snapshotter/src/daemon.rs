@@ -165,6 +165,9 @@ impl Daemons {
         if let Some(dir) = &self.options.cache_dir {
             cmd.arg("--cache-dir").arg(dir);
         }
+        if let Some(low) = &self.options.cache_low {
+            cmd.arg("--cache-low").arg(low);
+        }
         if self.options.metrics {
             match self.metrics_socket(id) {
                 Some(sock) => {
