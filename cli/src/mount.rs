@@ -154,7 +154,7 @@ pub struct MountArgs {
 /// user's cache directory.
 pub fn default_cache_dir() -> Option<PathBuf> {
     if is_root() {
-        return Some(PathBuf::from("/var/cache/skiff"));
+        return Some(PathBuf::from(skiff_fusefs::disk::DEFAULT_CACHE_DIR));
     }
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("skiff"));

@@ -82,6 +82,9 @@ use skiff_format::Digest;
 pub const CHUNKS_DIR: &str = "chunks";
 /// Prefix of temporary files (written, then renamed into place).
 pub const TEMP_PREFIX: &str = ".tmp-";
+/// The node's cache directory when `skiff mount` runs as root (its
+/// default; the snapshotter's daemons run as root).
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff";
 /// Default bound of the disk cache: 10 GiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 /// The default low watermark, in percent of the high one.
@@ -282,8 +285,8 @@ impl std::fmt::Debug for DiskCache {
     }
 }
 
-/// The path of a chunk's file under `chunks`.
-fn chunk_path(chunks: &Path, digest: &Digest) -> PathBuf {
+/// The path of a chunk's file under `chunks` (`DIR/chunks`).
+pub fn chunk_path(chunks: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.to_hex();
     let prefix = hex.get(..2).unwrap_or("00").to_string();
     chunks.join(prefix).join(hex)
