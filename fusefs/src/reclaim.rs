@@ -138,3 +138,147 @@ pub fn release_image(cache_dir: &Path, removed: &Digest, kept: &[Digest]) -> io:
     }
     Ok(freed)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use skiff_format::{
+        write_bootstrap, Attrs, BlobInfo, ChunkInfo, FileChunk, ImageTree, Node, NodeData,
+    };
+
+    use super::*;
+
+    const CHUNK: u32 = 1000;
+
+    fn chunk_digest(i: u32) -> Digest {
+        Digest::of(&i.to_le_bytes())
+    }
+
+    /// A bootstrap of one file made of chunks `ids` (stored raw, one blob).
+    fn bootstrap(ids: &[u32]) -> Vec<u8> {
+        let attrs = |mode| Attrs {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+        };
+        let chunks: Vec<ChunkInfo> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| ChunkInfo {
+                digest: chunk_digest(i),
+                blob_index: 0,
+                compressed: false,
+                compressed_offset: u64::from(CHUNK) * n as u64,
+                compressed_size: CHUNK,
+                uncompressed_size: CHUNK,
+            })
+            .collect();
+        let size = u64::from(CHUNK) * ids.len() as u64;
+        let file = Node {
+            attrs: attrs(0o644),
+            data: NodeData::Regular {
+                size,
+                chunks: (0..ids.len())
+                    .map(|n| FileChunk {
+                        file_offset: u64::from(CHUNK) * n as u64,
+                        chunk_index: n as u32,
+                    })
+                    .collect(),
+            },
+            xattrs: BTreeMap::new(),
+        };
+        let root = Node {
+            attrs: attrs(0o755),
+            data: NodeData::Directory {
+                entries: BTreeMap::from([(b"f".to_vec(), 1)]),
+            },
+            xattrs: BTreeMap::new(),
+        };
+        let tree = ImageTree {
+            nodes: vec![root, file],
+            chunks,
+            blobs: vec![BlobInfo {
+                digest: Digest::of(b"blob"),
+                size,
+                uncompressed_size: size,
+                chunk_count: ids.len() as u32,
+            }],
+            prefetch: Vec::new(),
+            chunk_size_hint: u64::from(CHUNK),
+        };
+        write_bootstrap(&tree).unwrap()
+    }
+
+    fn put_bootstrap(cache: &Path, layer: &Digest, ids: &[u32]) {
+        let p = bootstrap_path(cache, layer);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, bootstrap(ids)).unwrap();
+    }
+
+    fn put_chunk(cache: &Path, i: u32) {
+        let p = chunk_path(&cache.join(CHUNKS_DIR), &chunk_digest(i));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, vec![0u8; 100]).unwrap();
+    }
+
+    fn has_chunk(cache: &Path, i: u32) -> bool {
+        chunk_path(&cache.join(CHUNKS_DIR), &chunk_digest(i)).is_file()
+    }
+
+    #[test]
+    fn usage_counts_what_is_on_disk_and_release_keeps_shared_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path();
+        let (a, b) = (Digest::of(b"layer a"), Digest::of(b"layer b"));
+        // A names chunks 1-6 (chunk 2 twice), B names 4-9; 1-9 are on disk
+        // but 6.
+        put_bootstrap(cache, &a, &[1, 2, 2, 3, 4, 5, 6]);
+        put_bootstrap(cache, &b, &[4, 5, 6, 7, 8, 9]);
+        for i in (1..=9).filter(|&i| i != 6) {
+            put_chunk(cache, i);
+        }
+        let boot_a = fs::metadata(bootstrap_path(cache, &a)).unwrap().len();
+        let u = image_usage(cache, &a).unwrap().unwrap();
+        assert_eq!(
+            u,
+            ImageUsage {
+                bootstrap_bytes: boot_a,
+                chunks: 5,
+                chunk_bytes: 500
+            }
+        );
+        assert_eq!((u.bytes(), u.inodes()), (boot_a + 500, 6));
+        // Not cached: nothing known, nothing deleted.
+        let c = Digest::of(b"layer c");
+        assert_eq!(image_usage(cache, &c).unwrap(), None);
+        assert_eq!(release_image(cache, &c, &[a, b]).unwrap(), Usage::default());
+
+        // A goes while B stays mounted: A's own chunks and bootstrap go.
+        let freed = release_image(cache, &a, &[b]).unwrap();
+        assert_eq!(
+            freed,
+            Usage {
+                entries: 4,
+                bytes: 300 + boot_a
+            }
+        );
+        for i in 1..=3 {
+            assert!(!has_chunk(cache, i), "chunk {i} kept");
+        }
+        for i in [4, 5, 7, 8, 9] {
+            assert!(
+                has_chunk(cache, i),
+                "chunk {i} of the mounted image deleted"
+            );
+        }
+        assert!(!bootstrap_path(cache, &a).exists());
+        assert!(bootstrap_path(cache, &b).exists());
+
+        // A damaged bootstrap is an error, not a guess.
+        fs::write(bootstrap_path(cache, &b), b"not a bootstrap").unwrap();
+        assert!(image_usage(cache, &b).is_err());
+    }
+}
