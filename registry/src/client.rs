@@ -937,7 +937,10 @@ impl RegistryClient {
             match self.retrying_until(m, what, MIRROR_ATTEMPTS, share, || op(m, share)) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    if matches!(e, RegistryError::Network { .. }) {
+                    // A network failure marks the mirror down; running out
+                    // of the caller's time before an attempt (attempts 0)
+                    // says nothing about the mirror.
+                    if matches!(e, RegistryError::Network { attempts, .. } if attempts > 0) {
                         m.mark_down();
                         tracing::warn!(
                             "{e}; trying the next source (this one is skipped for {} s)",
@@ -1134,6 +1137,94 @@ mod tests {
         assert!(base_url("http://m.io", true, "x")?.1.is_none());
         assert!(base_url("ftp://m.io", false, "x").is_err());
         assert!(base_url("https://u:p@m.io", false, "x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn endpoints_in_order_with_ns_and_capabilities() -> Result<(), Box<dyn std::error::Error>> {
+        let hosts = tempfile::tempdir()?;
+        let dir = hosts.path().join("r.io_5000_");
+        std::fs::create_dir(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            r#"server = "https://upstream.r.io"
+[host."http://spegel:5000"]
+  capabilities = ["pull", "resolve"]
+[host."https://cache.lan/v2/r"]
+  capabilities = ["pull"]
+  override_path = true
+  [host."https://cache.lan/v2/r".header]
+    x-a = ["1", "2"]
+"#,
+        )?;
+        let mut config = RegistryConfig {
+            hosts_dir: Some(hosts.path().to_path_buf()),
+            ..RegistryConfig::default()
+        };
+        config
+            .mirrors
+            .insert("r.io:5000".into(), vec![Mirror::new("https://own.mirror")]);
+        let r: DockerRef = "r.io:5000/app:1".parse()?;
+        let c = RegistryClient::new(&r, &config)?;
+        assert_eq!(
+            c.endpoints(),
+            vec![
+                // Skiff's own mirrors first (pull only), then hosts.toml's
+                // hosts in file order, then its server; ns on each of them.
+                (
+                    "https://own.mirror/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    false
+                ),
+                (
+                    "http://spegel:5000/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    true
+                ),
+                (
+                    "https://cache.lan/v2/r/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    false
+                ),
+                (
+                    "https://upstream.r.io/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    true
+                ),
+            ]
+        );
+        assert_eq!(
+            c.url(&c.inner.mirrors[2], "blobs/sha256:ab")?.as_str(),
+            "https://cache.lan/v2/r/app/blobs/sha256:ab?ns=r.io%3A5000"
+        );
+        assert_eq!(c.inner.mirrors[2].headers.get_all("x-a").iter().count(), 2);
+
+        // No hosts.toml for this registry (and no _default): the registry
+        // itself, no ns. Docker Hub's host is docker.io's own.
+        let other: DockerRef = "other.io/app:1".parse()?;
+        let c = RegistryClient::new(&other, &config)?;
+        assert_eq!(
+            c.endpoints(),
+            vec![("https://other.io/v2/".to_owned(), true, true)]
+        );
+        let hub: DockerRef = "busybox".parse()?;
+        assert_eq!(
+            RegistryClient::new(&hub, &config)?.endpoints(),
+            vec![("https://registry-1.docker.io/v2/".to_owned(), true, true)]
+        );
+        // A broken hosts.toml fails the client with the file's name.
+        std::fs::write(
+            dir.join("hosts.toml"),
+            "[host.\"m\"]\ncapabilities = [\"fly\"]\n",
+        )?;
+        let e = RegistryClient::new(&r, &config)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("hosts.toml") && e.contains("fly")),
+            "{e:?}"
+        );
         Ok(())
     }
 
