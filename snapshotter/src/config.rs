@@ -225,6 +225,27 @@ insecure_registries = ["a:5000"]
     }
 
     #[test]
+    fn registry_config_path_and_cache_low() {
+        let c = Config::default();
+        assert_eq!(
+            c.hosts_dir(),
+            Some(PathBuf::from("/etc/containerd/certs.d"))
+        );
+        let c = Config::from_toml("registry_config_path = \"\"\n[mount]\ncache_low = \"15%\"\n")
+            .unwrap_or_default();
+        assert_eq!(c.hosts_dir(), None);
+        assert_eq!(c.mount.cache_low.as_deref(), Some("15%"));
+        // One setting for resolver and daemons: not [registry] hosts_dir.
+        let c = Config::from_toml("[registry]\nhosts_dir = \"/x\"\n").unwrap_or_default();
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("registry_config_path"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_is_an_error() {
         assert!(Config::from_toml("rot = \"/x\"").is_err());
     }

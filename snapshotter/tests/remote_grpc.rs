@@ -402,6 +402,14 @@ async fn skiff_layers_become_remote_snapshots_on_one_mount() {
     }
     let pids = sn.daemon_pids();
     assert_eq!(pids.len(), 1, "one mount for the image");
+    // containerd's registry config_path reaches the image daemon.
+    let environ = fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"SKIFF_REGISTRY_HOSTS_DIR=/etc/containerd/certs.d"),
+        "the daemon does not get the snapshotter's registry_config_path"
+    );
     let mnt = sn.mount_dirs().pop().unwrap();
 
     // A container: overlay whose only lower directory is the image's mount.
