@@ -11,7 +11,7 @@ and turn it off again:
                           "stall_seconds": 3600}
     POST /_proxy/auth    {"mode": "none"|"basic"|"bearer", "ttl_seconds": N,
                           "max_uses": N, "username": U, "password": P}
-    GET  /_proxy/stats   counters as JSON
+    GET  /_proxy/stats   counters as JSON (with the `ns` query values seen)
     POST /_proxy/reset   zero the counters
 
 KIND is one of
@@ -86,6 +86,10 @@ class State:
             "token_refused": 0,
             "authorization_headers": [],
             "issued": [],
+            # `ns` query values of /v2/ requests ("" when absent), and of
+            # range requests: what containerd-style mirrors route by.
+            "ns": {},
+            "range_ns": {},
         }
 
     def count(self, key, n=1):
@@ -301,6 +305,13 @@ class Handler(BaseHTTPRequestHandler):
             STATE.count("blob_requests")
         if is_range:
             STATE.count("range_requests")
+        if path.startswith("/v2/"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            ns = query.get("ns", [""])[0]
+            with STATE.lock:
+                STATE.stats["ns"][ns] = STATE.stats["ns"].get(ns, 0) + 1
+                if is_range:
+                    STATE.stats["range_ns"][ns] = STATE.stats["range_ns"].get(ns, 0) + 1
         repo = None
         if path.startswith("/v2/") and ("/blobs/" in path or "/manifests/" in path):
             repo = path[4:].rsplit("/blobs/" if is_blob else "/manifests/", 1)[0]

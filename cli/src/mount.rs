@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use skiff_fusefs::disk::parse_size;
+use skiff_fusefs::disk::{CacheLimit, Watermarks};
 use skiff_fusefs::keeper::{self, KeeperOptions};
 use skiff_fusefs::session::{adopt_inherited, Connection};
 use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped};
@@ -96,10 +96,15 @@ pub struct MountArgs {
     /// [default: /var/cache/skiff as root, else $XDG_CACHE_HOME/skiff or ~/.cache/skiff].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Bound of the disk cache (e.g. 10g, 512m); least recently used chunks
-    /// are evicted beyond it.
-    #[arg(long, value_name = "SIZE", default_value = "10g", value_parser = parse_size)]
-    pub cache_size: u64,
+    /// Bound of the disk cache, its high watermark: bytes (10g, 512m) or a
+    /// percentage of its filesystem's size (20%). Beyond it the least
+    /// recently used chunks are evicted down to --cache-low.
+    #[arg(long, value_name = "SIZE|N%", default_value = "10g", value_parser = CacheLimit::parse)]
+    pub cache_size: CacheLimit,
+    /// Low watermark of the disk cache: eviction stops at it (bytes or a
+    /// percentage of the filesystem) [default: 90% of --cache-size].
+    #[arg(long, value_name = "SIZE|N%", value_parser = CacheLimit::parse)]
+    pub cache_low: Option<CacheLimit>,
     /// Keep fetched chunks and the bootstrap in memory only (no disk cache).
     #[arg(long, conflicts_with = "cache_dir")]
     pub no_disk_cache: bool,
@@ -149,7 +154,7 @@ pub struct MountArgs {
 /// user's cache directory.
 pub fn default_cache_dir() -> Option<PathBuf> {
     if is_root() {
-        return Some(PathBuf::from("/var/cache/skiff"));
+        return Some(PathBuf::from(skiff_fusefs::disk::DEFAULT_CACHE_DIR));
     }
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("skiff"));
@@ -183,7 +188,16 @@ fn open_disk_cache(
         tracing::warn!("no cache directory (no HOME): caching in memory only");
         return Ok(None);
     };
-    match DiskCache::open(&dir, args.cache_size) {
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        if explicit {
+            return Err(e).with_context(|| format!("disk cache {}", dir.display()));
+        }
+        tracing::warn!("disk cache {}: {e}; caching in memory only", dir.display());
+        return Ok(None);
+    }
+    let marks = Watermarks::resolve(&dir, args.cache_size, args.cache_low)
+        .map_err(|e| anyhow::anyhow!("--cache-size / --cache-low: {e}"))?;
+    match DiskCache::open_with(&dir, marks) {
         Ok(c) => Ok(Some(Arc::new(c))),
         Err(e) if !explicit => {
             tracing::warn!("disk cache {}: {e}; caching in memory only", dir.display());

@@ -41,8 +41,12 @@ pub fn run(args: SnapshotterArgs) -> anyhow::Result<ExitCode> {
     }
     // The daemons parse the size; a bad one should stop us now, not fail
     // every image mount later.
-    skiff_fusefs::disk::parse_size(&config.mount.cache_size)
+    skiff_fusefs::disk::CacheLimit::parse(&config.mount.cache_size)
         .map_err(|e| anyhow::anyhow!("mount.cache_size: {e}"))?;
+    if let Some(low) = &config.mount.cache_low {
+        skiff_fusefs::disk::CacheLimit::parse(low)
+            .map_err(|e| anyhow::anyhow!("mount.cache_low: {e}"))?;
+    }
     skiff_snapshotter::run(config).context("skiff snapshotter")?;
     Ok(ExitCode::SUCCESS)
 }

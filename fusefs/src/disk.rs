@@ -28,7 +28,15 @@
 //! (its PID is gone) or that are older than an hour are removed by the
 //! start-up scan.
 //!
-//! # Bound and eviction
+//! # Bound and eviction: the watermarks
+//!
+//! The cache follows two watermarks ([`Watermarks`]): it grows until the
+//! *high* watermark, then evicts least recently used chunks down to the
+//! *low* one. Each is a number of bytes or a percentage of the size of the
+//! filesystem that holds the cache ([`CacheLimit`]: `10g`, `20%`), resolved
+//! once when the cache is opened; the low watermark defaults to 90% of the
+//! high one. A gap between the two makes eviction rare and batched: one
+//! sort of the index per (high - low) bytes written.
 //!
 //! An in-memory index maps each known chunk to its size and a recency tick,
 //! in sharded maps (no global lock on the read path: a hit touches one
@@ -43,10 +51,10 @@
 //! All writes and evictions happen on one writer thread fed by a bounded
 //! queue: the reader that fetched a chunk hands its bytes over and returns.
 //! Before writing, the writer makes room: when the known total plus the new
-//! file would pass the bound, it sorts the index by tick and deletes the
-//! oldest files down to 90% of the bound (amortised: one sort per 10% of
-//! turnover). So the directory never holds more than the bound plus the
-//! file being written, as far as this daemon knows. Several daemons may
+//! file would pass the high watermark, it sorts the index by tick and
+//! deletes the oldest files down to the low watermark. So the directory
+//! never holds more than the high watermark plus the file being written, as
+//! far as this daemon knows. Several daemons may
 //! share a directory: each evicts by its own view, refreshed by a rescan
 //! when it evicts (at most every 30 s); a file another daemon evicted is
 //! just a miss.
@@ -74,10 +82,13 @@ use skiff_format::Digest;
 pub const CHUNKS_DIR: &str = "chunks";
 /// Prefix of temporary files (written, then renamed into place).
 pub const TEMP_PREFIX: &str = ".tmp-";
+/// The node's cache directory when `skiff mount` runs as root (its
+/// default; the snapshotter's daemons run as root).
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff";
 /// Default bound of the disk cache: 10 GiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
-/// Eviction frees down to this fraction (in percent) of the bound.
-const LOW_WATER_PERCENT: u64 = 90;
+/// The default low watermark, in percent of the high one.
+pub const DEFAULT_LOW_PERCENT_OF_HIGH: u64 = 90;
 /// Chunks waiting for the writer thread. Each holds its stored bytes, so
 /// this bounds the queue's memory at 16 stored chunks (8 MiB at worst with
 /// the converter's default chunking, whose largest chunk is 512 KiB; about
@@ -93,6 +104,120 @@ const STALE_TEMP: Duration = Duration::from_secs(3600);
 /// A rescan before eviction at most this often.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
 
+/// A watermark of the disk cache: bytes, or a percentage of the size of
+/// the filesystem that holds it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheLimit {
+    /// A number of bytes.
+    Bytes(u64),
+    /// A percentage (0-100] of the filesystem's size.
+    Percent(f64),
+}
+
+impl CacheLimit {
+    /// Parses `10g`, `512m`, `1048576` (see [`parse_size`]) or `20%`.
+    pub fn parse(s: &str) -> Result<CacheLimit, String> {
+        let t = s.trim();
+        match t.strip_suffix('%') {
+            Some(p) => {
+                let pct: f64 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("'{t}' is not a percentage (examples: 20%, 7.5%)"))?;
+                if !(pct > 0.0 && pct <= 100.0) {
+                    return Err(format!(
+                        "'{t}': a percentage of the filesystem must be above 0 and at most 100"
+                    ));
+                }
+                Ok(CacheLimit::Percent(pct))
+            }
+            None => parse_size(t).map(CacheLimit::Bytes),
+        }
+    }
+
+    /// The limit in bytes on a filesystem of `fs_bytes` bytes.
+    pub fn bytes(&self, fs_bytes: u64) -> u64 {
+        match *self {
+            CacheLimit::Bytes(b) => b,
+            // f64 keeps 53 bits: exact to the byte below 8 PiB.
+            CacheLimit::Percent(p) => (fs_bytes as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for CacheLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CacheLimit::parse(s)
+    }
+}
+
+impl std::fmt::Display for CacheLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheLimit::Bytes(b) => write!(f, "{b}"),
+            CacheLimit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// The high and low watermarks of a disk cache, in bytes: above `high`
+/// the cache evicts down to `low`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    /// Eviction starts when a write would pass this.
+    pub high: u64,
+    /// Eviction stops at this.
+    pub low: u64,
+}
+
+impl Watermarks {
+    /// `high`, with the low watermark at its default (90% of it).
+    pub fn from_high(high: u64) -> Watermarks {
+        Watermarks {
+            high,
+            low: high / 100 * DEFAULT_LOW_PERCENT_OF_HIGH,
+        }
+    }
+
+    /// The watermarks of the cache at `dir` (which must exist): percentages
+    /// are taken of the size of its filesystem. Without `low`, 90% of the
+    /// high watermark. A low watermark above the high one is an error.
+    pub fn resolve(
+        dir: &Path,
+        high: CacheLimit,
+        low: Option<CacheLimit>,
+    ) -> Result<Watermarks, String> {
+        let needs_fs =
+            matches!(high, CacheLimit::Percent(_)) || matches!(low, Some(CacheLimit::Percent(_)));
+        let fs_bytes = if needs_fs {
+            let st = nix::sys::statvfs::statvfs(dir)
+                .map_err(|e| format!("cannot size the filesystem of {}: {e}", dir.display()))?;
+            st.blocks().saturating_mul(st.fragment_size())
+        } else {
+            0
+        };
+        let h = high.bytes(fs_bytes);
+        let w = match low {
+            None => Watermarks::from_high(h),
+            Some(l) => Watermarks {
+                high: h,
+                low: l.bytes(fs_bytes),
+            },
+        };
+        if w.low > w.high {
+            return Err(format!(
+                "the low watermark ({}, {} bytes) is above the high watermark ({high}, {} bytes)",
+                low.map(|l| l.to_string()).unwrap_or_default(),
+                w.low,
+                w.high
+            ));
+        }
+        Ok(w)
+    }
+}
+
 /// Counters and sizes of a disk cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiskStats {
@@ -100,8 +225,12 @@ pub struct DiskStats {
     pub entries: u64,
     /// Bytes of those chunks.
     pub bytes: u64,
-    /// The bound.
+    /// The bound: the high watermark.
     pub limit: u64,
+    /// The low watermark: eviction frees down to it.
+    pub low: u64,
+    /// Bytes evicted.
+    pub evicted_bytes: u64,
     /// Chunks written.
     pub writes: u64,
     /// Writes that failed.
@@ -126,6 +255,8 @@ enum Msg {
 struct Inner {
     chunks: PathBuf,
     limit: u64,
+    low: u64,
+    evicted_bytes: AtomicU64,
     shards: Vec<Mutex<HashMap<Digest, Entry>>>,
     total: AtomicU64,
     tick: AtomicU64,
@@ -154,8 +285,8 @@ impl std::fmt::Debug for DiskCache {
     }
 }
 
-/// The path of a chunk's file under `chunks`.
-fn chunk_path(chunks: &Path, digest: &Digest) -> PathBuf {
+/// The path of a chunk's file under `chunks` (`DIR/chunks`).
+pub fn chunk_path(chunks: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.to_hex();
     let prefix = hex.get(..2).unwrap_or("00").to_string();
     chunks.join(prefix).join(hex)
@@ -168,8 +299,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl DiskCache {
     /// Opens (creating it if needed) the cache at `dir`, bounded by `limit`
-    /// bytes. The scan of what is already there runs in the background.
+    /// bytes (the low watermark at 90% of it). The scan of what is already
+    /// there runs in the background.
     pub fn open(dir: &Path, limit: u64) -> io::Result<DiskCache> {
+        DiskCache::open_with(dir, Watermarks::from_high(limit))
+    }
+
+    /// [`open`](Self::open) with both watermarks.
+    pub fn open_with(dir: &Path, marks: Watermarks) -> io::Result<DiskCache> {
+        let limit = marks.high;
         let chunks = dir.join(CHUNKS_DIR);
         fs::create_dir_all(&chunks)?;
         // Fail now, not on the first write, if the directory is not writable.
@@ -179,6 +317,8 @@ impl DiskCache {
         let inner = Arc::new(Inner {
             chunks,
             limit,
+            low: marks.low.min(limit),
+            evicted_bytes: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             total: AtomicU64::new(0),
             tick: AtomicU64::new(LIVE_TICKS),
@@ -286,6 +426,8 @@ impl DiskCache {
             entries,
             bytes: i.total.load(Ordering::Relaxed),
             limit: i.limit,
+            low: i.low,
+            evicted_bytes: i.evicted_bytes.load(Ordering::Relaxed),
             writes: i.writes.load(Ordering::Relaxed),
             write_errors: i.write_errors.load(Ordering::Relaxed),
             evictions: i.evictions.load(Ordering::Relaxed),
@@ -444,19 +586,22 @@ impl Inner {
                 return;
             }
         }
-        let target = (self.limit / 100 * LOW_WATER_PERCENT).saturating_sub(incoming);
+        let target = self.low.saturating_sub(incoming);
         let mut all: Vec<(u64, Digest, u64)> = Vec::new();
         for shard in &self.shards {
             all.extend(lock(shard).iter().map(|(d, e)| (e.tick, *d, e.size)));
         }
         all.sort_unstable_by_key(|&(tick, _, _)| tick);
         let mut evicted = 0u64;
-        for (_, digest, _) in all {
+        for (_, digest, size) in all {
             if self.total.load(Ordering::Relaxed) <= target {
                 break;
             }
             match fs::remove_file(chunk_path(&self.chunks, &digest)) {
-                Ok(()) => evicted += 1,
+                Ok(()) => {
+                    evicted += 1;
+                    self.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => tracing::debug!("disk cache: evicting {digest}: {e}"),
             }
@@ -737,6 +882,90 @@ mod tests {
         }
         assert!(c.stats().evictions > 0);
         assert_eq!(c.stats().bytes, files_bytes(dir.path()));
+    }
+
+    #[test]
+    fn limits_parse() {
+        assert_eq!(CacheLimit::parse("10g"), Ok(CacheLimit::Bytes(10 << 30)));
+        assert_eq!(CacheLimit::parse(" 20% "), Ok(CacheLimit::Percent(20.0)));
+        assert_eq!(CacheLimit::parse("7.5%"), Ok(CacheLimit::Percent(7.5)));
+        for bad in ["0%", "101%", "-1%", "x%", "%", "ten"] {
+            assert!(CacheLimit::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(CacheLimit::Percent(25.0).bytes(1000), 250);
+        assert_eq!(CacheLimit::Bytes(7).bytes(1000), 7);
+    }
+
+    #[test]
+    fn watermarks_resolve_against_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let fs_bytes = st.blocks() * st.fragment_size();
+        let w = Watermarks::resolve(
+            dir.path(),
+            CacheLimit::Percent(10.0),
+            Some(CacheLimit::Percent(5.0)),
+        )
+        .unwrap();
+        assert_eq!(w.high, (fs_bytes as f64 * 0.10) as u64);
+        assert_eq!(w.low, (fs_bytes as f64 * 0.05) as u64);
+        let w = Watermarks::resolve(dir.path(), CacheLimit::Bytes(1000), None).unwrap();
+        assert_eq!(
+            w,
+            Watermarks {
+                high: 1000,
+                low: 900
+            }
+        );
+        let e = Watermarks::resolve(
+            dir.path(),
+            CacheLimit::Bytes(1000),
+            Some(CacheLimit::Bytes(2000)),
+        )
+        .unwrap_err();
+        assert!(e.contains("above the high watermark"), "{e}");
+        assert!(
+            Watermarks::resolve(&dir.path().join("missing"), CacheLimit::Percent(1.0), None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn eviction_runs_from_the_high_to_the_low_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let marks = Watermarks {
+            high: 20_000,
+            low: 8_000,
+        };
+        let c = DiskCache::open_with(dir.path(), marks).unwrap();
+        // Up to the high watermark nothing is evicted.
+        for i in 0..20 {
+            c.insert(digest(i), vec![i as u8; 1000]);
+        }
+        c.flush();
+        assert_eq!(files_bytes(dir.path()), 20_000);
+        assert_eq!(c.stats().evictions, 0);
+        // One more chunk passes it: the oldest go until the low watermark
+        // leaves room for the new one, then it is written.
+        c.insert(digest(20), vec![20u8; 1000]);
+        c.flush();
+        assert_eq!(files_bytes(dir.path()), 8_000);
+        let s = c.stats();
+        assert_eq!((s.evictions, s.evicted_bytes), (13, 13_000));
+        assert_eq!((s.limit, s.low), (20_000, 8_000));
+        for i in 0..13 {
+            assert!(!c.contains(&digest(i)), "old chunk {i} kept");
+        }
+        for i in 13..21 {
+            assert!(c.contains(&digest(i)), "recent chunk {i} evicted");
+        }
+        // The next eviction waits until the high watermark again.
+        for i in 21..33 {
+            c.insert(digest(i), vec![0u8; 1000]);
+        }
+        c.flush();
+        assert_eq!(files_bytes(dir.path()), 20_000);
+        assert_eq!(c.stats().evictions, 13);
     }
 
     #[test]

@@ -67,8 +67,11 @@
 //!   cell, per-inode checks, paths for messages.
 //! - [`chunk`]: [`ChunkRequest`], the [`Backend`] seam, the chunks of a file
 //!   range and request planning ([`plan_runs`]: coalescing of adjacent chunks).
-//! - [`disk`]: [`DiskCache`]: stored chunks on disk, crash-safe, LRU-bounded,
-//!   shareable between daemons; `skiff cache` helpers.
+//! - [`disk`]: [`DiskCache`]: stored chunks on disk, crash-safe, bounded by
+//!   high/low watermarks with LRU eviction, shareable between daemons;
+//!   `skiff cache` helpers.
+//! - [`reclaim`]: what one image holds in the node's cache directory
+//!   (`Usage` of its snapshot) and deleting it when the image is removed.
 //! - [`cache`]: [`MemoryCache`]: decoded chunks in memory, single flight.
 //! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
 //!   budget, decode, verification, one refetch.
@@ -96,6 +99,7 @@ pub mod image;
 pub mod keeper;
 pub mod metrics;
 pub mod prefetch;
+pub mod reclaim;
 pub mod session;
 pub mod source;
 pub mod workers;
@@ -103,7 +107,7 @@ pub mod workers;
 pub use cache::{ChunkData, MemoryCache};
 pub use chunk::{file_chunk_requests, plan_runs, Backend, ChunkRequest, Run};
 pub use daemon::{check_mountpoint, mount, Daemon, MountOptions, Stopped};
-pub use disk::{DiskCache, DiskStats};
+pub use disk::{CacheLimit, DiskCache, DiskStats, Watermarks};
 pub use error::{ChunkError, DaemonError, FsError};
 pub use fetch::SourceOptions;
 pub use fs::SkiffFs;

@@ -381,8 +381,20 @@ pub fn render_prometheus(m: &Metrics, gauges: &Gauges, store: Option<&FetchStats
         metric(
             "skiff_disk_cache_limit_bytes",
             "gauge",
-            "Bound of the disk cache.",
+            "Bound of the disk cache (its high watermark).",
             &[("", d.limit)],
+        );
+        metric(
+            "skiff_disk_cache_watermark_bytes",
+            "gauge",
+            "Watermarks of the disk cache: above high it evicts down to low.",
+            &[("mark=\"high\"", d.limit), ("mark=\"low\"", d.low)],
+        );
+        metric(
+            "skiff_disk_cache_evicted_bytes_total",
+            "counter",
+            "Bytes evicted from the disk cache.",
+            &[("", d.evicted_bytes)],
         );
         metric(
             "skiff_disk_cache_writes_total",

@@ -14,10 +14,21 @@
 //!   `Retry-After`, within [`RetryConfig::max_attempts`] and
 //!   [`RetryConfig::deadline_ms`]; then returns the error.
 //!
-//! Pulls of content-addressed things (blobs, manifests by digest) try the
-//! configured mirrors first, each with at most two attempts, then the
-//! registry itself. Tags are always resolved at the registry. Pushes go to
-//! the registry only.
+//! Where requests go: the registry's endpoints are Skiff's own `mirrors`
+//! for it, then the `[host."..."]` entries of its containerd `hosts.toml`
+//! (see [`hosts`](crate::hosts)), then the server (the `server` of that
+//! file, else the registry itself). Pulls of content-addressed things
+//! (blobs, manifests by digest) try every endpoint that may `pull` in that
+//! order, each mirror with at most two attempts, the server last; tags are
+//! resolved by the `hosts.toml` hosts that may `resolve`, then the server
+//! (Skiff's own mirrors never resolve). Pushes go to the server only. A
+//! mirror that fails on the network is skipped for [`MIRROR_COOLDOWN`], so
+//! that a dead mirror costs one failed connection, not one per read; and a
+//! read with a deadline gives the mirrors at most half of the time left, so
+//! that the server always gets its share. Requests to an endpoint that is
+//! not the registry itself carry `ns=<registry>` in their query, as
+//! containerd sends them, so that one mirror (Spegel, Dragonfly, a
+//! pull-through cache) can serve many registries.
 //!
 //! The client is blocking (reqwest's blocking client, HTTP/1.1, keep-alive
 //! pool) and `Send + Sync`: share it between threads freely. Do not call it
@@ -26,7 +37,7 @@
 use std::fmt;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng as _;
@@ -37,6 +48,7 @@ use serde_json::Value;
 
 use crate::auth::{url_no_query, AuthHeader, AuthState};
 use crate::config::{is_loopback, Credentials, Mirror, RegistryConfig, RetryConfig};
+use crate::hosts::{self, Capabilities, HostEntry};
 use crate::stats::{Counters, FetchStats};
 use crate::{credentials, DockerRef, RegistryError};
 
@@ -44,6 +56,8 @@ use crate::{credentials, DockerRef, RegistryError};
 pub const MAX_REDIRECTS: usize = 5;
 /// Attempts per mirror before falling back to the next one.
 const MIRROR_ATTEMPTS: u32 = 2;
+/// How long a mirror that failed on the network is skipped.
+pub const MIRROR_COOLDOWN: Duration = Duration::from_secs(10);
 /// Largest error body read to explain a failure.
 const MAX_ERROR_BODY: u64 = 8 << 10;
 
@@ -51,7 +65,8 @@ const MAX_ERROR_BODY: u64 = 8 << 10;
 pub(crate) struct Endpoint {
     /// For messages: `host[:port]` of the registry, or the mirror's URL.
     pub(crate) name: String,
-    /// `scheme://host[:port]/[prefix/]`, always ending in `/`.
+    /// The API root, `scheme://host[:port]/[prefix/]v2/` (or the path of an
+    /// `override_path` host), always ending in `/`.
     base: Url,
     /// The plain-HTTP base to fall back to when the endpoint may be reached
     /// insecurely and does not speak TLS.
@@ -60,6 +75,15 @@ pub(crate) struct Endpoint {
     headers: HeaderMap,
     pub(crate) auth: AuthState,
     pub(crate) is_mirror: bool,
+    /// The HTTP client (its own when the host has TLS settings of its own).
+    http: Client,
+    /// `ns=` sent with every request: the registry, when this endpoint is
+    /// not the registry itself.
+    ns: Option<String>,
+    /// What the endpoint may be used for.
+    caps: Capabilities,
+    /// Until when a mirror that failed on the network is skipped.
+    down_until: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -79,6 +103,24 @@ impl Endpoint {
             Some(h) if self.use_http.load(Ordering::Relaxed) => h,
             _ => &self.base,
         }
+    }
+
+    /// Whether a mirror is being skipped after a network failure.
+    fn is_down(&self) -> bool {
+        let mut d = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *d {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                *d = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_down(&self) {
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + MIRROR_COOLDOWN);
     }
 }
 
@@ -158,7 +200,6 @@ impl<'a> Call<'a> {
 }
 
 struct Inner {
-    http: Client,
     registry: String,
     repository: String,
     origin: Endpoint,
@@ -190,40 +231,21 @@ impl fmt::Debug for RegistryClient {
     }
 }
 
-/// The base URL for `spec` (`host[:port]` or a URL): HTTPS unless the
-/// URL names a scheme. Returns also the plain-HTTP fallback when `insecure`
-/// and no scheme was named (Docker's rule: try HTTPS, then HTTP).
+/// The API root for `spec` (`host[:port]` or a URL): HTTPS unless the
+/// URL names a scheme, `/v2/` appended. Returns also the plain-HTTP
+/// fallback when `insecure` and no scheme was named (Docker's rule: try
+/// HTTPS, then HTTP).
 fn base_url(spec: &str, insecure: bool, what: &str) -> Result<(Url, Option<Url>), RegistryError> {
+    let bad = |e: String| RegistryError::Config(format!("{what} {e}"));
     if spec.contains("://") {
-        return Ok((parse_base(spec, spec, what)?, None));
+        return Ok((hosts::api_root(spec, false).map_err(bad)?, None));
     }
-    let https = parse_base(&format!("https://{spec}"), spec, what)?;
-    let http = if insecure {
-        Some(parse_base(&format!("http://{spec}"), spec, what)?)
-    } else {
-        None
-    };
+    let https = hosts::api_root(&format!("https://{spec}"), false).map_err(bad)?;
+    let http = insecure
+        .then(|| hosts::api_root(&format!("http://{spec}"), false))
+        .transpose()
+        .map_err(bad)?;
     Ok((https, http))
-}
-
-fn parse_base(with_scheme: &str, spec: &str, what: &str) -> Result<Url, RegistryError> {
-    let mut url = Url::parse(with_scheme)
-        .map_err(|e| RegistryError::Config(format!("{what} '{spec}' is not a valid URL: {e}")))?;
-    if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(RegistryError::Config(format!(
-            "{what} '{spec}': only http and https are supported"
-        )));
-    }
-    if url.host_str().is_none() || !url.username().is_empty() || url.query().is_some() {
-        return Err(RegistryError::Config(format!(
-            "{what} '{spec}' must be scheme://host[:port][/prefix] (no user, no query)"
-        )));
-    }
-    if !url.path().ends_with('/') {
-        let p = format!("{}/", url.path());
-        url.set_path(&p);
-    }
-    Ok(url)
 }
 
 fn authority(url: &Url) -> String {
@@ -235,9 +257,21 @@ fn authority(url: &Url) -> String {
 }
 
 pub(crate) fn build_http(config: &RegistryConfig) -> Result<Client, RegistryError> {
+    build_http_for(config, None)
+}
+
+/// The HTTP client for `config`, with the TLS settings and dial timeout of
+/// a `hosts.toml` entry when given.
+fn build_http_for(
+    config: &RegistryConfig,
+    host: Option<(&HostEntry, &str)>,
+) -> Result<Client, RegistryError> {
+    let connect_timeout = host
+        .and_then(|(h, _)| h.dial_timeout)
+        .unwrap_or_else(|| config.connect_timeout());
     let mut b = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(config.connect_timeout())
+        .connect_timeout(connect_timeout)
         .timeout(config.read_timeout())
         .pool_max_idle_per_host(config.max_idle_connections_per_host)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -274,8 +308,61 @@ pub(crate) fn build_http(config: &RegistryConfig) -> Result<Client, RegistryErro
             b = b.add_root_certificate(c);
         }
     }
+    if let Some((h, name)) = host {
+        b = host_tls(b, h, name)?;
+    }
     b.build()
         .map_err(|e| RegistryError::Config(format!("HTTP client: {}", chain(&e))))
+}
+
+/// The TLS settings of a `hosts.toml` entry (`ca`, `client`,
+/// `skip_verify`) on a client builder; `name` names the host in errors.
+fn host_tls(
+    mut b: reqwest::blocking::ClientBuilder,
+    h: &HostEntry,
+    name: &str,
+) -> Result<reqwest::blocking::ClientBuilder, RegistryError> {
+    for ca in &h.ca {
+        let pem = std::fs::read(ca).map_err(|e| RegistryError::io(ca, e))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::Config(format!("{name}: ca {}: {}", ca.display(), chain(&e)))
+        })?;
+        if certs.is_empty() {
+            return Err(RegistryError::Config(format!(
+                "{name}: ca {}: no PEM certificate in it",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some((cert, key)) = h.client.first() {
+        if h.client.len() > 1 {
+            tracing::warn!(
+                "{name}: {} client certificates configured; Skiff presents the first, {}",
+                h.client.len(),
+                cert.display()
+            );
+        }
+        let mut pem = std::fs::read(cert).map_err(|e| RegistryError::io(cert, e))?;
+        if let Some(key) = key {
+            pem.push(b'\n');
+            pem.extend(std::fs::read(key).map_err(|e| RegistryError::io(key, e))?);
+        }
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            RegistryError::Config(format!(
+                "{name}: client {}: not a PEM certificate and key: {}",
+                cert.display(),
+                chain(&e)
+            ))
+        })?;
+        b = b.identity(id);
+    }
+    if h.skip_verify == Some(true) {
+        b = b.danger_accept_invalid_certs(true);
+    }
+    Ok(b)
 }
 
 /// `Retry-After`: delta seconds or an HTTP date.
@@ -345,32 +432,73 @@ impl RegistryClient {
     pub fn new(r: &DockerRef, config: &RegistryConfig) -> Result<RegistryClient, RegistryError> {
         let http = build_http(config)?;
         let registry = r.registry.clone();
-        let connect = r.connect_host().to_owned();
-        let origin_creds = credentials::lookup(config, &registry)?;
-        let (base, http_base) = base_url(
-            &connect,
-            config.is_insecure(&registry) || config.is_insecure(&connect),
-            "registry",
-        )?;
-        let origin = Endpoint {
-            name: registry.clone(),
-            base,
-            http_base,
-            use_http: AtomicBool::new(false),
-            headers: HeaderMap::new(),
-            auth: AuthState::new(registry.clone(), origin_creds),
-            is_mirror: false,
+        let hosts_config = match &config.hosts_dir {
+            Some(dir) => hosts::load(dir, &registry)?,
+            None => None,
         };
-        let mirrors = config
+        let mut mirrors: Vec<Endpoint> = config
             .mirrors
             .get(&registry)
-            .map(|ms| ms.iter().map(|m| mirror_endpoint(m, config)).collect())
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| mirror_endpoint(m, config, &http, &registry))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .transpose()?
             .unwrap_or_default();
+        let server = match &hosts_config {
+            Some(hc) => {
+                tracing::debug!("registry {registry}: hosts from {}", hc.source.display());
+                let (server, others) = hc.hosts.split_last().ok_or_else(|| {
+                    RegistryError::Config(format!("{}: no hosts", hc.source.display()))
+                })?;
+                for h in others {
+                    mirrors.push(host_endpoint(h, config, &http, &registry, &hc.source)?);
+                }
+                Some((server, hc.source.as_path()))
+            }
+            None => None,
+        };
+        let origin = match server {
+            Some((h, source)) if h.api_root.is_some() => {
+                let mut ep = host_endpoint(h, config, &http, &registry, source)?;
+                ep.is_mirror = false;
+                ep
+            }
+            _ => {
+                let connect = r.connect_host().to_owned();
+                let origin_creds = credentials::lookup(config, &registry)?;
+                let (base, http_base) = base_url(
+                    &connect,
+                    config.is_insecure(&registry) || config.is_insecure(&connect),
+                    "registry",
+                )?;
+                let (ep_http, headers) = match server {
+                    Some((h, source)) => (
+                        host_http(h, config, &http, &registry, source)?,
+                        host_headers(h, &registry)?,
+                    ),
+                    None => (http.clone(), HeaderMap::new()),
+                };
+                let ns = ns_for(&base, &registry);
+                Endpoint {
+                    name: registry.clone(),
+                    base,
+                    http_base,
+                    use_http: AtomicBool::new(false),
+                    headers,
+                    auth: AuthState::new(registry.clone(), origin_creds),
+                    is_mirror: false,
+                    http: ep_http,
+                    ns,
+                    caps: Capabilities::ALL,
+                    down_until: Mutex::new(None),
+                }
+            }
+        };
         let repo = &r.repository;
         Ok(RegistryClient {
             inner: Arc::new(Inner {
-                http,
                 registry,
                 repository: repo.clone(),
                 origin,
@@ -384,6 +512,24 @@ impl RegistryClient {
                 push_scope: vec![format!("repository:{repo}:pull,push")],
             }),
         })
+    }
+
+    /// Where pulls of this repository go, in order: each endpoint's API
+    /// root and whether it may pull and resolve (for `skiff inspect`-style
+    /// diagnostics and tests).
+    pub fn endpoints(&self) -> Vec<(String, bool, bool)> {
+        self.inner
+            .mirrors
+            .iter()
+            .chain(std::iter::once(&self.inner.origin))
+            .map(|e| {
+                let mut u = e.base().clone();
+                if let Some(ns) = &e.ns {
+                    u.query_pairs_mut().append_pair("ns", ns);
+                }
+                (u.to_string(), e.caps.pull, e.caps.resolve)
+            })
+            .collect()
     }
 
     /// The registry (`host[:port]`, as in the reference).
@@ -433,12 +579,18 @@ impl RegistryClient {
         &self.inner.origin
     }
 
-    /// `…/v2/REPO/SUFFIX` on `ep`.
+    /// `…/v2/REPO/SUFFIX` on `ep`, with `?ns=REGISTRY` when `ep` is not the
+    /// registry itself.
     pub(crate) fn url(&self, ep: &Endpoint, suffix: &str) -> Result<Url, RegistryError> {
-        let rel = format!("v2/{}/{suffix}", self.inner.repository);
-        ep.base()
+        let rel = format!("{}/{suffix}", self.inner.repository);
+        let mut url = ep
+            .base()
             .join(&rel)
-            .map_err(|e| RegistryError::Invalid(format!("{}: bad URL for {rel}: {e}", ep.name)))
+            .map_err(|e| RegistryError::Invalid(format!("{}: bad URL for {rel}: {e}", ep.name)))?;
+        if let Some(ns) = &ep.ns {
+            url.query_pairs_mut().append_pair("ns", ns);
+        }
+        Ok(url)
     }
 
     /// Resolves an upload `Location` (relative or absolute) against `ep`.
@@ -482,7 +634,7 @@ impl RegistryClient {
         let mut authed_retried = false;
         let mut redirects = 0;
         loop {
-            let mut rb = inner.http.request(call.method.clone(), url.clone());
+            let mut rb = ep.http.request(call.method.clone(), url.clone());
             if let Some(t) = call.timeout {
                 rb = rb.timeout(t);
             }
@@ -496,7 +648,7 @@ impl RegistryClient {
                 }
                 if let AuthHeader::Value(v) = ep
                     .auth
-                    .header(&inner.http, call.scope, &inner.counters)
+                    .header(&ep.http, call.scope, &inner.counters)
                     .map_err(Failure::fatal)?
                 {
                     let mut hv = HeaderValue::from_str(&v).map_err(|_| {
@@ -734,32 +886,74 @@ impl RegistryClient {
         }
     }
 
-    /// Runs `op` against each mirror in order (two attempts each), then
-    /// against the registry; the first success wins. Errors from mirrors
-    /// are logged; the registry's error is returned.
+    /// Runs `op` against each mirror that may pull, in order (two
+    /// attempts each), then against the registry; the first success wins.
+    /// Errors from mirrors are logged; the registry's error is returned.
     pub(crate) fn pull<T>(
         &self,
         what: &str,
-        op: impl FnMut(&Endpoint) -> Result<T, Failure>,
+        mut op: impl FnMut(&Endpoint) -> Result<T, Failure>,
     ) -> Result<T, RegistryError> {
-        self.pull_until(what, None, op)
+        self.pull_until(what, None, |ep, _| op(ep))
     }
 
-    /// [`pull`](Self::pull), every source within one deadline `until`.
+    /// Runs `op` against each mirror that may resolve tags, then the
+    /// registry (see [`pull`](Self::pull)).
+    pub(crate) fn resolve_tag<T>(
+        &self,
+        what: &str,
+        mut op: impl FnMut(&Endpoint) -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        self.sources(what, None, |c| c.resolve, |ep, _| op(ep))
+    }
+
+    /// [`pull`](Self::pull), every source within one deadline `until`:
+    /// `op` gets the deadline of its attempt (mirrors get at most half of
+    /// the time left, so that the registry keeps the other half).
     pub(crate) fn pull_until<T>(
         &self,
         what: &str,
         until: Option<Instant>,
-        mut op: impl FnMut(&Endpoint) -> Result<T, Failure>,
+        op: impl FnMut(&Endpoint, Option<Instant>) -> Result<T, Failure>,
     ) -> Result<T, RegistryError> {
-        for m in &self.inner.mirrors {
-            match self.retrying_until(m, what, MIRROR_ATTEMPTS, until, || op(m)) {
+        self.sources(what, until, |c| c.pull, op)
+    }
+
+    fn sources<T>(
+        &self,
+        what: &str,
+        until: Option<Instant>,
+        may: impl Fn(&Capabilities) -> bool,
+        mut op: impl FnMut(&Endpoint, Option<Instant>) -> Result<T, Failure>,
+    ) -> Result<T, RegistryError> {
+        for m in self.inner.mirrors.iter().filter(|m| may(&m.caps)) {
+            if m.is_down() {
+                continue;
+            }
+            let share = until.map(|u| {
+                let now = Instant::now();
+                now + u.saturating_duration_since(now) / 2
+            });
+            match self.retrying_until(m, what, MIRROR_ATTEMPTS, share, || op(m, share)) {
                 Ok(v) => return Ok(v),
-                Err(e) => tracing::warn!("mirror {}: {what}: {e}; trying the next source", m.name),
+                Err(e) => {
+                    // A network failure marks the mirror down; running out
+                    // of the caller's time before an attempt (attempts 0)
+                    // says nothing about the mirror.
+                    if matches!(e, RegistryError::Network { attempts, .. } if attempts > 0) {
+                        m.mark_down();
+                        tracing::warn!(
+                            "{e}; trying the next source (this one is skipped for {} s)",
+                            MIRROR_COOLDOWN.as_secs()
+                        );
+                    } else {
+                        tracing::warn!("{}: {e}; trying the next source", m.name);
+                    }
+                }
             }
         }
         let origin = &self.inner.origin;
-        self.retrying_until(origin, what, u32::MAX, until, || op(origin))
+        self.retrying_until(origin, what, u32::MAX, until, || op(origin, until))
     }
 
     /// The timeout of one attempt that must end by `until`: the client's
@@ -798,7 +992,17 @@ impl RegistryClient {
     }
 }
 
-fn mirror_endpoint(m: &Mirror, config: &RegistryConfig) -> Result<Endpoint, RegistryError> {
+/// `ns=REGISTRY` for an endpoint at `base` that is not the registry itself.
+fn ns_for(base: &Url, registry: &str) -> Option<String> {
+    hosts::is_proxy_for(&authority(base), registry).then(|| registry.to_owned())
+}
+
+fn mirror_endpoint(
+    m: &Mirror,
+    config: &RegistryConfig,
+    http: &Client,
+    registry: &str,
+) -> Result<Endpoint, RegistryError> {
     let insecure_host = |spec: &str| m.insecure || config.is_insecure(spec);
     let (base, http_base) = base_url(&m.url, insecure_host(&m.url), "mirror")?;
     let host = authority(&base);
@@ -814,6 +1018,7 @@ fn mirror_endpoint(m: &Mirror, config: &RegistryConfig) -> Result<Endpoint, Regi
         headers.insert(name, value);
     }
     let creds: Option<Credentials> = credentials::lookup(config, &host)?;
+    let ns = ns_for(&base, registry);
     Ok(Endpoint {
         name: format!("mirror {}", url_no_query(&base)),
         base,
@@ -822,6 +1027,87 @@ fn mirror_endpoint(m: &Mirror, config: &RegistryConfig) -> Result<Endpoint, Regi
         headers,
         auth: AuthState::new(host, creds),
         is_mirror: true,
+        http: http.clone(),
+        ns,
+        // Skiff's own mirrors serve content by digest only.
+        caps: Capabilities {
+            pull: true,
+            resolve: false,
+            push: false,
+        },
+        down_until: Mutex::new(None),
+    })
+}
+
+/// The HTTP client of a `hosts.toml` entry: the shared one, or its own
+/// when it has TLS settings or a dial timeout.
+fn host_http(
+    h: &HostEntry,
+    config: &RegistryConfig,
+    shared: &Client,
+    registry: &str,
+    source: &std::path::Path,
+) -> Result<Client, RegistryError> {
+    if !h.has_tls_settings() && h.dial_timeout.is_none() {
+        return Ok(shared.clone());
+    }
+    let name = match &h.api_root {
+        Some(u) => format!("{} ({})", url_no_query(u), source.display()),
+        None => format!("{registry} ({})", source.display()),
+    };
+    build_http_for(config, Some((h, &name)))
+}
+
+/// The extra headers of a `hosts.toml` entry (treated as secrets).
+fn host_headers(h: &HostEntry, registry: &str) -> Result<HeaderMap, RegistryError> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &h.headers {
+        let bad = |what: &str| {
+            RegistryError::Config(format!(
+                "hosts.toml of {registry}: {what} of header '{k}' is not valid in HTTP"
+            ))
+        };
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("the name"))?;
+        let mut value = HeaderValue::from_str(v).map_err(|_| bad("a value"))?;
+        value.set_sensitive(true);
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// An endpoint for a `hosts.toml` entry with an API root.
+fn host_endpoint(
+    h: &HostEntry,
+    config: &RegistryConfig,
+    shared: &Client,
+    registry: &str,
+    source: &std::path::Path,
+) -> Result<Endpoint, RegistryError> {
+    let base = h.api_root.clone().ok_or_else(|| {
+        RegistryError::Config(format!("{}: a host without a URL", source.display()))
+    })?;
+    let host = authority(&base);
+    // A host named without a scheme is HTTPS; a loopback or insecure one may
+    // fall back to plain HTTP as the registry itself may.
+    let http_base = (base.scheme() == "https" && config.is_insecure(&host))
+        .then(|| {
+            let mut u = base.clone();
+            u.set_scheme("http").ok().map(|()| u)
+        })
+        .flatten();
+    let creds: Option<Credentials> = credentials::lookup(config, &host)?;
+    Ok(Endpoint {
+        name: format!("host {}", url_no_query(&base)),
+        ns: ns_for(&base, registry),
+        http: host_http(h, config, shared, registry, source)?,
+        headers: host_headers(h, registry)?,
+        base,
+        http_base,
+        use_http: AtomicBool::new(false),
+        auth: AuthState::new(host, creds),
+        is_mirror: true,
+        caps: h.capabilities,
+        down_until: Mutex::new(None),
     })
 }
 
@@ -834,23 +1120,111 @@ mod tests {
         assert_eq!(
             base_url("r.io", false, "x")?,
             (
-                Url::parse("https://r.io/").map_err(|e| RegistryError::Config(e.to_string()))?,
+                Url::parse("https://r.io/v2/").map_err(|e| RegistryError::Config(e.to_string()))?,
                 None
             )
         );
         let (https, http) = base_url("localhost:5000", true, "x")?;
-        assert_eq!(https.as_str(), "https://localhost:5000/");
+        assert_eq!(https.as_str(), "https://localhost:5000/v2/");
         assert_eq!(
             http.map(String::from).as_deref(),
-            Some("http://localhost:5000/")
+            Some("http://localhost:5000/v2/")
         );
         assert_eq!(
             base_url("https://m.io/prefix", false, "x")?.0.as_str(),
-            "https://m.io/prefix/"
+            "https://m.io/prefix/v2/"
         );
         assert!(base_url("http://m.io", true, "x")?.1.is_none());
         assert!(base_url("ftp://m.io", false, "x").is_err());
         assert!(base_url("https://u:p@m.io", false, "x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn endpoints_in_order_with_ns_and_capabilities() -> Result<(), Box<dyn std::error::Error>> {
+        let hosts = tempfile::tempdir()?;
+        let dir = hosts.path().join("r.io_5000_");
+        std::fs::create_dir(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            r#"server = "https://upstream.r.io"
+[host."http://spegel:5000"]
+  capabilities = ["pull", "resolve"]
+[host."https://cache.lan/v2/r"]
+  capabilities = ["pull"]
+  override_path = true
+  [host."https://cache.lan/v2/r".header]
+    x-a = ["1", "2"]
+"#,
+        )?;
+        let mut config = RegistryConfig {
+            hosts_dir: Some(hosts.path().to_path_buf()),
+            ..RegistryConfig::default()
+        };
+        config
+            .mirrors
+            .insert("r.io:5000".into(), vec![Mirror::new("https://own.mirror")]);
+        let r: DockerRef = "r.io:5000/app:1".parse()?;
+        let c = RegistryClient::new(&r, &config)?;
+        assert_eq!(
+            c.endpoints(),
+            vec![
+                // Skiff's own mirrors first (pull only), then hosts.toml's
+                // hosts in file order, then its server; ns on each of them.
+                (
+                    "https://own.mirror/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    false
+                ),
+                (
+                    "http://spegel:5000/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    true
+                ),
+                (
+                    "https://cache.lan/v2/r/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    false
+                ),
+                (
+                    "https://upstream.r.io/v2/?ns=r.io%3A5000".to_owned(),
+                    true,
+                    true
+                ),
+            ]
+        );
+        assert_eq!(
+            c.url(&c.inner.mirrors[2], "blobs/sha256:ab")?.as_str(),
+            "https://cache.lan/v2/r/app/blobs/sha256:ab?ns=r.io%3A5000"
+        );
+        assert_eq!(c.inner.mirrors[2].headers.get_all("x-a").iter().count(), 2);
+
+        // No hosts.toml for this registry (and no _default): the registry
+        // itself, no ns. Docker Hub's host is docker.io's own.
+        let other: DockerRef = "other.io/app:1".parse()?;
+        let c = RegistryClient::new(&other, &config)?;
+        assert_eq!(
+            c.endpoints(),
+            vec![("https://other.io/v2/".to_owned(), true, true)]
+        );
+        let hub: DockerRef = "busybox".parse()?;
+        assert_eq!(
+            RegistryClient::new(&hub, &config)?.endpoints(),
+            vec![("https://registry-1.docker.io/v2/".to_owned(), true, true)]
+        );
+        // A broken hosts.toml fails the client with the file's name.
+        std::fs::write(
+            dir.join("hosts.toml"),
+            "[host.\"m\"]\ncapabilities = [\"fly\"]\n",
+        )?;
+        let e = RegistryClient::new(&r, &config)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("hosts.toml") && e.contains("fly")),
+            "{e:?}"
+        );
         Ok(())
     }
 

@@ -14,6 +14,7 @@
 //! proxy = "http://proxy.corp:3128"
 //! connect_timeout_ms = 10000
 //! read_timeout_ms = 30000
+//! hosts_dir = "/etc/containerd/certs.d"   # containerd's hosts.toml files
 //!
 //! [retry]
 //! max_attempts = 5
@@ -36,7 +37,8 @@
 //!
 //! [`RegistryConfig::from_env`] is what the library uses when the caller
 //! passes no configuration: the file named by `SKIFF_REGISTRY_CONFIG`, if
-//! set, plus credentials from `SKIFF_REGISTRY_USERNAME` /
+//! set, with `hosts_dir` from `SKIFF_REGISTRY_HOSTS_DIR` when that is set,
+//! plus credentials from `SKIFF_REGISTRY_USERNAME` /
 //! `SKIFF_REGISTRY_PASSWORD` (for every registry, or only for the one named
 //! by `SKIFF_REGISTRY_HOST` when that is set).
 //!
@@ -61,6 +63,9 @@ pub const ENV_USERNAME: &str = "SKIFF_REGISTRY_USERNAME";
 pub const ENV_PASSWORD: &str = "SKIFF_REGISTRY_PASSWORD";
 /// Environment variable restricting the env credentials to one registry.
 pub const ENV_HOST: &str = "SKIFF_REGISTRY_HOST";
+/// Environment variable naming containerd's registry host directory (its
+/// `config_path`); overrides `hosts_dir` of the file, empty for none.
+pub const ENV_HOSTS_DIR: &str = "SKIFF_REGISTRY_HOSTS_DIR";
 
 /// A user name and password (or, with user name `<token>`, an identity token
 /// used as an OAuth2 refresh token). `Debug` shows the user name only.
@@ -169,8 +174,13 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
     /// Pull-through mirrors per registry (`docker.io`, `host[:port]`), tried
     /// in order before the registry itself for manifests by digest and
-    /// blobs.
+    /// blobs (and before the hosts of `hosts_dir`).
     pub mirrors: BTreeMap<String, Vec<Mirror>>,
+    /// containerd's registry host directory (its `config_path`, e.g.
+    /// `/etc/containerd/certs.d`): a `hosts.toml` per registry with mirrors,
+    /// capabilities, CAs, client certificates and headers, read for each
+    /// client (see [`hosts`](crate::hosts)).
+    pub hosts_dir: Option<PathBuf>,
     /// An HTTP(S) proxy URL for all requests (`NO_PROXY` still applies).
     /// Without it, `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY`
     /// are honoured unless `use_env_proxy` is false.
@@ -209,6 +219,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             insecure_registries: Vec::new(),
             mirrors: BTreeMap::new(),
+            hosts_dir: None,
             proxy: None,
             use_env_proxy: true,
             ca_file: None,
@@ -231,6 +242,7 @@ impl fmt::Debug for RegistryConfig {
         f.debug_struct("RegistryConfig")
             .field("insecure_registries", &self.insecure_registries)
             .field("mirrors", &self.mirrors)
+            .field("hosts_dir", &self.hosts_dir)
             .field("proxy", &self.proxy.as_deref().map(redact_url))
             .field("use_env_proxy", &self.use_env_proxy)
             .field("ca_file", &self.ca_file)
@@ -298,6 +310,9 @@ impl RegistryConfig {
             Some(p) if !p.is_empty() => RegistryConfig::load(PathBuf::from(p))?,
             _ => RegistryConfig::default(),
         };
+        if let Some(dir) = std::env::var_os(ENV_HOSTS_DIR) {
+            config.hosts_dir = (!dir.is_empty()).then(|| PathBuf::from(dir));
+        }
         let user = std::env::var(ENV_USERNAME).ok().filter(|s| !s.is_empty());
         let password = std::env::var(ENV_PASSWORD).ok();
         if let (Some(username), Some(password)) = (user, password) {

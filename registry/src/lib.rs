@@ -38,6 +38,9 @@
 //!
 //! - [`config`]: [`RegistryConfig`] (TLS, insecure registries, mirrors,
 //!   proxy, timeouts, retries, credentials), loadable from TOML or JSON.
+//! - [`hosts`]: containerd's registry host configuration (`hosts.toml`
+//!   per registry under its `config_path`): mirrors, capabilities, CAs,
+//!   client certificates, headers.
 //! - [`credentials`]: credentials from the config, the Docker config file
 //!   and credential helpers.
 //! - `auth` (private): challenges, Basic, Bearer tokens (cached, refreshed).
@@ -58,6 +61,7 @@ pub mod config;
 pub mod credentials;
 mod docker_archive;
 pub mod error;
+pub mod hosts;
 pub mod layout;
 pub mod media;
 pub mod platform;

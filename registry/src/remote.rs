@@ -119,8 +119,9 @@ fn parse_content_range(resp: &Response) -> Option<(u64, u64, Option<u64>)> {
 impl RegistryClient {
     /// Fetches a manifest by tag or digest. By digest it may come from a
     /// mirror and is checked against the digest (and `expected_size`);
-    /// by tag it comes from the registry and is checked against
-    /// `Docker-Content-Digest` when present.
+    /// by tag it comes from a host trusted to resolve (a `hosts.toml` host
+    /// with the `resolve` capability, else the registry) and is checked
+    /// against `Docker-Content-Digest` when present.
     pub fn fetch_manifest(
         &self,
         reference: &str,
@@ -213,8 +214,7 @@ impl RegistryClient {
         let r = if by_digest.is_some() {
             self.pull(&what, op)
         } else {
-            let origin = self.origin();
-            self.retrying(origin, &what, u32::MAX, || op(origin))
+            self.resolve_tag(&what, op)
         };
         self.count(r)
     }
@@ -487,7 +487,7 @@ impl RegistryClient {
         let want = usize::try_from(len).map_err(|_| {
             RegistryError::Invalid(format!("blob {digest}: range length {len} too large"))
         })?;
-        let r = self.pull_until(&what, until, |ep| {
+        let r = self.pull_until(&what, until, |ep, until| {
             let Some(timeout) = self.attempt_timeout(until) else {
                 return Err(Failure::fatal(RegistryError::Network {
                     registry: ep.name.clone(),

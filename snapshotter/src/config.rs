@@ -6,6 +6,8 @@
 //! root = "/var/lib/skiff-snapshotter"     # metadata, snapshots, image mounts
 //! address = "/run/skiff/snapshotter.sock" # the gRPC socket (created 0600)
 //! # skiff_bin = "/usr/local/bin/skiff"    # binary for `skiff mount` (default: this one)
+//! # containerd's registry config_path: hosts.toml files (mirrors, CAs, plain HTTP)
+//! registry_config_path = "/etc/containerd/certs.d"
 //!
 //! [mount]                                 # the per-image FUSE daemons
 //! threads = 8
@@ -14,7 +16,8 @@
 //! readahead_kb = 1024
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
-//! cache_size = "10g"                      # its bound (LRU eviction beyond it)
+//! cache_size = "10g"                      # its high watermark: bytes or "20%" of its filesystem
+//! # cache_low = "9g"                      # evict down to this (default: 90% of cache_size)
 //! metrics = true                          # ROOT/metrics/DIGEST16.sock (Prometheus text)
 //!
 //! # How the snapshotter and its daemons talk to registries: the registry
@@ -50,6 +53,11 @@ pub struct Config {
     /// The `skiff` binary that runs the FUSE daemons (`skiff mount`); by
     /// default the running executable.
     pub skiff_bin: Option<PathBuf>,
+    /// containerd's registry host directory (`config_path` of its CRI
+    /// registry configuration): the `hosts.toml` of each registry is read
+    /// by the snapshotter and its mount daemons too, so mirrors, CAs and
+    /// plain-HTTP registries are configured once. Empty for none.
+    pub registry_config_path: PathBuf,
     /// Settings of the per-image FUSE daemons.
     pub mount: MountConfig,
     /// Skiff's registry configuration, passed on as a file through
@@ -80,8 +88,12 @@ pub struct MountConfig {
     /// plain `skiff mount`s on the node); `skiff mount`'s default when unset
     /// (/var/cache/skiff for root).
     pub cache_dir: Option<PathBuf>,
-    /// Bound of the disk cache (`skiff mount --cache-size`: 10g, 512m, ...).
+    /// Bound of the disk cache, its high watermark (`skiff mount
+    /// --cache-size`: 10g, 512m, or a percentage of its filesystem, 20%).
     pub cache_size: String,
+    /// Low watermark of the disk cache: eviction frees down to it (`skiff
+    /// mount --cache-low`; default 90% of `cache_size`).
+    pub cache_low: Option<String>,
     /// Serve each daemon's metrics on `ROOT/metrics/DIGEST16.sock` (the
     /// first 16 hex digits of the image's digest).
     pub metrics: bool,
@@ -93,6 +105,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             skiff_bin: None,
+            registry_config_path: PathBuf::from(skiff_registry::hosts::DEFAULT_HOSTS_DIR),
             mount: MountConfig::default(),
             registry: None,
         }
@@ -109,12 +122,20 @@ impl Default for MountConfig {
             ready_timeout_secs: 120,
             cache_dir: None,
             cache_size: "10g".into(),
+            cache_low: None,
             metrics: true,
         }
     }
 }
 
 impl Config {
+    /// The registry host directory, `None` when `registry_config_path` is
+    /// empty.
+    pub fn hosts_dir(&self) -> Option<PathBuf> {
+        (!self.registry_config_path.as_os_str().is_empty())
+            .then(|| self.registry_config_path.clone())
+    }
+
     /// Reads a TOML configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, Error> {
         let path = path.as_ref();
@@ -149,6 +170,15 @@ impl Config {
         if self.mount.read_budget_secs == 0 {
             return Err(Error::Config(
                 "mount.read_budget_secs must be at least 1".into(),
+            ));
+        }
+        if self
+            .registry
+            .as_ref()
+            .is_some_and(|t| t.contains_key("hosts_dir"))
+        {
+            return Err(Error::Config(
+                "[registry] hosts_dir: set registry_config_path (at the top level) instead".into(),
             ));
         }
         if self.mount.threads == 0 {
@@ -192,6 +222,27 @@ insecure_registries = ["a:5000"]
     fn shipped_example_parses() {
         let c = Config::from_toml(include_str!("../../contrib/snapshotter.toml"));
         assert_eq!(c, Ok(Config::default()));
+    }
+
+    #[test]
+    fn registry_config_path_and_cache_low() {
+        let c = Config::default();
+        assert_eq!(
+            c.hosts_dir(),
+            Some(PathBuf::from("/etc/containerd/certs.d"))
+        );
+        let c = Config::from_toml("registry_config_path = \"\"\n[mount]\ncache_low = \"15%\"\n")
+            .unwrap_or_default();
+        assert_eq!(c.hosts_dir(), None);
+        assert_eq!(c.mount.cache_low.as_deref(), Some("15%"));
+        // One setting for resolver and daemons: not [registry] hosts_dir.
+        let c = Config::from_toml("[registry]\nhosts_dir = \"/x\"\n").unwrap_or_default();
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("registry_config_path"), "{e}");
     }
 
     #[test]

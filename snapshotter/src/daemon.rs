@@ -63,6 +63,15 @@ impl Daemons {
         }
     }
 
+    /// The node's disk cache directory the daemons use (`mount.cache_dir`,
+    /// else `skiff mount`'s default as root).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.options
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(skiff_fusefs::disk::DEFAULT_CACHE_DIR))
+    }
+
     /// The mount point of image `id`.
     pub fn mount_dir(&self, id: &str) -> PathBuf {
         self.dir.join(id).join("mnt")
@@ -164,6 +173,9 @@ impl Daemons {
             .arg(self.dir.join(id));
         if let Some(dir) = &self.options.cache_dir {
             cmd.arg("--cache-dir").arg(dir);
+        }
+        if let Some(low) = &self.options.cache_low {
+            cmd.arg("--cache-low").arg(low);
         }
         if self.options.metrics {
             match self.metrics_socket(id) {

@@ -148,11 +148,18 @@ pub fn run(config: Config) -> Result<(), Error> {
     fs::create_dir_all(&config.root).map_err(|e| Error::io(&config.root, e))?;
     fs::set_permissions(&config.root, fs::Permissions::from_mode(0o711))
         .map_err(|e| Error::io(&config.root, e))?;
-    let (registry, registry_file) = registry_config(&config)?;
+    let (mut registry, registry_file) = registry_config(&config)?;
     if let Some(file) = registry_file {
         // Single-threaded still: the runtime starts below.
         std::env::set_var(skiff_registry::config::ENV_CONFIG, file);
     }
+    // containerd's hosts.toml files, for the resolver and (through the
+    // environment) for every mount daemon.
+    registry.hosts_dir = config.hosts_dir();
+    std::env::set_var(
+        skiff_registry::config::ENV_HOSTS_DIR,
+        &config.registry_config_path,
+    );
     let skiff_bin = match &config.skiff_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()

@@ -200,9 +200,21 @@ impl Snapshotter {
                 return Ok(());
             }
         }
-        let (source, reference, created) = match (&record, image) {
-            (Some(r), _) => (r.source.clone(), r.reference.clone(), r.created),
-            (None, Some((info, reference))) => (info.source.clone(), reference.to_owned(), now()),
+        let (source, reference, created, bootstrap) = match (&record, image) {
+            (Some(r), info) => (
+                r.source.clone(),
+                r.reference.clone(),
+                r.created,
+                r.bootstrap
+                    .clone()
+                    .or_else(|| info.map(|(i, _)| i.bootstrap.clone())),
+            ),
+            (None, Some((info, reference))) => (
+                info.source.clone(),
+                reference.to_owned(),
+                now(),
+                Some(info.bootstrap.clone()),
+            ),
             (None, None) => return Err(Error::Internal(format!("image {id} has no mount record"))),
         };
         let pid = self.daemons.start(id, &source).await?;
@@ -214,6 +226,7 @@ impl Snapshotter {
                 reference,
                 pid: Some(pid),
                 created,
+                bootstrap,
             },
         );
         st.save()
@@ -543,7 +556,17 @@ impl Snapshotter {
             };
             let release = match &s.remote {
                 Some(Remote::Image { image }) if !st.data.image_in_use(image) => {
-                    st.data.images.remove(image).map(|m| (image.clone(), m.pid))
+                    st.data.images.remove(image).map(|m| {
+                        // The bootstraps of the images still mounted: their
+                        // chunks stay in the node's cache.
+                        let kept: Vec<String> = st
+                            .data
+                            .images
+                            .values()
+                            .filter_map(|m| m.bootstrap.clone())
+                            .collect();
+                        (image.clone(), m.pid, m.bootstrap, kept)
+                    })
                 }
                 _ => None,
             };
@@ -556,14 +579,44 @@ impl Snapshotter {
             _ => Ok(()),
         })
         .await??;
-        if let Some((image, pid)) = release {
+        if let Some((image, pid, bootstrap, kept)) = release {
             let lock = self.image_lock(&image);
             let _guard = lock.lock().await;
             tracing::info!(image = %image, "last snapshot of the image removed: unmounting");
             self.daemons.stop(&image, pid).await?;
+            if let Some(bootstrap) = bootstrap {
+                self.release_cache(&image, &bootstrap, &kept).await;
+            }
         }
         tracing::debug!(key, "snapshot removed");
         Ok(())
+    }
+
+    /// Deletes what a removed image holds in the node's cache (its chunks
+    /// that no image still mounted names, its bootstrap), so the space comes
+    /// back when containerd (kubelet's image GC) removes it. A failure is
+    /// logged: the watermark evicts those files later anyway.
+    async fn release_cache(&self, image: &str, bootstrap: &str, kept: &[String]) {
+        let dir = self.daemons.cache_dir();
+        let parse = |d: &str| d.parse::<skiff_registry::Digest>().ok();
+        let Some(removed) = parse(bootstrap) else {
+            return;
+        };
+        let kept: Vec<_> = kept.iter().filter_map(|k| parse(k)).collect();
+        let result = tokio::task::spawn_blocking(move || {
+            skiff_fusefs::reclaim::release_image(&dir, &removed, &kept)
+        })
+        .await;
+        match result {
+            Ok(Ok(freed)) => tracing::info!(
+                image,
+                files = freed.entries,
+                bytes = freed.bytes,
+                "released the image's entries in the node cache"
+            ),
+            Ok(Err(e)) => tracing::warn!(image, "releasing the image's cache entries: {e}"),
+            Err(e) => tracing::warn!(image, "releasing the image's cache entries: {e}"),
+        }
     }
 
     /// `Stat`.
@@ -612,22 +665,46 @@ impl Snapshotter {
         Ok(out)
     }
 
-    /// `Usage`: bytes and inodes a snapshot takes on disk.
+    /// `Usage`: bytes and inodes a snapshot takes on disk. The snapshot
+    /// that stands for a Skiff image's mount reports what the image holds
+    /// in the node's cache now (its bootstrap and the chunk files it names,
+    /// see `skiff_fusefs::reclaim`); its data-blob layers hold nothing.
     pub async fn usage(&self, key: &str) -> Result<(u64, u64), Error> {
-        let (kind, id, usage) = {
+        let (kind, id, usage, bootstrap) = {
             let st = self.store.lock().await;
             let s = st
                 .data
                 .snapshots
                 .get(key)
                 .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))?;
-            (s.kind, s.id, s.usage)
+            let bootstrap = match &s.remote {
+                Some(Remote::Image { image }) => {
+                    st.data.images.get(image).and_then(|m| m.bootstrap.clone())
+                }
+                _ => None,
+            };
+            (s.kind, s.id, s.usage, bootstrap)
         };
-        match (kind, usage) {
-            (Kind::Committed, Some(u)) => Ok(u),
+        let own = match (kind, usage) {
+            (Kind::Committed, Some(u)) => u,
             _ => {
                 let dir = self.fs_dir(id);
-                tokio::task::spawn_blocking(move || disk_usage(&dir)).await?
+                tokio::task::spawn_blocking(move || disk_usage(&dir)).await??
+            }
+        };
+        let Some(layer) = bootstrap.and_then(|b| b.parse::<skiff_registry::Digest>().ok()) else {
+            return Ok(own);
+        };
+        let dir = self.daemons.cache_dir();
+        let cached =
+            tokio::task::spawn_blocking(move || skiff_fusefs::reclaim::image_usage(&dir, &layer))
+                .await?;
+        match cached {
+            Ok(Some(u)) => Ok((own.0 + u.bytes(), own.1 + u.inodes())),
+            Ok(None) => Ok(own),
+            Err(e) => {
+                tracing::warn!(key, "usage of the image in the node cache: {e}");
+                Ok(own)
             }
         }
     }

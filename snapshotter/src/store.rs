@@ -108,6 +108,11 @@ pub struct ImageMount {
     pub pid: Option<i32>,
     /// When the image was first mounted.
     pub created: SystemTime,
+    /// The digest of its bootstrap layer (`sha256:HEX`): where its entries
+    /// in the node's cache are found (`Usage`, release on removal).
+    /// Records written before it was kept have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<String>,
 }
 
 /// The whole metadata.

@@ -402,6 +402,14 @@ async fn skiff_layers_become_remote_snapshots_on_one_mount() {
     }
     let pids = sn.daemon_pids();
     assert_eq!(pids.len(), 1, "one mount for the image");
+    // containerd's registry config_path reaches the image daemon.
+    let environ = fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"SKIFF_REGISTRY_HOSTS_DIR=/etc/containerd/certs.d"),
+        "the daemon does not get the snapshotter's registry_config_path"
+    );
     let mnt = sn.mount_dirs().pop().unwrap();
 
     // A container: overlay whose only lower directory is the image's mount.
@@ -424,6 +432,30 @@ async fn skiff_layers_become_remote_snapshots_on_one_mount() {
     assert!(os.contains("Debian GNU/Linux 12"), "{os}");
     fs::write(rootfs.join("leak.txt"), "x").unwrap();
     assert!(!mnt.join("leak.txt").exists());
+
+    // Usage of the snapshot that stands for the image: what the image holds
+    // in the node's cache (its bootstrap and the chunks read so far), never
+    // more than the cache directory holds.
+    let cache = dir.path.join("sn").with_extension("cache");
+    for f in ["usr/bin/python3.11", "usr/lib/python3.11/os.py"] {
+        assert!(fs::metadata(rootfs.join(f)).is_ok(), "{f}");
+        let _ = fs::read(rootfs.join(f)).unwrap();
+    }
+    let boots: Vec<PathBuf> = fs::read_dir(cache.join("bootstraps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    let boot_len = fs::metadata(&boots[0]).unwrap().len() as i64;
+    let usage = wait_for_usage(&mut c, &parent, boot_len).await;
+    let cached = tree_bytes(&cache) as i64;
+    eprintln!("Usage of the image's snapshot: {usage:?}; bootstrap {boot_len} bytes; cache directory {cached} bytes");
+    assert!(
+        usage.size > boot_len && usage.size <= cached && usage.inodes >= 2,
+        "usage {usage:?}, bootstrap {boot_len} bytes, cache {cached} bytes"
+    );
 
     // Restart: the daemon is re-used, the container keeps reading.
     sn.restart();
@@ -488,4 +520,54 @@ async fn skiff_layers_become_remote_snapshots_on_one_mount() {
         "the image mount daemon still runs"
     );
     assert!(!mnt.exists(), "the mount point is left behind");
+    // The image's entries in the node's cache went with it: no image is
+    // mounted any more, so no chunk and no bootstrap is left.
+    assert_eq!(
+        tree_bytes(&cache),
+        0,
+        "cache entries of the removed image left: {}",
+        tail_of(&sn.log, 10)
+    );
+}
+
+/// Bytes of the regular files under `dir` (temporary files excluded).
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && !e.file_name().to_string_lossy().starts_with(".tmp") {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// `Usage` of `key` once it counts more than `floor` bytes (the daemon
+/// writes fetched chunks to the disk cache in the background).
+async fn wait_for_usage(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    floor: i64,
+) -> pb::UsageResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = c
+            .usage(pb::UsageRequest {
+                snapshotter: "skiff".into(),
+                key: key.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if u.size > floor || std::time::Instant::now() > deadline {
+            return u;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,0 +1,316 @@
+//! containerd's registry host configuration (`hosts.toml` under its
+//! `config_path`) read by `skiff mount`, with real parts only: two
+//! docker-registry instances serving the converted fixture, each behind
+//! `scripts/fault-proxy.py`, whose counters say which one served the lazy
+//! Range reads and with which `ns` query parameter.
+//!
+//! - A mirror listed in `hosts.toml` serves every Range request, each with
+//!   `ns=<the image's registry>` as containerd sends it; the origin serves
+//!   none. When the mirror goes away, reads fall back to the origin and none
+//!   fails.
+//! - A TLS mirror named in `_default/hosts.toml` is trusted through the `ca`
+//!   file the same `hosts.toml` names (relative to it); without that `ca`
+//!   its certificate is refused and reads go to the origin, again without a
+//!   failed read.
+//!
+//! Every byte read is compared with the fixture's reference tree.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use skiff_tests::faultproxy::{fixture_registry_storage, FaultProxy, FaultyRegistry, FIXTURE_REPO};
+use skiff_tests::harness::{remove_all, run, scratch_root, umoci_rootfs};
+use skiff_tests::services::{Registry, SkiffMount};
+
+/// Short timeouts: a dead mirror must not slow the test down.
+const REGISTRY_CONFIG: &str = "use_docker_config = false
+use_env_proxy = false
+connect_timeout_ms = 2000
+read_timeout_ms = 5000
+
+[retry]
+max_attempts = 4
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+deadline_ms = 20000
+";
+
+fn work_dir(name: &str) -> PathBuf {
+    let dir = scratch_root().join(format!("registry-hosts-{name}"));
+    remove_all(&dir);
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+fn write(path: &Path, text: &str) {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    }
+    fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Regular files of the reference tree of 64 KiB to 1 MiB, spread over the
+/// tree (relative paths).
+fn sample_files(n: usize) -> Vec<String> {
+    let root = umoci_rootfs();
+    let mut all = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if ((64 << 10)..=(1 << 20)).contains(&len) {
+                    if let Ok(rel) = e.path().strip_prefix(&root) {
+                        all.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    all.sort();
+    assert!(all.len() >= n * 3, "too few reference files: {}", all.len());
+    (0..n)
+        .map(|i| all[(i * 7919) % all.len()].clone())
+        .collect()
+}
+
+/// Reads `rel` through the mount and compares it with the reference: a
+/// failed read or a wrong byte fails the test.
+fn read_and_check(mount: &SkiffMount, rel: &str) {
+    let got = fs::read(mount.p(rel))
+        .unwrap_or_else(|e| panic!("reading {rel} through the mount failed: {e}"));
+    let want = fs::read(umoci_rootfs().join(rel))
+        .unwrap_or_else(|e| panic!("reading the reference of {rel}: {e}"));
+    assert!(got == want, "WRONG BYTES in {rel}");
+}
+
+/// Mounts the fixture from `origin` (`host:port` of its proxy) with the
+/// hosts directory `hosts`: no prefetch and no readahead, so that every
+/// read makes its own Range requests.
+fn mount(origin: &str, hosts: &Path, dir: &Path) -> SkiffMount {
+    let config = dir.join("registry.toml");
+    write(&config, REGISTRY_CONFIG);
+    let config = config.display().to_string();
+    let hosts = hosts.display().to_string();
+    SkiffMount::start_env(
+        &format!("docker://{origin}/{FIXTURE_REPO}"),
+        &dir.join("mount"),
+        &["--no-prefetch", "--chunk-readahead-kb", "0"],
+        &[
+            ("SKIFF_REGISTRY_CONFIG", &config),
+            ("SKIFF_REGISTRY_HOSTS_DIR", &hosts),
+        ],
+    )
+}
+
+/// From a registry's access log: range GETs of blobs answered 206, and
+/// how many of them carried `ns=<ns>` (URL-encoded as containerd does).
+/// (The control endpoints of a TLS proxy are not reachable over plain TCP:
+/// the registry behind it keeps the count.)
+fn access_log_ranges(registry: &Registry, ns: &str) -> (usize, usize) {
+    let log = fs::read_to_string(&registry.log).unwrap_or_default();
+    let encoded = format!("ns={}", ns.replace(':', "%3A"));
+    let ranges: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/") && l.contains("\" 206 "))
+        .collect();
+    let with_ns = ranges.iter().filter(|l| l.contains(&encoded)).count();
+    (ranges.len(), with_ns)
+}
+
+/// How many range requests `proxy` saw with `ns=<ns>`.
+fn range_ns(proxy: &FaultProxy, ns: &str) -> u64 {
+    proxy.stats()["range_ns"][ns].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn mirror_in_hosts_toml_serves_ranges_with_ns_and_falls_back_to_the_origin() {
+    let dir = work_dir("mirror");
+    let origin = FaultyRegistry::start(&dir.join("origin"));
+    let mirror = FaultyRegistry::start(&dir.join("mirror"));
+    let ns = origin.proxy.host();
+    let m = mirror.proxy.host();
+    // containerd's lookup order: `host_port_` comes before `host:port`.
+    let hosts = dir.join("certs.d");
+    write(
+        &hosts
+            .join(format!("127.0.0.1_{}_", origin.proxy.port))
+            .join("hosts.toml"),
+        &format!(
+            "server = \"http://{ns}\"\n\n[host.\"http://{m}\"]\n  capabilities = [\"pull\"]\n  [host.\"http://{m}\".header]\n    x-skiff-test = \"mirror\"\n"
+        ),
+    );
+    // A `_default` that must not be used: this registry has its own directory.
+    write(
+        &hosts.join("_default").join("hosts.toml"),
+        "server = \"http://127.0.0.1:9\"\n",
+    );
+    let mnt = mount(&ns, &hosts, &dir);
+    let files = sample_files(6);
+
+    for f in &files[..3] {
+        read_and_check(&mnt, f);
+    }
+    let served = mirror.proxy.stat("range_requests");
+    assert!(served > 0, "the mirror served no range request");
+    assert_eq!(
+        range_ns(&mirror.proxy, &ns),
+        served,
+        "range requests to the mirror without ns={ns}: {}",
+        mirror.proxy.stats()
+    );
+    assert_eq!(
+        origin.proxy.stat("range_requests"),
+        0,
+        "the origin served range requests while the mirror was up"
+    );
+    // The tag was resolved at the origin (the mirror may only pull), and
+    // requests to the origin itself carry no ns.
+    assert!(origin.proxy.stats()["ns"][""].as_u64().unwrap_or(0) > 0);
+    assert_eq!(
+        origin.proxy.stats()["ns"].as_object().map(|o| o.len()),
+        Some(1)
+    );
+    eprintln!(
+        "mirror up: {served} range requests to the mirror, all with ns={ns}; 0 to the origin"
+    );
+
+    // The mirror goes away: reads fall back to the origin, none fails.
+    drop(mirror);
+    for f in &files[3..] {
+        read_and_check(&mnt, f);
+    }
+    let fallback = origin.proxy.stat("range_requests");
+    assert!(fallback > 0, "no range request reached the origin");
+    eprintln!("mirror down: {fallback} range requests to the origin, no failed read");
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, under `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("req.csr"),
+    );
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=skiff hosts.toml test CA", "-keyout"])
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    let ext = dir.join("ext.cnf");
+    write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    );
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    (ca, cert, key)
+}
+
+#[test]
+fn tls_mirror_in_default_hosts_toml_is_trusted_through_its_ca() {
+    let dir = work_dir("tls");
+    let origin = FaultyRegistry::start(&dir.join("origin"));
+    let (ca, cert, key) = make_certs(&dir.join("pki"));
+    let registry = Registry::start_on(&dir.join("mirror"), &fixture_registry_storage());
+    let mirror = FaultProxy::start_with(
+        &registry.host(),
+        &dir.join("mirror-proxy"),
+        &[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+        ],
+    );
+    let ns = origin.proxy.host();
+    let m = mirror.host();
+    let files = sample_files(4);
+
+    // `_default` applies to every registry; the CA path is relative to the
+    // hosts.toml. The mirror may resolve tags too: the origin sees nothing.
+    let trusted = dir.join("trusted");
+    let default = trusted.join("_default");
+    fs::create_dir_all(&default).unwrap_or_else(|e| panic!("{e}"));
+    fs::copy(&ca, default.join("mirror-ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+    write(
+        &default.join("hosts.toml"),
+        &format!(
+            "[host.\"https://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"mirror-ca.pem\"\n"
+        ),
+    );
+    {
+        let mnt = mount(&ns, &trusted, &dir.join("trusted-mount"));
+        for f in &files[..2] {
+            read_and_check(&mnt, f);
+        }
+    }
+    let (served, with_ns) = access_log_ranges(&registry, &ns);
+    assert!(served > 0, "the TLS mirror served no range request");
+    assert_eq!(
+        with_ns, served,
+        "range requests to the mirror without ns={ns}"
+    );
+    assert_eq!(
+        origin.proxy.stat("requests"),
+        0,
+        "the origin was asked although the mirror resolves and pulls"
+    );
+    eprintln!(
+        "TLS mirror trusted through hosts.toml's ca: {served} range requests, all with ns={ns}"
+    );
+
+    // Without the CA the mirror's certificate is refused: every read goes
+    // to the origin and none fails.
+    let untrusted = dir.join("untrusted");
+    write(
+        &untrusted.join("_default").join("hosts.toml"),
+        &format!("[host.\"https://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    );
+    {
+        let mnt = mount(&ns, &untrusted, &dir.join("untrusted-mount"));
+        for f in &files[2..] {
+            read_and_check(&mnt, f);
+        }
+    }
+    assert_eq!(
+        access_log_ranges(&registry, &ns).0,
+        served,
+        "an untrusted mirror was read"
+    );
+    assert!(origin.proxy.stat("range_requests") > 0);
+}
