@@ -174,6 +174,7 @@ mod tests {
                 compressed_offset: u64::from(CHUNK) * n as u64,
                 compressed_size: CHUNK,
                 uncompressed_size: CHUNK,
+                frame: None,
             })
             .collect();
         let size = u64::from(CHUNK) * ids.len() as u64;
