@@ -73,7 +73,9 @@ pub fn credentials_file(passed: &PassedCredentials) -> Result<OwnedFd, Error> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let fail = |what: &str, e: &dyn std::fmt::Display| {
-        Error::Internal(format!("passing credentials to a mount daemon: {what}: {e}"))
+        Error::Internal(format!(
+            "passing credentials to a mount daemon: {what}: {e}"
+        ))
     };
     let json = serde_json::to_vec(passed).map_err(|e| fail("encoding", &e))?;
     let fd = memfd_create(

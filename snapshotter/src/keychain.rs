@@ -128,10 +128,16 @@ mod tests {
     fn keyed_by_registry_and_repository() {
         let k = Keychain::new();
         assert!(k.remember("r.lan:5000/team/app:1", Some(&auth("u", "p"))));
-        assert_eq!(k.get("r.lan:5000", "team/app"), Some(Credentials::new("u", "p")));
+        assert_eq!(
+            k.get("r.lan:5000", "team/app"),
+            Some(Credentials::new("u", "p"))
+        );
         assert_eq!(k.get("r.lan:5000", "team/other"), None);
         let (registry, c) = k.for_image("docker://r.lan:5000/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000").unwrap_or_else(|| panic!("no entry"));
-        assert_eq!((registry.as_str(), c), ("r.lan:5000", Credentials::new("u", "p")));
+        assert_eq!(
+            (registry.as_str(), c),
+            ("r.lan:5000", Credentials::new("u", "p"))
+        );
         // Docker Hub's short names are normalised.
         assert!(k.remember("python:3", Some(&auth("h", "q"))));
         assert!(k.get("docker.io", "library/python").is_some());

@@ -170,8 +170,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async move {
-        let mut daemons =
-            Daemons::new(config.root.join("mounts"), skiff_bin, config.mount.clone());
+        let mut daemons = Daemons::new(config.root.join("mounts"), skiff_bin, config.mount.clone());
         let mut resolver = RegistryResolver::new(registry);
         let mut images = None;
         if config.cri.image_service {

@@ -182,7 +182,10 @@ fn image_size(layout: &Path, tag: &str) -> u64 {
     let m = manifest_of(layout, tag);
     let layers = m["layers"].as_array().unwrap();
     m["config"]["size"].as_u64().unwrap()
-        + layers.iter().map(|l| l["size"].as_u64().unwrap()).sum::<u64>()
+        + layers
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum::<u64>()
 }
 
 /// Bytes of blob bodies the registry served (its access log since `mark`).
@@ -281,12 +284,12 @@ impl Node {
         let sn = Snapshotter::start_with(
             &path.join("sn"),
             &path.join("skiff.sock"),
-            &format!(
-                "[cri]\ncontainerd_address = \"{}\"\n",
-                ctd_socket.display()
-            ),
+            &format!("[cri]\ncontainerd_address = \"{}\"\n", ctd_socket.display()),
         );
-        let ctd = Containerd::start_cri(&path, &cri_config(&path, &pause, &[&registry, &pause_registry]));
+        let ctd = Containerd::start_cri(
+            &path,
+            &cri_config(&path, &pause, &[&registry, &pause_registry]),
+        );
         assert_eq!(ctd.socket, ctd_socket);
         ctd.wait_for_plugin(&sn.log);
         Node {
@@ -326,7 +329,11 @@ impl Kubelet {
         }
     }
 
-    async fn pull(&mut self, image: &str, auth: Option<cri::AuthConfig>) -> Result<String, tonic::Status> {
+    async fn pull(
+        &mut self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+    ) -> Result<String, tonic::Status> {
         let r = self
             .images
             .pull_image(cri::PullImageRequest {
@@ -532,7 +539,12 @@ async fn run_pod(
     };
     let fetched = blob_bytes_served(&mark);
     let log = cri_log_messages(Path::new(&status.log_path));
-    assert_eq!(status.exit_code, 0, "the workload failed: {log}\n{}", node.logs());
+    assert_eq!(
+        status.exit_code,
+        0,
+        "the workload failed: {log}\n{}",
+        node.logs()
+    );
 
     // A long-running container and ExecSync in it.
     let long_id = kubelet
@@ -624,9 +636,14 @@ const EXEC: &[&str] = &["python3", "-c", "import yaml; print('exec ok')"];
 async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
     let node = Node::start("cri", true);
     let creds = format!("{USER}:{PASSWORD}");
-    let (skiff_ref, skiff_size) = push_skiff(node.path(), &node.registry, "skiff/python", Some(&creds));
+    let (skiff_ref, skiff_size) =
+        push_skiff(node.path(), &node.registry, "skiff/python", Some(&creds));
     let plain_ref = format!("{}/plain/python:1", node.registry.host());
-    skopeo_copy(&fixture_image(), &format!("docker://{plain_ref}"), Some(&creds));
+    skopeo_copy(
+        &fixture_image(),
+        &format!("docker://{plain_ref}"),
+        Some(&creds),
+    );
     let plain_size = image_size(&fixture_layout(), "python");
 
     // kubelet --image-service-endpoint=SNAPSHOTTER --container-runtime-endpoint=CONTAINERD
@@ -634,9 +651,21 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
 
     // Without the password the registry refuses the pull.
     let refused = kubelet.pull(&skiff_ref, None).await;
-    assert!(refused.is_err(), "a pull without credentials passed: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a pull without credentials passed: {refused:?}"
+    );
 
-    let run = run_pod(&node, &mut kubelet, "skiff-pod", &skiff_ref, Some(auth()), WORKLOAD, EXEC).await;
+    let run = run_pod(
+        &node,
+        &mut kubelet,
+        "skiff-pod",
+        &skiff_ref,
+        Some(auth()),
+        WORKLOAD,
+        EXEC,
+    )
+    .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
     eprintln!(
@@ -654,14 +683,27 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
     // The credentials never reached the snapshotter's logs or disk.
     for path in [&node.sn.log, &node.sn.root.join("metadata.json")] {
         let text = fs::read_to_string(path).unwrap_or_default();
-        assert!(!text.contains(PASSWORD), "the password is in {}", path.display());
+        assert!(
+            !text.contains(PASSWORD),
+            "the password is in {}",
+            path.display()
+        );
     }
     let mut leaked = Vec::new();
     find_text(&node.sn.root, PASSWORD, &mut leaked);
     assert!(leaked.is_empty(), "the password is on disk: {leaked:?}");
 
     // The control: a plain OCI image through the same path.
-    let run = run_pod(&node, &mut kubelet, "plain-pod", &plain_ref, Some(auth()), WORKLOAD, EXEC).await;
+    let run = run_pod(
+        &node,
+        &mut kubelet,
+        "plain-pod",
+        &plain_ref,
+        Some(auth()),
+        WORKLOAD,
+        EXEC,
+    )
+    .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
     eprintln!(
@@ -677,16 +719,29 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pulls_of_a_skiff_image_are_deterministic() {
-    let node = Node::start("cri-pulls", false);
-    let (skiff_ref, _) = push_skiff(node.path(), &node.registry, "skiff/python", None);
-    let mut kubelet = Kubelet::connect(&node.ctd.socket, &node.ctd.socket).await;
+    let node = Node::start("cri-pulls", true);
+    let creds = format!("{USER}:{PASSWORD}");
+    let (skiff_ref, _) = push_skiff(node.path(), &node.registry, "skiff/python", Some(&creds));
+    // First as kubelet without --image-service-endpoint: the credentials
+    // reach containerd only, the snapshotter cannot read the manifest and
+    // containerd falls back to unpacking Skiff's blobs as tar layers, which
+    // fails. What it leaves behind must not disturb the pulls below.
+    let mut direct = Kubelet::connect(&node.ctd.socket, &node.ctd.socket).await;
+    let failed = direct.pull(&skiff_ref, Some(auth())).await;
+    eprintln!("PullImage at containerd's CRI with credentials: {failed:?}");
+    assert!(
+        failed.is_err(),
+        "a private Skiff image was pulled without the snapshotter's credentials"
+    );
+
+    let mut kubelet = Kubelet::connect(&node.sn.socket, &node.ctd.socket).await;
     for round in 0..4 {
         let mark = LogMark::new(&node.registry.log);
-        if let Err(e) = kubelet.pull(&skiff_ref, None).await {
+        if let Err(e) = kubelet.pull(&skiff_ref, Some(auth())).await {
             panic!("round {round}: PullImage: {e}\n{}", node.logs());
         }
         // Pulling what is there is a no-op, never an error.
-        if let Err(e) = kubelet.pull(&skiff_ref, None).await {
+        if let Err(e) = kubelet.pull(&skiff_ref, Some(auth())).await {
             panic!("round {round}: second PullImage: {e}\n{}", node.logs());
         }
         let fetched = blob_bytes_served(&mark);
@@ -702,8 +757,6 @@ async fn cri_pulls_of_a_skiff_image_are_deterministic() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: RemoveImage: {e}\n{}", node.logs()));
     }
-    let run = run_pod(&node, &mut kubelet, "direct-pod", &skiff_ref, None, WORKLOAD, EXEC).await;
-    assert!(run.log.contains("workload ok"), "log: {}", run.log);
 }
 
 /// Files below `dir` (not crossing into mounts) whose bytes contain `needle`.
@@ -731,5 +784,54 @@ fn find_text(dir: &Path, needle: &str, out: &mut Vec<PathBuf>) {
                 }
             }
         }
+    }
+}
+
+/// The cause of "unable to prepare extraction snapshot: target snapshot
+/// ... already exists" (containerd's metadata names chain-ID snapshots the
+/// snapshotter does not have: its root was lost while containerd's was
+/// kept; the Prepare never reaches the snapshotter and every Stat answers
+/// NotFound) and its remedy: RemoveImage lets containerd's garbage
+/// collector drop those records, and the next pull works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_snapshotter_root_is_healed_by_remove_image() {
+    let mut node = Node::start("cri-lost", false);
+    let (skiff_ref, _) = push_skiff(node.path(), &node.registry, "skiff/python", None);
+    let mut kubelet = Kubelet::connect(&node.sn.socket, &node.ctd.socket).await;
+    if let Err(e) = kubelet.pull(&skiff_ref, None).await {
+        panic!("PullImage: {e}\n{}", node.logs());
+    }
+    // The snapshotter loses its root; containerd keeps its own.
+    for pid in node.sn.daemon_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.sn.daemon_pids().iter().any(|p| daemon_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unmount_below(&node.sn.root);
+    fs::remove_dir_all(&node.sn.root).unwrap();
+    node.sn.restart();
+    node.ctd.wait_for_plugin(&node.sn.log);
+    let stale = kubelet.pull(&skiff_ref, None).await;
+    match &stale {
+        Err(e)
+            if e.code() == tonic::Code::AlreadyExists
+                && e.message()
+                    .contains("unable to prepare extraction snapshot") => {}
+        other => panic!("expected containerd's AlreadyExists for its stale records, got {other:?}"),
+    }
+    kubelet
+        .images
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(image_spec(&skiff_ref)),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveImage: {e}\n{}", node.logs()));
+    if let Err(e) = kubelet.pull(&skiff_ref, None).await {
+        panic!("PullImage after RemoveImage: {e}\n{}", node.logs());
     }
 }
