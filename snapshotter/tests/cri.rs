@@ -446,6 +446,7 @@ async fn run_pod(
     auth: Option<cri::AuthConfig>,
     workload: &[&str],
     exec: &[&str],
+    after_worker_kill: Option<&[&str]>,
 ) -> PodRun {
     let mark = LogMark::new(&node.registry.log);
     let version = kubelet
@@ -577,7 +578,40 @@ async fn run_pod(
         "ExecSync {exec:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let exec_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut exec_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    if let Some(cmd) = after_worker_kill {
+        // The serving worker of the image's mount dies; the keeper's next
+        // worker reads the credentials again from its inherited descriptor
+        // and fetches files never read before from the private registry.
+        let keepers = node.sn.daemon_pids();
+        assert!(!keepers.is_empty(), "no image mount to kill a worker of");
+        for keeper in keepers {
+            let worker = skiff_tests::services::child_of(keeper as u32)
+                .unwrap_or_else(|| panic!("keeper {keeper} has no worker"));
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(worker as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let out = kubelet
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: long_id.clone(),
+                cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+                timeout: 120,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync after the worker's death: {e}\n{}", node.logs()))
+            .into_inner();
+        assert_eq!(
+            out.exit_code,
+            0,
+            "ExecSync {cmd:?} after the worker's death: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exec_out.push_str(&String::from_utf8_lossy(&out.stdout));
+        assert_no_password_leak(node);
+    }
 
     // And down again, in kubelet's order.
     for id in [&long_id, &workload_id] {
@@ -631,6 +665,48 @@ const WORKLOAD: &[&str] = &[
     "import numpy, pandas; print('workload ok', numpy.__version__)",
 ];
 const EXEC: &[&str] = &["python3", "-c", "import yaml; print('exec ok')"];
+const AFTER_WORKER_KILL: &[&str] = &["python3", "-c", "import requests; print('after kill ok')"];
+
+/// The password is nowhere the snapshotter and its mounts write or show:
+/// logs and state under its root, the mount daemons' command lines and
+/// environment, their metrics.
+fn assert_no_password_leak(node: &Node) {
+    let mut leaked = Vec::new();
+    find_text(&node.sn.root, PASSWORD, &mut leaked);
+    find_text(&node.sn.log, PASSWORD, &mut leaked);
+    assert!(leaked.is_empty(), "the password is on disk: {leaked:?}");
+    for keeper in node.sn.daemon_pids() {
+        let worker = skiff_tests::services::child_of(keeper as u32).unwrap_or(keeper as u32);
+        for pid in [keeper as u32, worker] {
+            for what in ["cmdline", "environ"] {
+                let bytes = fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+                assert!(
+                    !bytes
+                        .windows(PASSWORD.len())
+                        .any(|w| w == PASSWORD.as_bytes()),
+                    "the password is in /proc/{pid}/{what}"
+                );
+            }
+        }
+    }
+    let metrics = node.sn.root.join("metrics");
+    let sockets: Vec<PathBuf> = fs::read_dir(&metrics)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        !sockets.is_empty() || node.sn.daemon_pids().is_empty(),
+        "no metrics socket in {}",
+        metrics.display()
+    );
+    for sock in sockets {
+        let text = skiff_tests::services::scrape_metrics(&sock);
+        assert!(
+            !text.contains(PASSWORD),
+            "the password is in the metrics of {}",
+            sock.display()
+        );
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
@@ -664,10 +740,12 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
         Some(auth()),
         WORKLOAD,
         EXEC,
+        Some(AFTER_WORKER_KILL),
     )
     .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
+    assert!(run.exec.contains("after kill ok"), "exec: {}", run.exec);
     eprintln!(
         "skiff image: {} of {} bytes fetched by the workload's exit ({:.1}%)",
         run.fetched,
@@ -680,18 +758,7 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
         run.fetched,
         node.logs()
     );
-    // The credentials never reached the snapshotter's logs or disk.
-    for path in [&node.sn.log, &node.sn.root.join("metadata.json")] {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            !text.contains(PASSWORD),
-            "the password is in {}",
-            path.display()
-        );
-    }
-    let mut leaked = Vec::new();
-    find_text(&node.sn.root, PASSWORD, &mut leaked);
-    assert!(leaked.is_empty(), "the password is on disk: {leaked:?}");
+    assert_no_password_leak(&node);
 
     // The control: a plain OCI image through the same path.
     let run = run_pod(
@@ -702,6 +769,7 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
         Some(auth()),
         WORKLOAD,
         EXEC,
+        None,
     )
     .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
