@@ -424,6 +424,16 @@ fn cri_log_messages(path: &Path) -> String {
         .join("\n")
 }
 
+/// What a pod runs: `workload` to completion in one container, `exec`
+/// (ExecSync) in a long-running one, and, when given, `after_worker_kill`
+/// there after a `kill -9` of the image mount's serving worker.
+#[derive(Clone, Copy)]
+struct Commands {
+    workload: &'static [&'static str],
+    exec: &'static [&'static str],
+    after_worker_kill: Option<&'static [&'static str]>,
+}
+
 /// What one pod run shows.
 struct PodRun {
     /// The workload's log messages.
@@ -436,18 +446,20 @@ struct PodRun {
 }
 
 /// The whole kubelet sequence for `image`, pulled through `kubelet.images`
-/// with `auth`; `workload` runs to completion in one container, `exec` in a
-/// long-running one.
+/// with `auth`, running `commands`.
 async fn run_pod(
     node: &Node,
     kubelet: &mut Kubelet,
     pod: &str,
     image: &str,
     auth: Option<cri::AuthConfig>,
-    workload: &[&str],
-    exec: &[&str],
-    after_worker_kill: Option<&[&str]>,
+    commands: &Commands,
 ) -> PodRun {
+    let Commands {
+        workload,
+        exec,
+        after_worker_kill,
+    } = *commands;
     let mark = LogMark::new(&node.registry.log);
     let version = kubelet
         .runtime
@@ -738,9 +750,11 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
         "skiff-pod",
         &skiff_ref,
         Some(auth()),
-        WORKLOAD,
-        EXEC,
-        Some(AFTER_WORKER_KILL),
+        &Commands {
+            workload: WORKLOAD,
+            exec: EXEC,
+            after_worker_kill: Some(AFTER_WORKER_KILL),
+        },
     )
     .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
@@ -767,9 +781,11 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
         "plain-pod",
         &plain_ref,
         Some(auth()),
-        WORKLOAD,
-        EXEC,
-        None,
+        &Commands {
+            workload: WORKLOAD,
+            exec: EXEC,
+            after_worker_kill: None,
+        },
     )
     .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
