@@ -442,3 +442,46 @@ fn log_tail(path: &Path) -> String {
         format!("{} (log: {})", lines.join(" | "), path.display())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_pass_through_a_sealed_memory_file() -> Result<(), String> {
+        let passed = PassedCredentials {
+            registry: "r.lan:5000".into(),
+            credentials: Credentials::new("u", "hunter2"),
+        };
+        let fd = credentials_file(&passed).map_err(|e| e.to_string())?;
+        let raw = fd.as_raw_fd();
+        // Read twice: every worker of a keeper reads the file whole.
+        assert_eq!(read_passed_credentials(raw)?, passed);
+        assert_eq!(read_passed_credentials(raw)?, passed);
+        // Sealed: nobody can change what later workers read.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{raw}"))
+            .map_err(|e| e.to_string())?;
+        assert!(
+            f.write_all(b"x").is_err(),
+            "the credentials file is writable"
+        );
+        assert!(!format!("{passed:?}").contains("hunter2"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_descriptor_without_credentials_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("skiff-creds-test-{}", std::process::id()));
+        let _ = fs::create_dir_all(&dir);
+        let path = dir.join("not-credentials");
+        let _ = fs::write(&path, b"{}");
+        if let Ok(f) = fs::File::open(&path) {
+            let e = read_passed_credentials(f.as_raw_fd());
+            assert!(e.is_err_and(|m| m.contains("does not hold registry credentials")));
+        }
+        assert!(read_passed_credentials(987_654).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
