@@ -136,6 +136,11 @@ pub struct MountArgs {
     /// upgrade`) [default: /run/skiff/mounts/HASH of the mountpoint].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Internal (the snapshotter): read the credentials of the image's
+    /// registry from descriptor N, a sealed memory file (JSON), never from
+    /// disk or the command line. A keeper's workers inherit it.
+    #[arg(long, value_name = "N", hide = true)]
+    pub registry_credentials_fd: Option<i32>,
     /// Internal (worker): serve the keeper's /dev/fuse descriptor N.
     #[arg(long, value_name = "N", hide = true)]
     pub serve_fd: Option<i32>,
@@ -406,8 +411,26 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         .image
         .parse()
         .with_context(|| format!("image '{}'", args.image))?;
-    let config = match reference {
-        ImageRef::Docker(_) => RegistryConfig::from_env()?,
+    let config = match &reference {
+        ImageRef::Docker(d) => {
+            let mut config = RegistryConfig::from_env()?;
+            if let Some(fd) = args.registry_credentials_fd {
+                let passed = skiff_snapshotter::daemon::read_passed_credentials(fd)
+                    .map_err(anyhow::Error::msg)
+                    .context("--registry-credentials-fd")?;
+                // Only ever sent to the registry they were given for.
+                if passed.registry == d.registry {
+                    config.auths.insert(passed.registry, passed.credentials);
+                } else {
+                    tracing::warn!(
+                        "credentials passed for {} ignored: the image is on {}",
+                        passed.registry,
+                        d.registry
+                    );
+                }
+            }
+            config
+        }
         _ => RegistryConfig::default(),
     };
     // Verified bootstraps are kept uncompressed beside the chunk cache and

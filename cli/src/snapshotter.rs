@@ -1,5 +1,6 @@
 //! `skiff snapshotter`: the containerd remote snapshotter (proxy plugin),
-//! in the foreground. Logs go to stderr (`RUST_LOG`, e.g. `info`); SIGINT
+//! in the foreground; its socket also serves CRI's image service for
+//! kubelet's `--image-service-endpoint` (`[cri]` in the configuration). Logs go to stderr (`RUST_LOG`, e.g. `info`); SIGINT
 //! or SIGTERM stops serving and leaves the image mounts running for the
 //! containers that use them.
 
@@ -13,7 +14,7 @@ use skiff_snapshotter::Config;
 /// Arguments of `skiff snapshotter`.
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
-    /// Configuration file (TOML: root, address, [mount], [registry]).
+    /// Configuration file (TOML: root, address, [mount], [cri], [registry]).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Directory for metadata, snapshots and image mounts

@@ -20,6 +20,14 @@
 //! # cache_low = "9g"                      # evict down to this (default: 90% of cache_size)
 //! metrics = true                          # ROOT/metrics/DIGEST16.sock (Prometheus text)
 //!
+//! # CRI's image service on the snapshotter's socket (kubelet's
+//! # --image-service-endpoint): calls are forwarded to containerd's CRI and
+//! # the credentials of each PullImage are kept in memory for the mounts of
+//! # that image (see docs/kubernetes.md).
+//! [cri]
+//! image_service = true
+//! containerd_address = "/run/containerd/containerd.sock"
+//!
 //! # How the snapshotter and its daemons talk to registries: the registry
 //! # configuration of Skiff (insecure registries, mirrors, credentials, CA,
 //! # proxy, timeouts; see the registry crate). Written to ROOT/registry.toml
@@ -60,9 +68,38 @@ pub struct Config {
     pub registry_config_path: PathBuf,
     /// Settings of the per-image FUSE daemons.
     pub mount: MountConfig,
+    /// CRI's image service on the snapshotter's socket.
+    pub cri: CriConfig,
     /// Skiff's registry configuration, passed on as a file through
     /// `SKIFF_REGISTRY_CONFIG` (see the registry crate for its fields).
     pub registry: Option<toml::Table>,
+}
+
+/// CRI's `ImageService` on the snapshotter's socket, for kubelet's
+/// `--image-service-endpoint`: every call is forwarded to containerd's CRI,
+/// and the `AuthConfig` of each `PullImage` is kept in memory (never on
+/// disk, in logs or in metrics) for the mounts of that image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriConfig {
+    /// Serve the image service (on by default; harmless when kubelet talks
+    /// to containerd directly, but then private images get only the
+    /// credentials of the `[registry]` configuration).
+    pub image_service: bool,
+    /// containerd's gRPC socket, where its CRI plugin answers.
+    pub containerd_address: PathBuf,
+}
+
+/// containerd's default socket.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            image_service: true,
+            containerd_address: PathBuf::from(DEFAULT_CONTAINERD_ADDRESS),
+        }
+    }
 }
 
 /// Settings of the per-image FUSE daemons (`skiff mount` options).
@@ -107,6 +144,7 @@ impl Default for Config {
             skiff_bin: None,
             registry_config_path: PathBuf::from(skiff_registry::hosts::DEFAULT_HOSTS_DIR),
             mount: MountConfig::default(),
+            cri: CriConfig::default(),
             registry: None,
         }
     }
@@ -180,6 +218,9 @@ impl Config {
             return Err(Error::Config(
                 "[registry] hosts_dir: set registry_config_path (at the top level) instead".into(),
             ));
+        }
+        if self.cri.image_service && self.cri.containerd_address.as_os_str().is_empty() {
+            return Err(Error::Config("cri.containerd_address is empty".into()));
         }
         if self.mount.threads == 0 {
             return Err(Error::Config("mount.threads must be at least 1".into()));

@@ -14,6 +14,22 @@
 //! on `ROOT/metrics/SHORT.sock`, `SHORT` being the first 16 hex digits of
 //! the image digest: a unix socket path must fit in 108 bytes.
 //!
+//! # Credentials
+//!
+//! A private image's credentials (from the [`Keychain`], that is from
+//! kubelet's `PullImage`) reach its daemon on a descriptor, never on disk
+//! or in its arguments or environment: a sealed memory file
+//! (`memfd_create`, then sealed against writes, growing and shrinking)
+//! holding [`PassedCredentials`] as JSON becomes the daemon's standard
+//! input, and `--registry-credentials-fd 0` tells it to read them there.
+//! As root `skiff mount` is a keeper: it never reads them, its workers
+//! inherit its standard input (every worker it starts, after a crash or
+//! an upgrade, reads the same sealed file from its start through
+//! `/proc/self/fd/0`), so the credentials live as long as the mount, for
+//! re-authenticating when tokens expire. Only root (or the daemon's own
+//! user, under the kernel's ptrace checks) can read another process's
+//! descriptors, as it can read its memory.
+//!
 //! Everything here that touches the mount point (`statfs`, unmount) runs on
 //! a blocking thread: a FUSE mount whose daemon hangs would otherwise stall
 //! the runtime.
@@ -23,12 +39,86 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::sync::Arc;
+
 use nix::sys::signal::{kill, Signal};
 use nix::sys::statfs::{statfs, FUSE_SUPER_MAGIC};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use skiff_registry::Credentials;
 
 use crate::config::MountConfig;
+use crate::keychain::Keychain;
 use crate::Error;
+
+/// The `skiff mount` option that names the descriptor of the credentials.
+pub const CREDENTIALS_FD_ARG: &str = "--registry-credentials-fd";
+/// Largest credentials file read.
+const MAX_CREDENTIALS_BYTES: u64 = 64 << 10;
+
+/// What a mount daemon gets on its credentials descriptor: the registry
+/// the credentials are for, and them. `Debug` hides the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedCredentials {
+    /// `host[:port]` as in the image reference.
+    pub registry: String,
+    /// The user name and password (or identity token).
+    pub credentials: Credentials,
+}
+
+/// A sealed memory file holding `passed` as JSON (for a child's stdin).
+pub fn credentials_file(passed: &PassedCredentials) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Internal(format!(
+            "passing credentials to a mount daemon: {what}: {e}"
+        ))
+    };
+    let json = serde_json::to_vec(passed).map_err(|e| fail("encoding", &e))?;
+    let fd = memfd_create(
+        c"skiff-registry-credentials",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| fail("memfd_create", &e))?;
+    let mut file = fs::File::from(fd);
+    file.write_all(&json).map_err(|e| fail("writing", &e))?;
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )
+    .map_err(|e| fail("sealing", &e))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Reads the credentials a daemon was given on descriptor `fd` (from the
+/// start of the file, through `/proc/self/fd`, so that every worker of a
+/// keeper reads them whole).
+pub fn read_passed_credentials(fd: i32) -> Result<PassedCredentials, String> {
+    let path = format!("/proc/self/fd/{fd}");
+    let file = fs::File::open(&path).map_err(|e| format!("descriptor {fd}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("descriptor {fd}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "descriptor {fd} is not a file (the snapshotter passes a sealed memory file)"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CREDENTIALS_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("descriptor {fd}: {e}"))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|_| format!("descriptor {fd} does not hold registry credentials"))
+}
 
 /// How long a stopping daemon gets before its mount is detached anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +131,7 @@ pub struct Daemons {
     dir: PathBuf,
     skiff_bin: PathBuf,
     options: MountConfig,
+    keychain: Option<Arc<Keychain>>,
 }
 
 /// Whether a recorded daemon still serves its mount.
@@ -60,6 +151,7 @@ impl Daemons {
             dir,
             skiff_bin,
             options,
+            keychain: None,
         }
     }
 
@@ -70,6 +162,13 @@ impl Daemons {
             .cache_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(skiff_fusefs::disk::DEFAULT_CACHE_DIR))
+    }
+
+    /// Gives each new daemon the credentials `keychain` holds for its
+    /// image's repository.
+    pub fn with_keychain(mut self, keychain: Arc<Keychain>) -> Daemons {
+        self.keychain = Some(keychain);
+        self
     }
 
     /// The mount point of image `id`.
@@ -191,11 +290,32 @@ impl Daemons {
                 ),
             }
         }
-        cmd.stdin(Stdio::null())
+        let credentials = self
+            .keychain
+            .as_ref()
+            .and_then(|k| k.for_image(source))
+            .map(|(registry, credentials)| PassedCredentials {
+                registry,
+                credentials,
+            });
+        let stdin = match &credentials {
+            Some(passed) => {
+                cmd.arg(CREDENTIALS_FD_ARG).arg("0");
+                Stdio::from(credentials_file(passed)?)
+            }
+            None => Stdio::null(),
+        };
+        cmd.stdin(stdin)
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        tracing::info!(image = id, source, mountpoint = %mnt.display(), "starting skiff mount");
+        tracing::info!(
+            image = id,
+            source,
+            mountpoint = %mnt.display(),
+            credentials = credentials.is_some(),
+            "starting skiff mount"
+        );
         let mut child = cmd
             .spawn()
             .map_err(|e| mount_err(format!("cannot run {}: {e}", self.skiff_bin.display())))?;
@@ -332,5 +452,48 @@ fn log_tail(path: &Path) -> String {
         let mut lines = lines;
         lines.reverse();
         format!("{} (log: {})", lines.join(" | "), path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_pass_through_a_sealed_memory_file() -> Result<(), String> {
+        let passed = PassedCredentials {
+            registry: "r.lan:5000".into(),
+            credentials: Credentials::new("u", "hunter2"),
+        };
+        let fd = credentials_file(&passed).map_err(|e| e.to_string())?;
+        let raw = fd.as_raw_fd();
+        // Read twice: every worker of a keeper reads the file whole.
+        assert_eq!(read_passed_credentials(raw)?, passed);
+        assert_eq!(read_passed_credentials(raw)?, passed);
+        // Sealed: nobody can change what later workers read.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{raw}"))
+            .map_err(|e| e.to_string())?;
+        assert!(
+            f.write_all(b"x").is_err(),
+            "the credentials file is writable"
+        );
+        assert!(!format!("{passed:?}").contains("hunter2"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_descriptor_without_credentials_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("skiff-creds-test-{}", std::process::id()));
+        let _ = fs::create_dir_all(&dir);
+        let path = dir.join("not-credentials");
+        let _ = fs::write(&path, b"{}");
+        if let Ok(f) = fs::File::open(&path) {
+            let e = read_passed_credentials(f.as_raw_fd());
+            assert!(e.is_err_and(|m| m.contains("does not hold registry credentials")));
+        }
+        assert!(read_passed_credentials(987_654).is_err());
+        let _ = fs::remove_dir_all(&dir);
     }
 }

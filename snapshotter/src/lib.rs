@@ -11,6 +11,11 @@
 //! answers `AlreadyExists`, so containerd downloads nothing. A container on
 //! top gets an overlay whose only lower directory is the image's FUSE mount.
 //!
+//! The same socket can serve CRI's `ImageService` for kubelet
+//! (`--image-service-endpoint`): calls go on to containerd's CRI, and the
+//! credentials of each pull are kept in memory so that private images are
+//! read and mounted with them ([`cri`], [`keychain`]).
+//!
 //! Metadata (snapshots, image mounts) lives in one JSON file under the root
 //! directory, replaced atomically on every change; on start the snapshotter
 //! re-attaches to the daemons it finds alive and re-mounts the others.
@@ -25,15 +30,21 @@
 //! - [`filter`]: containerd's filter syntax, for `Walk` (`List`).
 //! - [`labels`]: the snapshot labels containerd clients send for a layer.
 //! - [`resolver`]: which image a layer belongs to and whether it is Skiff's.
-//! - [`daemon`]: starting, checking and stopping `skiff mount` daemons.
+//! - [`keychain`]: credentials of kubelet's pulls, in memory.
+//! - [`daemon`]: starting, checking and stopping `skiff mount` daemons
+//!   (and handing them credentials).
+//! - [`cri`]: CRI's image service, forwarded to containerd's CRI
+//!   (kubelet's `--image-service-endpoint`), filling the keychain.
 //! - [`snapshotter`]: [`Snapshotter`], the snapshot semantics.
 //! - [`service`]: the tonic service over a [`Snapshotter`].
 //! - [`server`]: serving on a unix socket; [`run`], the whole daemon.
 
 pub mod config;
+pub mod cri;
 pub mod daemon;
 pub mod error;
 pub mod filter;
+pub mod keychain;
 pub mod labels;
 pub mod resolver;
 pub mod server;
@@ -63,5 +74,12 @@ pub mod proto {
                 tonic::include_proto!("containerd.services.snapshots.v1");
             }
         }
+    }
+    /// Kubernetes' Container Runtime Interface, `runtime.v1`
+    /// (k8s.io/cri-api): the `ImageService` the snapshotter serves and
+    /// forwards to containerd, and the `RuntimeService` kubelet calls.
+    pub mod cri {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("runtime.v1");
     }
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use skiff_registry::media::{ANNOTATION_BOOTSTRAP, SKIFF_BOOTSTRAP};
 use skiff_registry::{Digest, ImageRef, OciLayout, Platform, RegistryClient, RegistryConfig};
 
+use crate::keychain::Keychain;
 use crate::Error;
 
 /// A Skiff image, as its manifest describes it.
@@ -131,12 +132,23 @@ pub fn classify(manifest: &Value, manifest_digest: &Digest, source: String) -> R
 #[derive(Debug, Clone)]
 pub struct RegistryResolver {
     config: RegistryConfig,
+    keychain: Option<Arc<Keychain>>,
 }
 
 impl RegistryResolver {
     /// A resolver reaching registries with `config`.
     pub fn new(config: RegistryConfig) -> RegistryResolver {
-        RegistryResolver { config }
+        RegistryResolver {
+            config,
+            keychain: None,
+        }
+    }
+
+    /// Uses the credentials `keychain` holds for an image's repository
+    /// before those of the configuration.
+    pub fn with_keychain(mut self, keychain: Arc<Keychain>) -> RegistryResolver {
+        self.keychain = Some(keychain);
+        self
     }
 }
 
@@ -154,7 +166,19 @@ impl Resolve for RegistryResolver {
                 (digest, bytes, reference.to_string())
             }
             ImageRef::Docker(d) => {
-                let client = RegistryClient::new(d, &self.config).map_err(bad)?;
+                let kept = self
+                    .keychain
+                    .as_ref()
+                    .and_then(|k| k.get(&d.registry, &d.repository));
+                let client = match kept {
+                    Some(creds) => {
+                        let mut config = self.config.clone();
+                        config.auths.insert(d.registry.clone(), creds);
+                        RegistryClient::new(d, &config)
+                    }
+                    None => RegistryClient::new(d, &self.config),
+                }
+                .map_err(bad)?;
                 let m = client.resolve_manifest(d, &Platform::host()).map_err(bad)?;
                 let mut pinned = d.clone();
                 pinned.tag = None;

@@ -10,7 +10,9 @@ use skiff_registry::RegistryConfig;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::cri::ImageServiceProxy;
 use crate::daemon::Daemons;
+use crate::keychain::Keychain;
 use crate::resolver::RegistryResolver;
 use crate::service::SnapshotsService;
 use crate::{Config, Error, Snapshotter};
@@ -84,14 +86,17 @@ fn libc_einval() -> i32 {
     nix::errno::Errno::EINVAL as i32
 }
 
-/// Serves `sn` on `listener` until `shutdown` completes.
+/// Serves `sn` on `listener` until `shutdown` completes; with `images`,
+/// CRI's image service too.
 pub async fn serve(
     sn: Arc<Snapshotter>,
+    images: Option<ImageServiceProxy>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     tonic::transport::Server::builder()
         .add_service(SnapshotsService::new(sn).into_server())
+        .add_optional_service(images.map(ImageServiceProxy::into_server))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| Error::Server(e.to_string()))
@@ -172,9 +177,19 @@ pub fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async move {
-        let daemons = Daemons::new(config.root.join("mounts"), skiff_bin, config.mount.clone());
-        let resolver = Arc::new(RegistryResolver::new(registry));
-        let sn = Snapshotter::open(&config.root, daemons, resolver).await?;
+        let mut daemons = Daemons::new(config.root.join("mounts"), skiff_bin, config.mount.clone());
+        let mut resolver = RegistryResolver::new(registry);
+        let mut images = None;
+        if config.cri.image_service {
+            let keychain = Arc::new(Keychain::new());
+            daemons = daemons.with_keychain(keychain.clone());
+            resolver = resolver.with_keychain(keychain.clone());
+            images = Some(ImageServiceProxy::new(
+                &config.cri.containerd_address,
+                keychain,
+            )?);
+        }
+        let sn = Snapshotter::open(&config.root, daemons, Arc::new(resolver)).await?;
         let listener = bind(&config.address)?;
         tracing::info!(
             address = %config.address.display(),
@@ -182,11 +197,19 @@ pub fn run(config: Config) -> Result<(), Error> {
             "skiff snapshotter serving"
         );
         eprintln!(
-            "skiff: snapshotter serving on {} (root {})",
+            "skiff: snapshotter serving on {} (root {}){}",
             config.address.display(),
-            config.root.display()
+            config.root.display(),
+            if images.is_some() {
+                format!(
+                    "; CRI image service forwarded to {}",
+                    config.cri.containerd_address.display()
+                )
+            } else {
+                String::new()
+            }
         );
-        serve(sn, listener, signalled()).await?;
+        serve(sn, images, listener, signalled()).await?;
         let _ = fs::remove_file(&config.address);
         tracing::info!("skiff snapshotter stopped (image mounts keep running)");
         Ok(())

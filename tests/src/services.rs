@@ -63,6 +63,32 @@ impl Registry {
     /// Starts a registry with its config and log under `dir`, serving the
     /// storage in `storage` (which several registries may read at once).
     pub fn start_on(dir: &Path, storage: &Path) -> Registry {
+        Registry::start_full(dir, storage, None)
+    }
+
+    /// Starts a registry under `dir` that requires HTTP Basic auth
+    /// (htpasswd, bcrypt) for `user` with `password`.
+    pub fn start_with_htpasswd(dir: &Path, user: &str, password: &str) -> Registry {
+        assert!(
+            on_path("htpasswd"),
+            "htpasswd is missing: run scripts/setup (Debian package apache2-utils)"
+        );
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run htpasswd: {e}"));
+        assert!(out.status.success(), "htpasswd failed: {out:?}");
+        let file = dir.join("htpasswd");
+        fs::write(&file, &out.stdout).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+            file.display()
+        );
+        Registry::start_full(dir, &dir.join("registry"), Some(&auth))
+    }
+
+    fn start_full(dir: &Path, storage: &Path, auth: Option<&str>) -> Registry {
         assert!(
             on_path("docker-registry"),
             "docker-registry is missing: run scripts/setup (Debian package docker-registry)"
@@ -75,7 +101,7 @@ impl Registry {
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             storage.display()
-        );
+        ) + auth.unwrap_or("");
         let config_path = dir.join("registry.yml");
         fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("writing the registry config: {e}"));

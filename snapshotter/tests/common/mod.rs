@@ -173,18 +173,32 @@ impl Containerd {
     /// Starts containerd in `dir` with the plugin's socket at
     /// `DIR/skiff.sock`; `namespace` is used by [`Containerd::ctr`].
     pub fn start(dir: &Path, namespace: &str) -> Containerd {
+        Containerd::start_with(dir, namespace, None)
+    }
+
+    /// Starts containerd in `dir` with its CRI plugin on, configured by
+    /// `cri` (the body of `[plugins."io.containerd.grpc.v1.cri"]`, its
+    /// sub-tables included); the namespace is CRI's, `k8s.io`.
+    pub fn start_cri(dir: &Path, cri: &str) -> Containerd {
+        Containerd::start_with(dir, "k8s.io", Some(cri))
+    }
+
+    fn start_with(dir: &Path, namespace: &str, cri: Option<&str>) -> Containerd {
         need_root();
         need("containerd", "containerd");
         need("ctr", "containerd");
         need("runc", "runc");
         let socket = dir.join("ctd.sock");
         let plugin_socket = dir.join("skiff.sock");
-        let config = format!(
+        let plugins = match cri {
+            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned(),
+            Some(_) => String::new(),
+        };
+        let mut config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{plugins}[grpc]
   address = "{socket}"
 [ttrpc]
   address = "{socket}.ttrpc"
@@ -197,6 +211,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             socket = socket.display(),
             plugin = plugin_socket.display(),
         );
+        if let Some(cri) = cri {
+            config.push_str("[plugins.\"io.containerd.grpc.v1.cri\"]\n");
+            config.push_str(cri);
+        }
         fs::write(dir.join("containerd.toml"), config).unwrap();
         // containerd 1.6 puts shim sockets there whatever the config says.
         fs::create_dir_all("/run/containerd/s").unwrap();
@@ -376,6 +394,8 @@ pub struct Snapshotter {
     pub log: PathBuf,
     /// The `skiff` binary it runs (and starts image daemons from).
     pub bin: PathBuf,
+    /// Appended to the generated configuration file.
+    pub extra_config: String,
     child: Option<Child>,
 }
 
@@ -383,11 +403,18 @@ impl Snapshotter {
     /// Starts `skiff snapshotter --root ROOT --address SOCKET` (log in
     /// `ROOT.log`) and waits for its socket.
     pub fn start(root: &Path, socket: &Path) -> Snapshotter {
+        Snapshotter::start_with(root, socket, "")
+    }
+
+    /// [`Snapshotter::start`] with `extra` appended to its configuration
+    /// file (TOML tables other than `[mount]`).
+    pub fn start_with(root: &Path, socket: &Path, extra: &str) -> Snapshotter {
         let mut sn = Snapshotter {
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             log: root.with_extension("log"),
             bin: skiff_bin(),
+            extra_config: extra.to_owned(),
             child: None,
         };
         sn.spawn();
@@ -406,8 +433,9 @@ impl Snapshotter {
         fs::write(
             &config,
             format!(
-                "[mount]\ncache_dir = \"{}\"\n",
-                self.root.with_extension("cache").display()
+                "[mount]\ncache_dir = \"{}\"\n{}",
+                self.root.with_extension("cache").display(),
+                self.extra_config
             ),
         )
         .unwrap();
