@@ -307,3 +307,83 @@ pub fn catch_case<T>(name: &str, f: impl FnOnce() -> T) -> Result<T, String> {
         format!("{name}: {message}")
     })
 }
+
+/// Regular files of the reference tree (see [`umoci_rootfs`]) between `min`
+/// and `max` bytes, as relative paths, sorted.
+pub fn reference_files(min: u64, max: u64) -> Vec<String> {
+    let root = umoci_rootfs();
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if (min..=max).contains(&len) {
+                    if let Ok(rel) = e.path().strip_prefix(&root) {
+                        out.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A CA named `ca_name` and a server certificate for 127.0.0.1 signed by
+/// it, made with openssl under `dir`: (ca.pem, cert.pem, key.pem).
+pub fn test_certs(dir: &Path, ca_name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("req.csr"),
+    );
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={ca_name}"))
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    let ext = dir.join("ext.cnf");
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", ext.display()));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    (ca, cert, key)
+}

@@ -14,7 +14,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use skiff_tests::faultproxy::{fixture_registry_storage, FIXTURE_REPO};
-use skiff_tests::harness::{remove_all, scratch_root, umoci_rootfs};
+use skiff_tests::harness::{reference_files, remove_all, scratch_root, umoci_rootfs};
 use skiff_tests::services::{metric_value, scrape_metrics, Registry, SkiffMount};
 
 fn work_dir(name: &str) -> PathBuf {
@@ -22,31 +22,6 @@ fn work_dir(name: &str) -> PathBuf {
     remove_all(&dir);
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
-}
-
-/// Regular files of the reference tree of 128 KiB to 2 MiB (relative paths).
-fn big_files() -> Vec<String> {
-    let root = umoci_rootfs();
-    let mut all = Vec::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                if ((128 << 10)..=(2 << 20)).contains(&len) {
-                    if let Ok(rel) = e.path().strip_prefix(&root) {
-                        all.push(rel.to_string_lossy().into_owned());
-                    }
-                }
-            }
-        }
-    }
-    all.sort();
-    all
 }
 
 /// Bytes and count of the chunk files under `cache/chunks`.
@@ -104,7 +79,7 @@ fn eviction_keeps_the_cache_between_its_watermarks() {
         &["--cache-size", "2m", "--cache-low", "1m"],
     );
     let (high, low) = (2u64 << 20, 1u64 << 20);
-    let files = big_files();
+    let files = reference_files(128 << 10, 2 << 20);
     let mut read = 0u64;
     let mut worst = 0u64;
     for rel in files.iter().step_by(3).take(40) {
@@ -158,7 +133,7 @@ fn a_watermark_in_percent_is_a_share_of_the_cache_filesystem() {
     let st = nix::sys::statvfs::statvfs(&cache).unwrap_or_else(|e| panic!("statvfs: {e}"));
     let fs_bytes = st.blocks() * st.fragment_size();
     let high = (fs_bytes as f64 * 0.0001 / 100.0) as u64;
-    let rel = &big_files()[0];
+    let rel = &reference_files(128 << 10, 2 << 20)[0];
     let got = fs::read(mnt.p(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"));
     assert_eq!(
         got.len() as u64,

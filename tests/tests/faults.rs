@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 use skiff_tests::faultproxy::{wait_until, FaultyRegistry};
-use skiff_tests::harness::{remove_all, scratch_root, skiff_cmd, umoci_rootfs};
+use skiff_tests::harness::{reference_files, remove_all, scratch_root, skiff_cmd, umoci_rootfs};
 use skiff_tests::services::SkiffMount;
 
 /// Attempts per request in the registry configuration of these tests.
@@ -73,32 +73,6 @@ fn report(fault: &str, outcome: &str) {
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-/// Regular files of the reference tree between `min` and `max` bytes
-/// (relative paths, sorted).
-fn reference_files(min: u64, max: u64) -> Vec<String> {
-    let root = umoci_rootfs();
-    let mut out = Vec::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                if (min..=max).contains(&len) {
-                    if let Ok(rel) = e.path().strip_prefix(&root) {
-                        out.push(rel.to_string_lossy().into_owned());
-                    }
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// The reference bytes of `rel`.

@@ -17,10 +17,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use skiff_tests::faultproxy::{fixture_registry_storage, FaultProxy, FaultyRegistry, FIXTURE_REPO};
-use skiff_tests::harness::{remove_all, run, scratch_root, umoci_rootfs};
+use skiff_tests::harness::{reference_files, remove_all, scratch_root, test_certs, umoci_rootfs};
 use skiff_tests::services::{Registry, SkiffMount};
 
 /// Short timeouts: a dead mirror must not slow the test down.
@@ -53,26 +52,7 @@ fn write(path: &Path, text: &str) {
 /// Regular files of the reference tree of 64 KiB to 1 MiB, spread over the
 /// tree (relative paths).
 fn sample_files(n: usize) -> Vec<String> {
-    let root = umoci_rootfs();
-    let mut all = Vec::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                if ((64 << 10)..=(1 << 20)).contains(&len) {
-                    if let Ok(rel) = e.path().strip_prefix(&root) {
-                        all.push(rel.to_string_lossy().into_owned());
-                    }
-                }
-            }
-        }
-    }
-    all.sort();
+    let all = reference_files(64 << 10, 1 << 20);
     assert!(all.len() >= n * 3, "too few reference files: {}", all.len());
     (0..n)
         .map(|i| all[(i * 7919) % all.len()].clone())
@@ -190,62 +170,11 @@ fn mirror_in_hosts_toml_serves_ranges_with_ns_and_falls_back_to_the_origin() {
     eprintln!("mirror down: {fallback} range requests to the origin, no failed read");
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, under `dir`:
-/// (ca.pem, cert.pem, key.pem).
-fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert, key, csr) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("req.csr"),
-    );
-    run(Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=skiff hosts.toml test CA", "-keyout"])
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
-    let ext = dir.join("ext.cnf");
-    write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    );
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "1", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(&ca)
-        .arg("-CAkey")
-        .arg(&ca_key)
-        .arg("-CAcreateserial")
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&cert));
-    (ca, cert, key)
-}
-
 #[test]
 fn tls_mirror_in_default_hosts_toml_is_trusted_through_its_ca() {
     let dir = work_dir("tls");
     let origin = FaultyRegistry::start(&dir.join("origin"));
-    let (ca, cert, key) = make_certs(&dir.join("pki"));
+    let (ca, cert, key) = test_certs(&dir.join("pki"), "skiff hosts.toml test CA");
     let registry = Registry::start_on(&dir.join("mirror"), &fixture_registry_storage());
     let mirror = FaultProxy::start_with(
         &registry.host(),

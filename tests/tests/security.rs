@@ -17,7 +17,9 @@ use std::time::Duration;
 use skiff_tests::faultproxy::{
     fixture_registry_storage, wait_until, FaultProxy, FaultyRegistry, FIXTURE_REPO,
 };
-use skiff_tests::harness::{remove_all, run, run_unchecked, scratch_root, skiff_bin, skiff_cmd};
+use skiff_tests::harness::{
+    remove_all, run_unchecked, scratch_root, skiff_bin, skiff_cmd, test_certs,
+};
 use skiff_tests::services::{scrape_metrics, stop_child, Registry, SkiffMount};
 
 fn work_dir(name: &str) -> PathBuf {
@@ -169,51 +171,7 @@ fn tls_is_verified_by_default() {
     let dir = work_dir("tls");
     let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
     // A CA of our own and a server certificate it signs for 127.0.0.1.
-    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert, key, csr) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("req.csr"),
-    );
-    run(Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=skiff test CA", "-keyout"])
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
-    let ext = dir.join("ext.cnf");
-    fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "1", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(&ca)
-        .arg("-CAkey")
-        .arg(&ca_key)
-        .arg("-CAcreateserial")
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&cert));
+    let (ca, cert, key) = test_certs(&dir, "skiff test CA");
     let proxy = FaultProxy::start_with(
         &registry.host(),
         &dir.join("proxy"),
