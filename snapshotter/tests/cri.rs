@@ -574,23 +574,7 @@ async fn run_pod(
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer (long): {e}\n{}", node.logs()));
-    let out = kubelet
-        .runtime
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: long_id.clone(),
-            cmd: exec.iter().map(|s| (*s).to_owned()).collect(),
-            timeout: 120,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", node.logs()))
-        .into_inner();
-    assert_eq!(
-        out.exit_code,
-        0,
-        "ExecSync {exec:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut exec_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut exec_out = exec_sync_ok(node, kubelet, &long_id, exec, "").await;
     if let Some(cmd) = after_worker_kill {
         // The serving worker of the image's mount dies; the keeper's next
         // worker reads the credentials again from its inherited descriptor
@@ -605,23 +589,8 @@ async fn run_pod(
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let out = kubelet
-            .runtime
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: long_id.clone(),
-                cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
-                timeout: 120,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("ExecSync after the worker's death: {e}\n{}", node.logs()))
-            .into_inner();
-        assert_eq!(
-            out.exit_code,
-            0,
-            "ExecSync {cmd:?} after the worker's death: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        exec_out.push_str(&String::from_utf8_lossy(&out.stdout));
+        let out = exec_sync_ok(node, kubelet, &long_id, cmd, " after the worker's death").await;
+        exec_out.push_str(&out);
         assert_no_password_leak(node);
     }
 
@@ -682,6 +651,34 @@ const AFTER_WORKER_KILL: &[&str] = &["python3", "-c", "import requests; print('a
 /// The password is nowhere the snapshotter and its mounts write or show:
 /// logs and state under its root, the mount daemons' command lines and
 /// environment, their metrics.
+/// ExecSync of `cmd` in `container`, which must exit 0; its stdout.
+/// `when` is added to the failure messages.
+async fn exec_sync_ok(
+    node: &Node,
+    kubelet: &mut Kubelet,
+    container: &str,
+    cmd: &[&str],
+    when: &str,
+) -> String {
+    let out = kubelet
+        .runtime
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: container.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 120,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync{when}: {e}\n{}", node.logs()))
+        .into_inner();
+    assert_eq!(
+        out.exit_code,
+        0,
+        "ExecSync {cmd:?}{when}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn assert_no_password_leak(node: &Node) {
     let mut leaked = Vec::new();
     find_text(&node.sn.root, PASSWORD, &mut leaked);
