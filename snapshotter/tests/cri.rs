@@ -443,6 +443,9 @@ struct PodRun {
     /// Blob bytes the registry served from before the pull to the
     /// workload's exit.
     fetched: u64,
+    /// Seconds from PullImage to the workload's exit (pull, sandbox,
+    /// container start and the workload): the pod's start as a user sees it.
+    seconds: f64,
 }
 
 /// The whole kubelet sequence for `image`, pulled through `kubelet.images`
@@ -461,6 +464,7 @@ async fn run_pod(
         after_worker_kill,
     } = *commands;
     let mark = LogMark::new(&node.registry.log);
+    let pull_started = Instant::now();
     let version = kubelet
         .runtime
         .version(cri::VersionRequest {
@@ -550,6 +554,7 @@ async fn run_pod(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let seconds = pull_started.elapsed().as_secs_f64();
     let fetched = blob_bytes_served(&mark);
     let log = cri_log_messages(Path::new(&status.log_path));
     assert_eq!(
@@ -637,6 +642,7 @@ async fn run_pod(
         log,
         exec: exec_out,
         fetched,
+        seconds,
     }
 }
 
@@ -758,10 +764,11 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
     assert!(run.exec.contains("after kill ok"), "exec: {}", run.exec);
     eprintln!(
-        "skiff image: {} of {} bytes fetched by the workload's exit ({:.1}%)",
+        "skiff image: {} of {} bytes fetched by the workload's exit ({:.1}%), pull to exit {:.2} s",
         run.fetched,
         skiff_size,
-        run.fetched as f64 * 100.0 / skiff_size as f64
+        run.fetched as f64 * 100.0 / skiff_size as f64,
+        run.seconds
     );
     assert!(
         run.fetched > 0 && run.fetched * 3 < skiff_size,
@@ -788,8 +795,8 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
     eprintln!(
-        "plain image: {} of {} bytes fetched by the workload's exit",
-        run.fetched, plain_size
+        "plain image: {} of {} bytes fetched by the workload's exit, pull to exit {:.2} s",
+        run.fetched, plain_size, run.seconds
     );
     assert!(
         run.fetched >= plain_size - plain_size / 10,
