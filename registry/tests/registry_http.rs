@@ -909,6 +909,83 @@ fn mirrors_are_tried_first_with_their_headers() -> TestResult {
     Ok(())
 }
 
+/// Lines of `log` that record a GET of blob `d` answered with `status`.
+fn blob_gets(log: &str, d: &Digest, status: u16) -> usize {
+    let line = format!("/blobs/{} HTTP/1.1\" {status} ", d.oci());
+    log.lines().filter(|l| l.contains(&line)).count()
+}
+
+/// Debian's docker-registry as a pull-through cache (`proxy: remoteurl:`)
+/// answers the first Range request for a blob it does not hold with `200`
+/// and the whole blob (it is filling its cache), later ones with `206`.
+/// Reads through it get exactly their bytes either way; from a `200` the
+/// client reads no further than the end of its range, then closes; and
+/// nothing falls back to the origin.
+#[test]
+fn a_pull_through_cache_answering_200_is_read_lazily() -> TestResult {
+    let origin = Registry::start();
+    let mirror = Registry::start_proxy(&origin.host());
+    let r = origin.docker_ref("cached/app");
+    let w = RegistryWriter::new(&r, &test_config())?;
+    let data = pattern(8 << 20, 91);
+    let (d, n) = w.put_blob_bytes(&data)?;
+    let mut cfg = test_config();
+    cfg.mirrors.insert(
+        origin.host(),
+        vec![Mirror::new(format!("http://{}", mirror.host()))],
+    );
+    let store = RegistryBlobStore::new(&r, &cfg)?;
+    store.add_known_sizes([(d, n)]);
+
+    // A miss at the mirror: 200 and the whole blob; the read takes the
+    // bytes up to the end of its range.
+    let (off, len) = (1usize << 20, 64usize << 10);
+    assert_eq!(store.read_range(&d, off as u64, len as u64)?, &data[off..off + len]);
+    let s = store.stats();
+    assert_eq!(s.bytes, (off + len) as u64, "{s:?}");
+    assert_eq!((s.retries, s.errors), (0, 0), "{s:?}");
+    assert_eq!(blob_gets(&mirror.log(), &d, 200), 1, "{}", mirror.log());
+
+    // Once the mirror holds the blob (it stores it in the background):
+    // 206 with only the range.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (off, len) = (5usize << 20, 4096usize);
+    loop {
+        let before = store.stats().bytes;
+        assert_eq!(store.read_range(&d, off as u64, len as u64)?, &data[off..off + len]);
+        if blob_gets(&mirror.log(), &d, 206) > 0 {
+            assert_eq!(store.stats().bytes - before, len as u64);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 206 after 20 s: {}", mirror.log());
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // Concurrent misses of another blob: each read gets its own bytes
+    // (several 200s at once), none short, none from the origin.
+    let data2 = pattern(6 << 20, 92);
+    let (d2, n2) = w.put_blob_bytes(&data2)?;
+    store.add_known_sizes([(d2, n2)]);
+    let before = store.stats();
+    thread::scope(|sc| {
+        for i in 0..8usize {
+            let (store, data2) = (&store, &data2);
+            sc.spawn(move || {
+                let off = i * (700 << 10);
+                let got = store.read_range(&d2, off as u64, 100_000).ok();
+                assert_eq!(got.as_deref(), data2.get(off..off + 100_000), "read {i}");
+            });
+        }
+    });
+    let s = store.stats();
+    assert_eq!((s.retries, s.errors), (before.retries, before.errors), "{s:?}");
+    // At most each read's end from a 200, its length from a 206.
+    let most: u64 = (0..8u64).map(|i| i * (700 << 10) + 100_000).sum();
+    assert!(s.bytes - before.bytes <= most, "{s:?}");
+    assert!(blob_gets(&mirror.log(), &d2, 200) >= 1, "{}", mirror.log());
+    Ok(())
+}
+
 #[test]
 fn tls_with_an_extra_ca_file() -> TestResult {
     let reg = Registry::start_tls();
