@@ -909,18 +909,14 @@ fn mirrors_are_tried_first_with_their_headers() -> TestResult {
     Ok(())
 }
 
-/// Lines of `log` that record a GET of blob `d` answered with `status`.
-fn blob_gets(log: &str, d: &Digest, status: u16) -> usize {
-    let line = format!("/blobs/{} HTTP/1.1\" {status} ", d.oci());
-    log.lines().filter(|l| l.contains(&line)).count()
-}
-
 /// Debian's docker-registry as a pull-through cache (`proxy: remoteurl:`)
 /// answers the first Range request for a blob it does not hold with `200`
 /// and the whole blob (it is filling its cache), later ones with `206`.
 /// Reads through it get exactly their bytes either way; from a `200` the
-/// client reads no further than the end of its range, then closes; and
-/// nothing falls back to the origin.
+/// client reads no further than the end of its range, then closes (the
+/// bytes received tell which answer came: offset + length for a `200`,
+/// the length for a `206`; the registry's access log cannot, it logs 500
+/// for a proxied copy cut short); and nothing falls back to the origin.
 #[test]
 fn a_pull_through_cache_answering_200_is_read_lazily() -> TestResult {
     let origin = Registry::start();
@@ -938,26 +934,32 @@ fn a_pull_through_cache_answering_200_is_read_lazily() -> TestResult {
     store.add_known_sizes([(d, n)]);
 
     // A miss at the mirror: 200 and the whole blob; the read takes the
-    // bytes up to the end of its range.
+    // bytes up to the end of its range and closes.
     let (off, len) = (1usize << 20, 64usize << 10);
-    assert_eq!(store.read_range(&d, off as u64, len as u64)?, &data[off..off + len]);
+    let got = store.read_range(&d, off as u64, len as u64)?;
+    assert_eq!(got, &data[off..off + len]);
     let s = store.stats();
-    assert_eq!(s.bytes, (off + len) as u64, "{s:?}");
+    assert_eq!(s.bytes, (off + len) as u64, "{s:?}\n{}", mirror.log());
     assert_eq!((s.retries, s.errors), (0, 0), "{s:?}");
-    assert_eq!(blob_gets(&mirror.log(), &d, 200), 1, "{}", mirror.log());
 
     // Once the mirror holds the blob (it stores it in the background):
-    // 206 with only the range.
+    // 206 and only the range.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (off, len) = (5usize << 20, 4096usize);
     loop {
         let before = store.stats().bytes;
-        assert_eq!(store.read_range(&d, off as u64, len as u64)?, &data[off..off + len]);
-        if blob_gets(&mirror.log(), &d, 206) > 0 {
-            assert_eq!(store.stats().bytes - before, len as u64);
+        let got = store.read_range(&d, off as u64, len as u64)?;
+        assert_eq!(got, &data[off..off + len]);
+        let cost = (store.stats().bytes - before) as usize;
+        if cost == len {
             break;
         }
-        assert!(Instant::now() < deadline, "no 206 after 20 s: {}", mirror.log());
+        assert_eq!(cost, off + len, "neither a 200 nor a 206");
+        assert!(
+            Instant::now() < deadline,
+            "no 206 after 20 s: {}",
+            mirror.log()
+        );
         thread::sleep(Duration::from_millis(100));
     }
 
@@ -978,11 +980,15 @@ fn a_pull_through_cache_answering_200_is_read_lazily() -> TestResult {
         }
     });
     let s = store.stats();
-    assert_eq!((s.retries, s.errors), (before.retries, before.errors), "{s:?}");
-    // At most each read's end from a 200, its length from a 206.
+    assert_eq!(
+        (s.retries, s.errors),
+        (before.retries, before.errors),
+        "{s:?}"
+    );
+    // More than the ranges (some 200s), at most each read's end.
+    let got = s.bytes - before.bytes;
     let most: u64 = (0..8u64).map(|i| i * (700 << 10) + 100_000).sum();
-    assert!(s.bytes - before.bytes <= most, "{s:?}");
-    assert!(blob_gets(&mirror.log(), &d2, 200) >= 1, "{}", mirror.log());
+    assert!(got > 8 * 100_000 && got <= most, "{s:?}");
     Ok(())
 }
 
