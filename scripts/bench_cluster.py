@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bench import drop_caches, process_tree  # scripts/bench.py
 from bench_node import BenchError, Daemon, machine, proc_memory, run_import, stop_all  # scripts/bench_node.py
+from bench_report import splice_cluster  # scripts/bench_report.py
 
 MiB = 1 << 20
 # "GET /v2/... HTTP/1.1" STATUS BYTES: the common/combined log format that
@@ -280,6 +281,8 @@ class Bench:
 
     def round(self, name, label, n, mirror_fn=None, fresh_mirror=True, kill_after=None):
         """n nodes at once, each from an empty cache and cold page cache."""
+        if self.a.only and name not in self.a.only.split(","):
+            return None
         d = self.work / name
         subprocess.run(["rm", "-rf", str(d)], check=True)
         d.mkdir(parents=True)
@@ -392,7 +395,9 @@ def report(a, rounds, m0):
       "Page cache dropped before each set-up. *Done* = from starting the mount to the end of the import.")
     p("- **Mirrors** (unshaped, on the nodes' side of the link): Debian's docker-registry with `proxy: remoteurl:`; "
       "nginx 1.22 (Debian) with `slice`, `proxy_cache` keyed by blob path and slice, `proxy_cache_lock` "
-      "(configuration in scripts/bench_cluster.py and docs/kubernetes.md).")
+      "(configuration in scripts/bench_cluster.py and docs/kubernetes.md); and nginx with `proxy_cache` keyed by "
+      "the request's own `Range` header, no slices (an entry per distinct range: it saves origin bytes only as "
+      "far as the nodes send the same ranges).")
     p("- **Bytes** from the access logs: every response body the origin sent (blobs, manifests, over the shaped "
       "link, to the mirror and to nodes that fell back) and the mirror sent to nodes.\n")
     p("| set-up | nodes | done p50 (s) | done p99 (s) | ok | read errors | origin sent | origin / image | "
@@ -454,6 +459,9 @@ def main():
     ap.add_argument("--rtt", default="10")
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", help="comma-separated round names (alone, registry-proxy, nginx-SLICE, "
+                    "nginx-range-keyed, nginx-SLICE-warm, nginx-SLICE-killed)")
+    ap.add_argument("--report", help="a bench report (bench/report.md) to put the section into")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
 
@@ -473,6 +481,9 @@ def main():
             m.stop()
     Path(a.out).write_text(report(a, b.rounds, m0))
     log(f"wrote {a.out}")
+    if a.report and Path(a.report).exists():
+        splice_cluster(Path(a.report), Path(a.out).read_text())
+        log(f"updated {a.report}")
     return 0
 
 
