@@ -180,6 +180,8 @@ RANGE_KEYED = """\
 # is served from the slices it covers; proxy_cache_lock makes concurrent
 # misses of one slice wait for the one request that fills it (the timeouts
 # are long: a slow origin must not turn waiters into upstream requests).
+# proxy_set_header is inherited only by a block that sets none itself: the
+# blob location repeats `Connection ""` (keep-alive to the origin).
 # Everything else (the /v2/ ping, manifests, tags) passes through uncached.
 NGINX_CONF = """\
 worker_processes 2;
@@ -200,6 +202,7 @@ http {{
     proxy_set_header Connection "";
     location ~ "^/v2/.+/blobs/sha256:[0-9a-f]{{64}}$" {{
 {cache_by}
+      proxy_set_header Connection "";
       proxy_cache blobs;
       proxy_cache_valid 200 206 7d;
       proxy_cache_lock on;
