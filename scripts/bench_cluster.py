@@ -430,7 +430,10 @@ def report(a, rounds, m0):
       f"{alone:.1f} s." if alone else "")
     p("")
     for r in rounds:
-        if r.get("kill_after"):
+        if r.get("kill_after") and not r.get("mirror_killed"):
+            p(f"**Mirror not killed**: every node was done before {r['kill_after']} s; run again with a smaller "
+              "`--kill-after`.\n")
+        elif r.get("kill_after"):
             ok = sum(1 for x in r["per_node"] if x.get("ok"))
             errs = sum(x.get("summary", {}).get("read_errors", 0) for x in r["per_node"])
             fb = sum(x.get("summary", {}).get("fallbacks", 0) for x in r["per_node"])
