@@ -125,8 +125,11 @@ class Mirror:
             self.cpu = max(self.cpu, cpu_seconds(self.proc.pid))
 
     def kill(self):
-        """kill -9 of every process of the mirror (mid-run failure)."""
-        for p in reversed(process_tree(self.proc.pid)):
+        """kill -9 of every process of the mirror (mid-run failure). The
+        master goes first: nginx's master replaces a worker that dies, and
+        such a worker, orphaned, would keep the port open and wait on the
+        cache locks the killed workers held."""
+        for p in process_tree(self.proc.pid):
             try:
                 os.kill(p, signal.SIGKILL)
             except OSError:
