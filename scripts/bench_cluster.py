@@ -181,8 +181,10 @@ RANGE_KEYED = """\
 # (the slice module sends `Range: bytes=S-E` upstream, each slice a cache
 # entry of its own, keyed by the blob's path and the slice); a client's range
 # is served from the slices it covers; proxy_cache_lock makes concurrent
-# misses of one slice wait for the one request that fills it (the timeouts
-# are long: a slow origin must not turn waiters into upstream requests).
+# misses of one slice wait for the one request that fills it. Its timeouts:
+# a slice whose fetch has not ended in 10 s (a worker killed mid-fetch)
+# gets another fetch, and a waiter goes upstream itself after 20 s, within
+# the nodes' read budget (30 s); both far above a slice's fetch time here.
 # proxy_set_header is inherited only by a block that sets none itself: the
 # blob location repeats `Connection ""` (keep-alive to the origin).
 # Everything else (the /v2/ ping, manifests, tags) passes through uncached.
@@ -209,8 +211,8 @@ http {{
       proxy_cache blobs;
       proxy_cache_valid 200 206 7d;
       proxy_cache_lock on;
-      proxy_cache_lock_timeout 600s;
-      proxy_cache_lock_age 600s;
+      proxy_cache_lock_timeout 20s;
+      proxy_cache_lock_age 10s;
       proxy_pass http://origin;
     }}
     location / {{
