@@ -56,6 +56,7 @@ SECTIONS = [
     "Python import workload",
     "Cold start over a shaped link",
     "Pull and first run under containerd",
+    "Many nodes through a mirror",
     "Daemon memory",
     "Dedup across two image versions",
     "Plots",
@@ -798,6 +799,15 @@ def bench_coldstart(R, runs):
     R.set("coldstart_md", (ROOT / "bench" / "coldstart.md").read_text())
 
 
+def bench_cluster(R):
+    """N nodes through a pull-through mirror lives in scripts/bench-cluster;
+    run it and keep its table."""
+    p = subprocess.run([str(ROOT / "scripts" / "bench-cluster")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        raise BenchError(f"scripts/bench-cluster exited {p.returncode}: {p.stderr.decode()[-2000:]}")
+    R.set("cluster_md", (ROOT / "bench" / "cluster.md").read_text())
+
+
 # ------------------------------------------------------------ machine --
 
 
@@ -847,8 +857,9 @@ def main():
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-coldstart", action="store_true")
+    ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--datasets", help="comma-separated subset: python,small,big")
-    ap.add_argument("--steps", help="comma-separated subset of coldstart,convert,mounts,dedup; "
+    ap.add_argument("--steps", help="comma-separated subset of coldstart,cluster,convert,mounts,dedup; "
                     "keeps the other figures of the last run")
     a = ap.parse_args()
     base = Path(os.environ.get("SKIFF_BENCH_WORK", "/var/tmp/skiff-bench"))
@@ -858,7 +869,7 @@ def main():
     R = Results(WORK / "results.json")
     import bench_report  # noqa: E402 (beside this file)
 
-    steps = set((a.steps or "coldstart,convert,mounts,dedup").split(","))
+    steps = set((a.steps or "coldstart,cluster,convert,mounts,dedup").split(","))
     if a.report_only or (a.steps and R.path.exists()):
         R.data = json.loads(R.path.read_text())
     if not a.report_only:
@@ -888,6 +899,9 @@ def main():
         if not a.quick and not a.no_coldstart and "coldstart" in steps:
             log("cold start over a shaped link (scripts/bench-coldstart)")
             bench_coldstart(R, runs)
+        if not a.quick and not a.no_cluster and "cluster" in steps:
+            log("many nodes through a mirror (scripts/bench-cluster)")
+            bench_cluster(R)
         for ds in datasets:
             if "convert" in steps:
                 for key in [k for k in R.data["samples"] if k.startswith(ds.name + "/convert/")]:

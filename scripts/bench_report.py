@@ -467,6 +467,37 @@ def plots(d, out):
     shutil.rmtree(work)
 
 
+CLUSTER = "Many nodes through a mirror"
+
+
+def section_cluster(cluster_md, quick):
+    """The section made from bench/cluster.md (scripts/bench-cluster), or
+    a PENDING note."""
+    if not cluster_md:
+        return (f"## {CLUSTER}\n\n**PENDING**: measured by `scripts/bench-cluster` (N nodes start one image at once "
+                "through a pull-through mirror over a shaped origin), "
+                + ("skipped in --quick mode.\n" if quick else "not in this run.\n"))
+    body = "\n".join(line for line in cluster_md.splitlines() if not line.startswith("# "))
+    return f"## {CLUSTER}\n\nMeasured by `scripts/bench-cluster` (bench/cluster.md).\n" + body.replace("\n## ", "\n### ") + "\n"
+
+
+def splice_cluster(report, cluster_md):
+    """Puts the cluster section into an existing report (replacing its
+    own, else before the daemon memory section): what a run of
+    scripts/bench-cluster alone does to bench/report.md."""
+    text = report.read_text()
+    section = section_cluster(cluster_md, False)
+    head = f"## {CLUSTER}\n"
+    if head in text:
+        a = text.index(head)
+        b = text.find("\n## ", a + len(head))
+        text = text[:a] + section + (text[b + 1:] if b >= 0 else "")
+    else:
+        a = text.index("## Daemon memory\n")
+        text = text[:a] + section + "\n" + text[a:]
+    report.write_text(text)
+
+
 def write(raw, out, sections):
     d = Data(raw)
     out.mkdir(parents=True, exist_ok=True)
@@ -533,6 +564,7 @@ def write(raw, out, sections):
         md.append("## Pull and first run under containerd\n\n**PENDING**: measured by `scripts/bench-coldstart` "
                   "(`ctr image pull` + overlayfs against `ctr-remote rpull` + Skiff's snapshotter), "
                   + ("skipped in --quick mode.\n" if quick else "not in this run.\n"))
+    md.append(section_cluster(d.v.get("cluster_md"), quick))
     md.append("## Daemon memory\n\n" + section_memory(d))
     md.append("## Dedup across two image versions\n\n" + section_dedup(d))
     plots(d, out)

@@ -5,7 +5,8 @@
 #   . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 #
 # Provides: logging (log, info, warn, die, step), repo_root, have, need_root,
-# ensure_apt PKG..., ensure_rust, human_bytes, file_size.
+# ensure_apt PKG..., ensure_rust, human_bytes, file_size; for benchmarks:
+# free_port, registry_start, shape_sport, unshape.
 
 # Guard against being sourced twice.
 if [ -n "${SKIFF_LIB_SH:-}" ]; then
@@ -66,6 +67,49 @@ now() { date +%s.%N; }
 
 # elapsed START: seconds since START (from `now`), one decimal.
 elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
+
+# ------------------------------------------------------------ benchmarks --
+
+# free_port: prints a TCP port of 127.0.0.1 that is free now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+REGISTRY_PID=
+
+# registry_start DIR PORT: Debian's docker-registry on 127.0.0.1:PORT with
+# its storage in DIR/registry (emptied first), config DIR/registry.yml and
+# log DIR/registry.log (errors, and the access log: one line per request
+# with the bytes sent).
+# Sets REGISTRY_PID; returns once it answers /v2/.
+registry_start() {
+  local dir=$1 port=$2 _
+  rm -rf "$dir/registry"
+  mkdir -p "$dir/registry"
+  printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$dir/registry" "$port" >"$dir/registry.yml"
+  docker-registry serve "$dir/registry.yml" >"$dir/registry.log" 2>&1 &
+  REGISTRY_PID=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && return 0
+    kill -0 "$REGISTRY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  die "the registry did not start on 127.0.0.1:$port: $(tail -5 "$dir/registry.log")"
+}
+
+# shape_sport PORT MBIT: what is sent from 127.0.0.1:PORT on lo goes at
+# MBIT Mbit/s (tc htb; this kernel has no netem: add latency with
+# scripts/delay-proxy.py), everything else unshaped. Replaces lo's root qdisc.
+shape_sport() {
+  local port=$1 mbit=$2
+  tc qdisc del dev lo root 2>/dev/null || true
+  tc qdisc add dev lo root handle 1: htb default 10 r2q 100000
+  tc class add dev lo parent 1: classid 1:10 htb rate 40gbit
+  tc class add dev lo parent 1: classid 1:20 htb rate "${mbit}mbit" ceil "${mbit}mbit"
+  tc filter add dev lo protocol ip parent 1: prio 1 u32 match ip sport "$port" 0xffff flowid 1:20
+}
+
+# unshape: removes what shape_sport set up.
+unshape() { tc qdisc del dev lo root 2>/dev/null || true; }
 
 # -------------------------------------------------------------------- apt --
 

@@ -909,6 +909,89 @@ fn mirrors_are_tried_first_with_their_headers() -> TestResult {
     Ok(())
 }
 
+/// Debian's docker-registry as a pull-through cache (`proxy: remoteurl:`)
+/// answers the first Range request for a blob it does not hold with `200`
+/// and the whole blob (it is filling its cache), later ones with `206`.
+/// Reads through it get exactly their bytes either way; from a `200` the
+/// client reads no further than the end of its range, then closes (the
+/// bytes received tell which answer came: offset + length for a `200`,
+/// the length for a `206`; the registry's access log cannot, it logs 500
+/// for a proxied copy cut short); and nothing falls back to the origin.
+#[test]
+fn a_pull_through_cache_answering_200_is_read_lazily() -> TestResult {
+    let origin = Registry::start();
+    let mirror = Registry::start_proxy(&origin.host());
+    let r = origin.docker_ref("cached/app");
+    let w = RegistryWriter::new(&r, &test_config())?;
+    let data = pattern(8 << 20, 91);
+    let (d, n) = w.put_blob_bytes(&data)?;
+    let mut cfg = test_config();
+    cfg.mirrors.insert(
+        origin.host(),
+        vec![Mirror::new(format!("http://{}", mirror.host()))],
+    );
+    let store = RegistryBlobStore::new(&r, &cfg)?;
+    store.add_known_sizes([(d, n)]);
+
+    // A miss at the mirror: 200 and the whole blob; the read takes the
+    // bytes up to the end of its range and closes.
+    let (off, len) = (1usize << 20, 64usize << 10);
+    let got = store.read_range(&d, off as u64, len as u64)?;
+    assert_eq!(got, &data[off..off + len]);
+    let s = store.stats();
+    assert_eq!(s.bytes, (off + len) as u64, "{s:?}\n{}", mirror.log());
+    assert_eq!((s.retries, s.errors), (0, 0), "{s:?}");
+
+    // Once the mirror holds the blob (it stores it in the background):
+    // 206 and only the range.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (off, len) = (5usize << 20, 4096usize);
+    loop {
+        let before = store.stats().bytes;
+        let got = store.read_range(&d, off as u64, len as u64)?;
+        assert_eq!(got, &data[off..off + len]);
+        let cost = (store.stats().bytes - before) as usize;
+        if cost == len {
+            break;
+        }
+        assert_eq!(cost, off + len, "neither a 200 nor a 206");
+        assert!(
+            Instant::now() < deadline,
+            "no 206 after 20 s: {}",
+            mirror.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // Concurrent misses of another blob: each read gets its own bytes
+    // (several 200s at once), none short, none from the origin.
+    let data2 = pattern(6 << 20, 92);
+    let (d2, n2) = w.put_blob_bytes(&data2)?;
+    store.add_known_sizes([(d2, n2)]);
+    let before = store.stats();
+    thread::scope(|sc| {
+        for i in 0..8usize {
+            let (store, data2) = (&store, &data2);
+            sc.spawn(move || {
+                let off = i * (700 << 10);
+                let got = store.read_range(&d2, off as u64, 100_000).ok();
+                assert_eq!(got.as_deref(), data2.get(off..off + 100_000), "read {i}");
+            });
+        }
+    });
+    let s = store.stats();
+    assert_eq!(
+        (s.retries, s.errors),
+        (before.retries, before.errors),
+        "{s:?}"
+    );
+    // More than the ranges (some 200s), at most each read's end.
+    let got = s.bytes - before.bytes;
+    let most: u64 = (0..8u64).map(|i| i * (700 << 10) + 100_000).sum();
+    assert!(got > 8 * 100_000 && got <= most, "{s:?}");
+    Ok(())
+}
+
 #[test]
 fn tls_with_an_extra_ca_file() -> TestResult {
     let reg = Registry::start_tls();

@@ -87,13 +87,20 @@ impl Registry {
 
     /// Starts a registry with `auth`.
     pub fn start_with(auth: &AuthMode) -> Registry {
-        Registry::start_full(auth, false)
+        Registry::start_full(auth, false, None)
+    }
+
+    /// Starts a pull-through cache of the registry at `remote`
+    /// (`host:port`, plain HTTP): docker-registry's proxy mode, with its
+    /// access log on (see [`Registry::log`]).
+    pub fn start_proxy(remote: &str) -> Registry {
+        Registry::start_full(&AuthMode::None, false, Some(remote))
     }
 
     /// Starts a registry without auth serving HTTPS with a self-signed
     /// certificate for 127.0.0.1 (see [`Registry::tls_cert`]).
     pub fn start_tls() -> Registry {
-        Registry::start_full(&AuthMode::None, true)
+        Registry::start_full(&AuthMode::None, true, None)
     }
 
     /// The CA certificate of a TLS registry.
@@ -101,7 +108,7 @@ impl Registry {
         Some(self.dir.path().join("ca.crt")).filter(|p| p.is_file())
     }
 
-    fn start_full(auth: &AuthMode, tls: bool) -> Registry {
+    fn start_full(auth: &AuthMode, tls: bool, proxy_of: Option<&str>) -> Registry {
         let bin = require("docker-registry", "docker-registry");
         let mut dir = tempfile::tempdir().expect("tempdir");
         let tls_yaml = if tls {
@@ -196,11 +203,15 @@ impl Registry {
                 issuer.cert_path().display()
             ),
         };
+        let (access_off, proxy_yaml) = match proxy_of {
+            Some(remote) => (false, format!("proxy:\n  remoteurl: http://{remote}\n")),
+            None => (true, String::new()),
+        };
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port();
             let config = format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: skiff-test-secret\n{tls_yaml}{auth_yaml}",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {access_off}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: skiff-test-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}",
                 dir.path().join("data").display()
             );
             let config_path = dir.path().join("config.yml");
