@@ -115,9 +115,10 @@ impl Readahead {
         };
         let (image, source) = (image.clone(), source.clone());
         let queued = self.pool.try_submit(Box::new(move || {
-            let Ok(reqs) = file_chunk_requests(image.bootstrap(), id, from, to) else {
+            let Ok(mut reqs) = file_chunk_requests(image.bootstrap(), id, from, to) else {
                 return;
             };
+            reqs.extend(crate::chunk::frame_siblings(image.bootstrap(), &reqs));
             let missing: Vec<ChunkRequest> = reqs
                 .into_iter()
                 .filter(|r| !source.in_memory(&r.info.digest))

@@ -159,6 +159,48 @@ pub fn file_chunk_requests(
     Ok(reqs)
 }
 
+/// The other members of the shared frames (format 1.1) that `reqs` name:
+/// a fetch of one member downloads the whole frame, so its siblings come
+/// along at no cost in bytes, and left behind they would cost the frame
+/// again each. Members of a frame are neighbours in the chunk table (it is
+/// in blob order), so this walks both ways from each request.
+pub fn frame_siblings(b: &Bootstrap<'_>, reqs: &[ChunkRequest]) -> Vec<ChunkRequest> {
+    let mut out: Vec<ChunkRequest> = Vec::new();
+    let mut seen: std::collections::HashSet<u32> = reqs.iter().map(|r| r.index).collect();
+    for r in reqs.iter().filter(|r| r.info.frame.is_some()) {
+        let same = |i: u32| {
+            b.chunk(i).ok().filter(|c| {
+                c.frame.is_some()
+                    && c.blob_index == r.info.blob_index
+                    && c.compressed_offset == r.info.compressed_offset
+                    && c.compressed_size == r.info.compressed_size
+            })
+        };
+        let mut push = |index: u32, info: ChunkInfo| {
+            if seen.insert(index) {
+                out.push(ChunkRequest {
+                    index,
+                    info,
+                    blob: r.blob,
+                });
+            }
+        };
+        let mut i = r.index;
+        while let Some(prev) = i.checked_sub(1) {
+            let Some(info) = same(prev) else { break };
+            push(prev, info);
+            i = prev;
+        }
+        let mut i = r.index;
+        while let Some(next) = i.checked_add(1) {
+            let Some(info) = same(next) else { break };
+            push(next, info);
+            i = next;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -346,12 +346,14 @@ impl SkiffFs {
     /// Answers a read that needs the network from the read pool (or here,
     /// when there is none or its queue is full), by `deadline`.
     fn fetch_later(&self, plan: ReadPlan, deadline: Instant, reply: ReplyData) {
-        let ahead = match (plan.reqs.first(), plan.reqs.last()) {
-            (Some(first), Some(last)) if self.fetch_window > 0 => {
-                self.chunks_ahead(last, first.info.compressed_offset)
-            }
-            _ => Vec::new(),
-        };
+        // The rest of any shared frame the read needs (its bytes come
+        // anyway), then what follows in the fetch window.
+        let mut ahead = crate::chunk::frame_siblings(self.b(), &plan.reqs);
+        if let (Some(first), Some(last), true) =
+            (plan.reqs.first(), plan.reqs.last(), self.fetch_window > 0)
+        {
+            ahead.extend(self.chunks_ahead(last, first.info.compressed_offset));
+        }
         let job = ReadJob {
             image: self.image.clone(),
             source: self.source.clone(),

@@ -105,7 +105,7 @@ pub mod source;
 pub mod workers;
 
 pub use cache::{ChunkData, MemoryCache};
-pub use chunk::{file_chunk_requests, plan_runs, Backend, ChunkRequest, Run};
+pub use chunk::{file_chunk_requests, frame_siblings, plan_runs, Backend, ChunkRequest, Run};
 pub use daemon::{check_mountpoint, mount, Daemon, MountOptions, Stopped};
 pub use disk::{CacheLimit, DiskCache, DiskStats, Watermarks};
 pub use error::{ChunkError, DaemonError, FsError};

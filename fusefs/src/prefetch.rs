@@ -122,9 +122,11 @@ fn prefetch(
             return;
         }
         // Directories and others in a hand-made list are skipped.
-        let Ok(reqs) = file_chunk_requests(b, id, 0, u64::MAX) else {
+        let Ok(mut reqs) = file_chunk_requests(b, id, 0, u64::MAX) else {
             continue;
         };
+        // A shared frame comes whole: keep all of its members.
+        reqs.extend(crate::chunk::frame_siblings(b, &reqs));
         for r in reqs {
             if seen.insert(r.info.digest) && !source.is_local(&r.info.digest) {
                 bytes += u64::from(r.info.compressed_size);
