@@ -311,6 +311,14 @@ pub fn catch_case<T>(name: &str, f: impl FnOnce() -> T) -> Result<T, String> {
 /// Regular files of the reference tree (see [`umoci_rootfs`]) between `min`
 /// and `max` bytes, as relative paths, sorted.
 pub fn reference_files(min: u64, max: u64) -> Vec<String> {
+    reference_files_sized(min, max)
+        .into_iter()
+        .map(|(rel, _)| rel)
+        .collect()
+}
+
+/// [`reference_files`] with each file's size.
+pub fn reference_files_sized(min: u64, max: u64) -> Vec<(String, u64)> {
     let root = umoci_rootfs();
     let mut out = Vec::new();
     let mut stack = vec![root.clone()];
@@ -324,7 +332,7 @@ pub fn reference_files(min: u64, max: u64) -> Vec<String> {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
                 if (min..=max).contains(&len) {
                     if let Ok(rel) = e.path().strip_prefix(&root) {
-                        out.push(rel.to_string_lossy().into_owned());
+                        out.push((rel.to_string_lossy().into_owned(), len));
                     }
                 }
             }

@@ -15,13 +15,12 @@ use std::fs;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use skiff_tests::faultproxy::{fixture_registry_storage, FIXTURE_REPO};
-use skiff_tests::harness::{remove_all, scratch_root, umoci_rootfs};
+use skiff_tests::harness::{reference_files_sized, remove_all, scratch_root, umoci_rootfs};
 use skiff_tests::services::{metric_value, scrape_metrics, Registry, SkiffMount};
 
 const THREADS: usize = 32;
@@ -47,30 +46,6 @@ impl Rng {
             self.next() % n
         }
     }
-}
-
-/// Regular files of the reference tree (relative path, size), non-empty.
-fn files(root: &Path) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                if len > 0 {
-                    if let Ok(rel) = e.path().strip_prefix(root) {
-                        out.push((rel.to_string_lossy().into_owned(), len));
-                    }
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -111,7 +86,7 @@ fn soak_random_reads_with_constant_eviction() {
     let dir = scratch_root().join("soak");
     remove_all(&dir);
     let reference = umoci_rootfs();
-    let all = Arc::new(files(&reference));
+    let all = Arc::new(reference_files_sized(1, u64::MAX));
     assert!(all.len() > 10_000, "{} files in the reference", all.len());
     let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
     let image = format!("docker://{}/{FIXTURE_REPO}", registry.host());
