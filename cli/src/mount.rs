@@ -111,9 +111,19 @@ pub struct MountArgs {
     /// Largest merged range request for a read, in KiB.
     #[arg(long, default_value_t = skiff_fusefs::fetch::DEFAULT_MAX_REQUEST / 1024)]
     pub max_request_kb: u64,
-    /// Read this many KiB ahead of sequential readers, in the background (0: off).
-    #[arg(long, default_value_t = skiff_fusefs::daemon::DEFAULT_CHUNK_READAHEAD / 1024)]
+    /// Readahead in blob order: the largest window, in KiB of stored data,
+    /// fetched in the background ahead of a reader that walks through what
+    /// the image stores together (a large file, a whole tree); windows start
+    /// at 1 MiB and double while the reader keeps going (0: off; off too
+    /// without a disk cache).
+    #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.max_window / 1024)]
     pub chunk_readahead_kb: u64,
+    /// Range requests of readahead in flight at once.
+    #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.threads)]
+    pub readahead_requests: usize,
+    /// Stored KiB per readahead request.
+    #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.request / 1024)]
+    pub readahead_request_kb: u64,
     /// Fetch every file of the image in the background after mounting
     /// (default: only the image's prefetch list, if it has one).
     #[arg(long, conflicts_with = "no_prefetch")]
@@ -455,7 +465,9 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     opts.force_unmount = args.force_unmount;
     opts.disk_cache = open_disk_cache(&args, &reference)?;
     opts.max_request_bytes = args.max_request_kb.saturating_mul(1024).max(1);
-    opts.chunk_readahead = args.chunk_readahead_kb.saturating_mul(1024);
+    opts.readahead.max_window = args.chunk_readahead_kb.saturating_mul(1024);
+    opts.readahead.threads = args.readahead_requests.max(1);
+    opts.readahead.request = args.readahead_request_kb.saturating_mul(1024).max(64 << 10);
     opts.prefetch = if args.no_prefetch {
         PrefetchMode::None
     } else if args.prefetch_all {

@@ -10,7 +10,7 @@
 //! returns the final counters.
 //!
 //! Around the FUSE session, the daemon runs the background parts (see
-//! [`crate::background`]): the disk cache's writer, chunk readahead,
+//! [`crate::readahead`] and [`crate::access`]): the disk cache's writer, readahead,
 //! prefetch of the image's PREFETCH list once the mount is ready, the access
 //! recorder (written every few seconds and at unmount) and the metrics
 //! socket. Unmounting stops them in order: prefetch and readahead first,
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, MountOption, SessionACL};
 
-use crate::background::{AccessLog, Readahead};
+use crate::access::AccessLog;
 use crate::chunk::Backend;
 use crate::disk::DiskCache;
 use crate::error::DaemonError;
@@ -38,6 +38,7 @@ use crate::fs::SkiffFs;
 use crate::image::{BootstrapBytes, Image};
 use crate::metrics::{render_prometheus, Gauges, Metrics, MetricsServer, MetricsSnapshot};
 use crate::prefetch::{spawn_prefetch, PrefetchMode};
+use crate::readahead::{Readahead, ReadaheadOptions, DEFAULT_READAHEAD};
 use crate::session::{self, Connection};
 use crate::source::ChunkSource;
 use crate::workers::Pool;
@@ -71,10 +72,9 @@ pub struct MountOptions {
     pub max_request_bytes: u64,
     /// Range requests of one read in flight at once.
     pub fetch_parallel: usize,
-    /// Chunk readahead for sequential readers, in bytes (0: off).
-    pub chunk_readahead: u64,
-    /// Threads that read ahead.
-    pub readahead_threads: usize,
+    /// Readahead in blob order (`max_window` 0: off; off anyway without a
+    /// disk cache).
+    pub readahead: ReadaheadOptions,
     /// What to prefetch once mounted.
     pub prefetch: PrefetchMode,
     /// Threads that prefetch.
@@ -111,8 +111,7 @@ impl MountOptions {
             disk_cache: None,
             max_request_bytes: crate::fetch::DEFAULT_MAX_REQUEST,
             fetch_parallel: crate::fetch::DEFAULT_MAX_PARALLEL,
-            chunk_readahead: DEFAULT_CHUNK_READAHEAD,
-            readahead_threads: 2,
+            readahead: DEFAULT_READAHEAD,
             prefetch: PrefetchMode::List,
             prefetch_threads: 2,
             record_access: None,
@@ -126,9 +125,6 @@ impl MountOptions {
 /// Default [`MountOptions::fetch_window`]: chosen by measurement on the
 /// fixture's python import over a 10 ms link (see bench/coldstart.md).
 pub const DEFAULT_FETCH_WINDOW: u64 = 256 << 10;
-
-/// Default [`MountOptions::chunk_readahead`]: 4 MiB ahead of a sequential reader.
-pub const DEFAULT_CHUNK_READAHEAD: u64 = 4 << 20;
 
 /// Reads queued for the read pool beyond those it is fetching: the
 /// kernel's background reads (`MAX_BACKGROUND` in [`crate::fs`]) plus as
@@ -236,12 +232,8 @@ impl Daemon {
             },
             metrics,
         ));
-        let readahead = (opts.chunk_readahead > 0).then(|| {
-            Arc::new(Readahead::new(
-                opts.chunk_readahead,
-                opts.readahead_threads.max(1),
-            ))
-        });
+        let readahead = (opts.readahead.max_window > 0 && opts.disk_cache.is_some())
+            .then(|| Arc::new(Readahead::new(opts.readahead)));
         let access = opts
             .record_access
             .as_ref()

@@ -50,12 +50,13 @@ use fuser::{
 };
 use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
 
-use crate::background::{AccessLog, Readahead};
+use crate::access::AccessLog;
 use crate::cache::ChunkData;
 use crate::chunk::ChunkRequest;
 use crate::error::FsError;
 use crate::image::Image;
 use crate::metrics::Metrics;
+use crate::readahead::Readahead;
 use crate::source::ChunkSource;
 use crate::workers::Pool;
 
@@ -88,7 +89,7 @@ pub struct SkiffFs {
     metrics: Arc<Metrics>,
     /// Read-ahead window in stored bytes (see [`ChunkSource::get_with_read_ahead`]).
     fetch_window: u64,
-    /// Chunk readahead for sequential readers.
+    /// Readahead in blob order.
     readahead: Option<Arc<Readahead>>,
     /// Records the files read, for a prefetch list.
     access: Option<Arc<AccessLog>>,
@@ -118,7 +119,7 @@ impl SkiffFs {
         }
     }
 
-    /// Reads ahead for sequential readers.
+    /// Reads ahead of readers that walk through a blob.
     pub(crate) fn with_readahead(mut self, readahead: Option<Arc<Readahead>>) -> SkiffFs {
         self.readahead = readahead;
         self
@@ -312,9 +313,6 @@ impl SkiffFs {
         if let Some(log) = &self.access {
             log.record(id);
         }
-        if let Some(ra) = &self.readahead {
-            ra.on_read(&self.image, &self.source, id, offset, end, file_size);
-        }
         let records = self.b().chunks_in_range(id, offset, end - offset)?;
         let mut reqs = Vec::with_capacity(records.len());
         let mut starts = Vec::with_capacity(records.len());
@@ -335,7 +333,11 @@ impl SkiffFs {
             reqs,
             starts,
         };
-        if let Some(datas) = self.source.get_local(&plan.reqs) {
+        let local = self.source.get_local(&plan.reqs);
+        if let Some(ra) = &self.readahead {
+            ra.on_read(&self.image, &self.source, &plan.reqs, local.is_none());
+        }
+        if let Some(datas) = local {
             let out = plan.assemble(&datas)?;
             Metrics::add(&self.metrics.bytes_read, out.as_slice().len() as u64);
             return Ok(ReadStep::Done(out));

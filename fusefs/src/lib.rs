@@ -39,8 +39,9 @@
 //! read fail with `EIO` and a log line naming the chunk, its digest, its
 //! blob and the file; other files are unaffected.
 //!
-//! Beside the read path: chunk readahead for sequential readers and access
-//! recording ([`background`]), prefetch of the image's PREFETCH list after
+//! Beside the read path: readahead in blob order for readers that walk
+//! through what was stored together ([`readahead`]), access recording
+//! ([`access`]), prefetch of the image's PREFETCH list after
 //! mounting ([`prefetch`]), and metrics on a unix socket ([`metrics`]).
 //!
 //! Failover (see [`keeper`]): as root the FUSE connection is held by a
@@ -76,7 +77,8 @@
 //! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
 //!   budget, decode, verification, one refetch.
 //! - [`source`]: [`ChunkSource`]: memory, then the fetcher; local-only reads.
-//! - [`background`]: readahead, access recording.
+//! - [`readahead`]: streams in blob order and their background fetches.
+//! - [`access`]: the files read, for a prefetch list.
 //! - [`prefetch`]: the PREFETCH list after mounting.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
 //!   the hand-off of reads to the read pool.
@@ -87,7 +89,7 @@
 //! - [`keeper`]: the process that holds a mount's connection across the
 //!   death or upgrade of the one serving it.
 
-pub mod background;
+pub mod access;
 pub mod cache;
 pub mod chunk;
 pub mod daemon;
@@ -99,6 +101,7 @@ pub mod image;
 pub mod keeper;
 pub mod metrics;
 pub mod prefetch;
+pub mod readahead;
 pub mod reclaim;
 pub mod session;
 pub mod source;

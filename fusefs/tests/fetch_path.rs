@@ -254,7 +254,7 @@ impl TestMount {
         o.threads = 4;
         // Isolate the mechanism under test: no speculative fetches unless asked.
         o.fetch_window = 0;
-        o.chunk_readahead = 0;
+        o.readahead.max_window = 0;
         opts(&mut o);
         let daemon = Daemon::start(&o, Box::new(bootstrap), Backend::new(store)).expect("mount");
         TestMount {
@@ -367,19 +367,21 @@ fn a_sequential_read_is_a_few_merged_requests() {
     drop(m);
     eprintln!("with a 4 MiB fetch window: {} requests", store.reads());
     assert!(store.reads() <= 2, "{} requests", store.reads());
-    // Background chunk readahead: the file still arrives in few requests.
+    // Readahead in blob order (it needs a disk cache, where what it
+    // fetches waits for its reader): the file still arrives in few
+    // requests, each of them fetched once.
     let store = Faulty::new(img.layout.path());
+    let cache = tempfile::tempdir().unwrap();
     let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
-        o.chunk_readahead = 4 << 20;
-        o.cache_bytes = 64 << 20;
+        o.readahead = skiff_fusefs::readahead::DEFAULT_READAHEAD;
+        o.disk_cache = disk(cache.path(), 1 << 30);
     });
     read_all(&m, &img);
     let metrics = m.finish();
-    eprintln!(
-        "with chunk readahead: {} requests ({metrics})",
-        store.reads()
-    );
+    eprintln!("with readahead: {} requests ({metrics})", store.reads());
     assert!(store.reads() <= 8, "{} requests", store.reads());
+    assert!(metrics.readahead_chunks > 0, "{metrics}");
+    assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
 }
 
 #[test]

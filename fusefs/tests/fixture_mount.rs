@@ -419,11 +419,14 @@ fn a_recorded_import_prefetches_and_a_restart_reuses_the_cache() {
     let list = work.join("access.txt");
     let cache = work.join("cache");
 
-    // 1. Record what the import reads.
+    // 1. Record what the import reads (the reads' own requests, without
+    // readahead: the figure step 3 is measured against).
     let mut m = mount(
         &image_ref(converted()),
         "record",
         &[
+            "--chunk-readahead-kb",
+            "0",
             "--record-access",
             &list.display().to_string(),
             "--cache-dir",
