@@ -37,11 +37,21 @@ use clap::Args;
 use skiff_fusefs::disk::{CacheLimit, Watermarks};
 use skiff_fusefs::keeper::{self, KeeperOptions};
 use skiff_fusefs::session::{adopt_inherited, Connection};
-use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped};
+use skiff_fusefs::{
+    Backend, BackgroundFetch, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped,
+};
 use skiff_registry::skiff::{open_image_cached, open_image_pinned, SkiffImage};
 use skiff_registry::{BootstrapCache, ImageRef, RegistryConfig};
 
 /// Arguments of `skiff mount`.
+/// The `--background-fetch` setting (`None`: off).
+#[derive(Debug, Clone, Copy)]
+pub struct BackgroundSetting(pub Option<BackgroundFetch>);
+
+fn parse_background(s: &str) -> Result<BackgroundSetting, String> {
+    BackgroundFetch::parse(s).map(BackgroundSetting)
+}
+
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// The image: oci:DIR[:TAG].
@@ -128,6 +138,13 @@ pub struct MountArgs {
     /// (default: only the image's prefetch list, if it has one).
     #[arg(long, conflicts_with = "no_prefetch")]
     pub prefetch_all: bool,
+    /// Fetch the rest of the image in the background after the prefetch
+    /// list, so that later reads of any file are local: `off`, `on`, or a
+    /// cap in bytes per second (`12m`). It waits while any other fetch is
+    /// in flight (it never competes with a reader for the link), and stops
+    /// at the disk cache's low watermark. Needs the disk cache.
+    #[arg(long, value_name = "off|on|RATE", default_value = "off", value_parser = parse_background)]
+    pub background_fetch: BackgroundSetting,
     /// Do not prefetch anything.
     #[arg(long)]
     pub no_prefetch: bool,
@@ -475,6 +492,7 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     } else {
         PrefetchMode::List
     };
+    opts.background_fetch = args.background_fetch.0;
     opts.record_access = args.record_access.clone();
     opts.metrics_socket = args.metrics_socket.clone();
     let mut backend = Backend::new(image.store.clone());

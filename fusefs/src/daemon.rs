@@ -37,7 +37,7 @@ use crate::fetch::SourceOptions;
 use crate::fs::SkiffFs;
 use crate::image::{BootstrapBytes, Image};
 use crate::metrics::{render_prometheus, Gauges, Metrics, MetricsServer, MetricsSnapshot};
-use crate::prefetch::{spawn_prefetch, PrefetchMode};
+use crate::prefetch::{spawn_prefetch, BackgroundFetch, PrefetchMode};
 use crate::readahead::{Readahead, ReadaheadOptions, DEFAULT_READAHEAD};
 use crate::session::{self, Connection};
 use crate::source::ChunkSource;
@@ -77,6 +77,9 @@ pub struct MountOptions {
     pub readahead: ReadaheadOptions,
     /// What to prefetch once mounted.
     pub prefetch: PrefetchMode,
+    /// Fetch the rest of the image in the background after the prefetch
+    /// list (`None`: off; off anyway without a disk cache).
+    pub background_fetch: Option<BackgroundFetch>,
     /// Threads that prefetch.
     pub prefetch_threads: usize,
     /// Write the paths of the files read, in first-read order, to this file
@@ -113,6 +116,7 @@ impl MountOptions {
             fetch_parallel: crate::fetch::DEFAULT_MAX_PARALLEL,
             readahead: DEFAULT_READAHEAD,
             prefetch: PrefetchMode::List,
+            background_fetch: None,
             prefetch_threads: 2,
             record_access: None,
             metrics_socket: None,
@@ -287,6 +291,7 @@ impl Daemon {
             source.clone(),
             opts.prefetch,
             opts.prefetch_threads,
+            opts.background_fetch,
             prefetch_stop.clone(),
         );
         Ok(Daemon {

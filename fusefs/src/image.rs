@@ -12,10 +12,14 @@
 //! a section). [`Image::checked`] runs [`Bootstrap::check_inode`] the first
 //! time an inode is served and remembers the verdict (one byte per inode),
 //! so that a lying inode is an error every time, never a wrong answer.
+//!
+//! [`Image::chunks_in_blob`] finds the chunks of a stored range of a blob
+//! (readahead and background fetch walk blobs in stored order).
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
-use skiff_format::{Bootstrap, FormatError, InodeId};
+use skiff_format::{Bootstrap, ChunkInfo, FormatError, InodeId};
 
 /// [`Image::checked`] states of an inode.
 const UNCHECKED: u8 = 0;
@@ -39,6 +43,8 @@ pub struct Image {
     len: usize,
     /// Per inode: [`UNCHECKED`], [`GOOD`] or [`BAD`].
     verdicts: Vec<AtomicU8>,
+    /// Built on first use by [`Image::chunks_in_blob`].
+    blob_order: OnceLock<BlobOrder>,
 }
 
 impl Image {
@@ -52,6 +58,7 @@ impl Image {
             cell,
             len,
             verdicts,
+            blob_order: OnceLock::new(),
         })
     }
 
@@ -102,6 +109,18 @@ impl Image {
         format!("/{}", parts.join("/"))
     }
 
+    /// The chunks stored in blob `blob` (its index in BLOBS) that start in
+    /// `[from, to)` of it, in stored order, with their CHUNKS indices. The
+    /// first call makes the index (one pass over the chunk table; for a
+    /// format 1.1 table, which is in blob order, a few bytes per blob,
+    /// else four bytes per chunk): call it off the FUSE threads.
+    pub fn chunks_in_blob(&self, blob: u32, from: u64, to: u64) -> Vec<(u32, ChunkInfo)> {
+        let b = self.bootstrap();
+        self.blob_order
+            .get_or_init(|| BlobOrder::build(b))
+            .chunks_in(b, blob, from, to)
+    }
+
     /// The parsed bootstrap.
     pub fn bootstrap(&self) -> &Bootstrap<'_> {
         self.cell.borrow_dependent()
@@ -115,6 +134,93 @@ impl Image {
     /// Whether the bootstrap is empty (never true for a parsed one).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// The chunks of each blob in stored order, for finding those of a range.
+enum BlobOrder {
+    /// The chunk table is in (blob, offset) order (format 1.1 writes it so):
+    /// each blob's chunks are a slice of it, `[start, end)` by blob index.
+    Sorted(Vec<(u32, u32)>),
+    /// Any other table: chunk indices sorted by (blob, offset), and each
+    /// blob's slice of that list.
+    Listed(Vec<u32>, Vec<(u32, u32)>),
+}
+
+impl BlobOrder {
+    fn build(b: &Bootstrap<'_>) -> BlobOrder {
+        let n = b.chunk_count();
+        let blobs = b.blob_count() as usize;
+        let key = |i: u32| b.chunk(i).ok().map(|c| (c.blob_index, c.compressed_offset));
+        let keys: Vec<Option<(u32, u64)>> = (0..n).map(key).collect();
+        let sorted = keys.iter().all(Option::is_some) && keys.windows(2).all(|w| w[0] <= w[1]);
+        let mut order: Vec<u32> = (0..n).collect();
+        if !sorted {
+            order.sort_by_key(|&i| keys.get(i as usize).copied().flatten());
+        }
+        let mut ranges = vec![(0u32, 0u32); blobs];
+        let mut k = 0usize;
+        while k < order.len() {
+            let blob = keys
+                .get(order[k] as usize)
+                .copied()
+                .flatten()
+                .map(|(b, _)| b as usize);
+            let start = k;
+            while k < order.len()
+                && keys
+                    .get(order[k] as usize)
+                    .copied()
+                    .flatten()
+                    .map(|(b, _)| b as usize)
+                    == blob
+            {
+                k += 1;
+            }
+            if let Some(slot) = blob.and_then(|b| ranges.get_mut(b)) {
+                *slot = (start as u32, k as u32);
+            }
+        }
+        if sorted {
+            BlobOrder::Sorted(ranges)
+        } else {
+            BlobOrder::Listed(order, ranges)
+        }
+    }
+
+    /// The chunks of blob `blob` that start in `[from, to)`, in order.
+    fn chunks_in(&self, b: &Bootstrap<'_>, blob: u32, from: u64, to: u64) -> Vec<(u32, ChunkInfo)> {
+        let (ranges, list) = match self {
+            BlobOrder::Sorted(r) => (r, None),
+            BlobOrder::Listed(l, r) => (r, Some(l)),
+        };
+        let Some(&(start, end)) = ranges.get(blob as usize) else {
+            return Vec::new();
+        };
+        let at = |k: u32| -> Option<(u32, ChunkInfo)> {
+            let i = match list {
+                Some(l) => *l.get(k as usize)?,
+                None => k,
+            };
+            Some((i, b.chunk(i).ok()?))
+        };
+        // First position whose chunk starts at or after `from`.
+        let (mut lo, mut hi) = (start, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match at(mid) {
+                Some((_, c)) if c.compressed_offset < from => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        let mut out = Vec::new();
+        for k in lo..end {
+            match at(k) {
+                Some((i, c)) if c.compressed_offset < to => out.push((i, c)),
+                _ => break,
+            }
+        }
+        out
     }
 }
 

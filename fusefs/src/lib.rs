@@ -116,6 +116,6 @@ pub use fetch::SourceOptions;
 pub use fs::SkiffFs;
 pub use image::{BootstrapBytes, Image};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use prefetch::PrefetchMode;
+pub use prefetch::{BackgroundFetch, PrefetchMode};
 pub use source::ChunkSource;
 pub use workers::ByteBudget;

@@ -115,6 +115,13 @@ pub struct Metrics {
     pub prefetch_failed: AtomicU64,
     /// Set once prefetch has gone through its whole list.
     pub prefetch_finished: AtomicBool,
+    /// Chunks the background fetch of the rest asked for.
+    pub background_planned: AtomicU64,
+    /// Of those, chunks fetched and verified.
+    pub background_done: AtomicU64,
+    /// Set once the background fetch has ended (done, stopped at the low
+    /// watermark, or stopped at unmount).
+    pub background_finished: AtomicBool,
 }
 
 impl Metrics {
@@ -148,6 +155,7 @@ impl Metrics {
             readahead_chunks: get(&self.readahead_chunks),
             prefetch_planned: get(&self.prefetch_planned),
             prefetch_done: get(&self.prefetch_done),
+            background_done: get(&self.background_done),
             store: None,
         }
     }
@@ -188,6 +196,8 @@ pub struct MetricsSnapshot {
     pub prefetch_planned: u64,
     /// See [`Metrics::prefetch_done`].
     pub prefetch_done: u64,
+    /// See [`Metrics::background_done`].
+    pub background_done: u64,
     /// The blob store's own counters (requests, retries, errors), when it
     /// keeps any (a registry store does).
     pub store: Option<FetchStats>,
@@ -199,7 +209,7 @@ impl fmt::Display for MetricsSnapshot {
             f,
             "reads={} bytes_read={} read_errors={} fetch_requests={} chunks_fetched={} bytes_fetched={} fetch_errors={} \
              mem_hits={} mem_misses={} disk_hits={} disk_misses={} disk_corrupt={} chunk_errors={} \
-             readahead_chunks={} prefetch={}/{}",
+             readahead_chunks={} prefetch={}/{} background_chunks={}",
             self.reads,
             self.bytes_read,
             self.read_errors,
@@ -216,6 +226,7 @@ impl fmt::Display for MetricsSnapshot {
             self.readahead_chunks,
             self.prefetch_done,
             self.prefetch_planned,
+            self.background_done,
         )?;
         if let Some(s) = &self.store {
             write!(
@@ -346,6 +357,21 @@ pub fn render_prometheus(m: &Metrics, gauges: &Gauges, store: Option<&FetchStats
             ("state=\"done\"", get(&m.prefetch_done)),
             ("state=\"failed\"", get(&m.prefetch_failed)),
         ],
+    );
+    metric(
+        "skiff_background_fetch_chunks",
+        "gauge",
+        "Background fetch of the rest of the image: chunks planned and done.",
+        &[
+            ("state=\"planned\"", get(&m.background_planned)),
+            ("state=\"done\"", get(&m.background_done)),
+        ],
+    );
+    metric(
+        "skiff_background_fetch_finished",
+        "gauge",
+        "1 once the background fetch of the rest has ended.",
+        &[("", u64::from(m.background_finished.load(Ordering::Relaxed)))],
     );
     metric(
         "skiff_prefetch_finished",

@@ -38,9 +38,7 @@
 //! never forms a stream and costs no byte of readahead.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
-use skiff_format::{Bootstrap, ChunkInfo};
+use std::sync::{Arc, Mutex};
 
 use crate::chunk::ChunkRequest;
 use crate::image::Image;
@@ -99,98 +97,10 @@ struct Stream {
     used: u64,
 }
 
-/// The chunks of each blob in stored order, for finding those of a range.
-enum BlobIndex {
-    /// The chunk table is in (blob, offset) order (format 1.1 writes it so):
-    /// each blob's chunks are a slice of it, `[start, end)` by blob index.
-    Sorted(Vec<(u32, u32)>),
-    /// Any other table: chunk indices sorted by (blob, offset), and each
-    /// blob's slice of that list.
-    Listed(Vec<u32>, Vec<(u32, u32)>),
-}
-
-impl BlobIndex {
-    fn build(b: &Bootstrap<'_>) -> BlobIndex {
-        let n = b.chunk_count();
-        let blobs = b.blob_count() as usize;
-        let key = |i: u32| b.chunk(i).ok().map(|c| (c.blob_index, c.compressed_offset));
-        let keys: Vec<Option<(u32, u64)>> = (0..n).map(key).collect();
-        let sorted = keys.iter().all(Option::is_some) && keys.windows(2).all(|w| w[0] <= w[1]);
-        let mut order: Vec<u32> = (0..n).collect();
-        if !sorted {
-            order.sort_by_key(|&i| keys.get(i as usize).copied().flatten());
-        }
-        let mut ranges = vec![(0u32, 0u32); blobs];
-        let mut k = 0usize;
-        while k < order.len() {
-            let blob = keys
-                .get(order[k] as usize)
-                .copied()
-                .flatten()
-                .map(|(b, _)| b as usize);
-            let start = k;
-            while k < order.len()
-                && keys
-                    .get(order[k] as usize)
-                    .copied()
-                    .flatten()
-                    .map(|(b, _)| b as usize)
-                    == blob
-            {
-                k += 1;
-            }
-            if let Some(slot) = blob.and_then(|b| ranges.get_mut(b)) {
-                *slot = (start as u32, k as u32);
-            }
-        }
-        if sorted {
-            BlobIndex::Sorted(ranges)
-        } else {
-            BlobIndex::Listed(order, ranges)
-        }
-    }
-
-    /// The chunks of blob `blob` that start in `[from, to)`, in order.
-    fn chunks_in(&self, b: &Bootstrap<'_>, blob: u32, from: u64, to: u64) -> Vec<(u32, ChunkInfo)> {
-        let (ranges, list) = match self {
-            BlobIndex::Sorted(r) => (r, None),
-            BlobIndex::Listed(l, r) => (r, Some(l)),
-        };
-        let Some(&(start, end)) = ranges.get(blob as usize) else {
-            return Vec::new();
-        };
-        let at = |k: u32| -> Option<(u32, ChunkInfo)> {
-            let i = match list {
-                Some(l) => *l.get(k as usize)?,
-                None => k,
-            };
-            Some((i, b.chunk(i).ok()?))
-        };
-        // First position whose chunk starts at or after `from`.
-        let (mut lo, mut hi) = (start, end);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match at(mid) {
-                Some((_, c)) if c.compressed_offset < from => lo = mid + 1,
-                _ => hi = mid,
-            }
-        }
-        let mut out = Vec::new();
-        for k in lo..end {
-            match at(k) {
-                Some((i, c)) if c.compressed_offset < to => out.push((i, c)),
-                _ => break,
-            }
-        }
-        out
-    }
-}
-
 /// Blob-order readahead of one mount; see the module documentation.
 pub(crate) struct Readahead {
     opts: ReadaheadOptions,
     streams: Mutex<HashMap<u32, Stream>>,
-    index: Arc<OnceLock<BlobIndex>>,
     pool: Pool,
 }
 
@@ -206,7 +116,6 @@ impl Readahead {
         Readahead {
             opts,
             streams: Mutex::new(HashMap::new()),
-            index: Arc::new(OnceLock::new()),
             pool: Pool::new("skiff-readahead", opts.threads, QUEUE),
         }
     }
@@ -288,15 +197,13 @@ impl Readahead {
         while at < to {
             let piece = (at, to.min(at.saturating_add(self.opts.request)));
             at = piece.1;
-            let (image, source, index) = (image.clone(), source.clone(), self.index.clone());
+            let (image, source) = (image.clone(), source.clone());
             let digest = first.blob;
             let job = move || {
-                let b = image.bootstrap();
-                // Built once, by the first window's job (a pass over the
-                // chunk table), not at mount and not on a FUSE thread.
-                let index = index.get_or_init(|| BlobIndex::build(b));
-                let reqs: Vec<ChunkRequest> = index
-                    .chunks_in(b, blob, piece.0, piece.1)
+                // The first call builds the index (a pass over the chunk
+                // table): here, not at mount and not on a FUSE thread.
+                let reqs: Vec<ChunkRequest> = image
+                    .chunks_in_blob(blob, piece.0, piece.1)
                     .into_iter()
                     .filter(|(_, c)| !source.is_local(&c.digest))
                     .map(|(i, info)| ChunkRequest {

@@ -742,3 +742,73 @@ fn the_metrics_socket_serves_prometheus_text() {
     drop(m);
     assert!(!sock.exists(), "socket left behind");
 }
+
+/// Waits until the daemon's background fetch has ended; returns the chunks
+/// it fetched.
+fn background_settled(m: &TestMount) -> u64 {
+    let metrics = m.daemon().source().metrics();
+    for _ in 0..1000 {
+        if metrics.background_finished.load(Ordering::SeqCst) {
+            return metrics.background_done.load(Ordering::SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the background fetch never ended");
+}
+
+#[test]
+fn background_fetch_brings_the_rest_and_stops_at_the_low_watermark() {
+    // About 12 MB: three background requests.
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("f{i:02}"), data(300_000, 300 + i as u64)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let img = Image::build(&refs);
+    // On: with nothing read, the whole image comes, once; reads then need
+    // no request.
+    let cache = tempfile::tempdir().unwrap();
+    let store = Faulty::new(img.layout.path());
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+        o.background_fetch = Some(skiff_fusefs::BackgroundFetch { rate: 0 });
+    });
+    let done = background_settled(&m);
+    let before = store.reads();
+    assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
+    read_all(&m, &img);
+    assert_eq!(store.reads(), before, "every read was local");
+    let metrics = m.finish();
+    assert_eq!(metrics.background_done, done);
+    assert!(done > 0, "{metrics}");
+    // A disk cache whose low watermark is under half of the image: the
+    // background fetch stops there, it does not evict to go on.
+    let cache = tempfile::tempdir().unwrap();
+    let store = Faulty::new(img.layout.path());
+    let limit = img.blob_len / 2;
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), limit);
+        o.background_fetch = Some(skiff_fusefs::BackgroundFetch { rate: 0 });
+    });
+    background_settled(&m);
+    m.daemon().source().disk().unwrap().flush();
+    let stats = m.daemon().source().disk().unwrap().stats();
+    let fetched = store.bytes.load(Ordering::SeqCst);
+    eprintln!(
+        "{} stored bytes, cache bound {limit}: background fetched {fetched}; {stats:?}",
+        img.blob_len
+    );
+    assert!(
+        fetched > 0 && fetched < img.blob_len,
+        "it stopped: {fetched}"
+    );
+    assert_eq!(stats.evictions, 0, "it never evicts: {stats:?}");
+    // Off (the default): nothing is fetched before a read.
+    let store = Faulty::new(img.layout.path());
+    let cache = tempfile::tempdir().unwrap();
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(store.reads(), 0);
+    drop(m);
+}

@@ -18,6 +18,7 @@
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
 //! cache_size = "10g"                      # its high watermark: bytes or "20%" of its filesystem
 //! # cache_low = "9g"                      # evict down to this (default: 90% of cache_size)
+//! background_fetch = "off"                # the rest of each image after its prefetch list: off, on, or bytes/s ("12m")
 //! metrics = true                          # ROOT/metrics/DIGEST16.sock (Prometheus text)
 //!
 //! # CRI's image service on the snapshotter's socket (kubelet's
@@ -131,6 +132,11 @@ pub struct MountConfig {
     /// Low watermark of the disk cache: eviction frees down to it (`skiff
     /// mount --cache-low`; default 90% of `cache_size`).
     pub cache_low: Option<String>,
+    /// Fetch the rest of each image in the background after its prefetch
+    /// list (`skiff mount --background-fetch`): `off`, `on`, or a cap in
+    /// bytes per second (`12m`). It yields to every other fetch and stops
+    /// at the disk cache's low watermark.
+    pub background_fetch: String,
     /// Serve each daemon's metrics on `ROOT/metrics/DIGEST16.sock` (the
     /// first 16 hex digits of the image's digest).
     pub metrics: bool,
@@ -161,6 +167,7 @@ impl Default for MountConfig {
             cache_dir: None,
             cache_size: "10g".into(),
             cache_low: None,
+            background_fetch: "off".into(),
             metrics: true,
         }
     }
@@ -222,6 +229,9 @@ impl Config {
         if self.cri.image_service && self.cri.containerd_address.as_os_str().is_empty() {
             return Err(Error::Config("cri.containerd_address is empty".into()));
         }
+        if let Err(e) = skiff_fusefs::BackgroundFetch::parse(&self.mount.background_fetch) {
+            return Err(Error::Config(format!("mount.background_fetch: {e}")));
+        }
         if self.mount.threads == 0 {
             return Err(Error::Config("mount.threads must be at least 1".into()));
         }
@@ -276,6 +286,12 @@ insecure_registries = ["a:5000"]
             .unwrap_or_default();
         assert_eq!(c.hosts_dir(), None);
         assert_eq!(c.mount.cache_low.as_deref(), Some("15%"));
+        // The background fetch setting is checked when the file is read.
+        let c = Config::from_toml("[mount]\nbackground_fetch = \"12m\"\n").unwrap_or_default();
+        assert!(c.validate().is_ok());
+        let c = Config::from_toml("[mount]\nbackground_fetch = \"fast\"\n").unwrap_or_default();
+        let e = c.validate().map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("background_fetch"), "{e}");
         // One setting for resolver and daemons: not [registry] hosts_dir.
         let c = Config::from_toml("[registry]\nhosts_dir = \"/x\"\n").unwrap_or_default();
         let e = c

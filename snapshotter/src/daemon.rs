@@ -264,6 +264,8 @@ impl Daemons {
             .arg(self.options.readahead_kb.to_string())
             .arg("--cache-size")
             .arg(&self.options.cache_size)
+            .arg("--background-fetch")
+            .arg(&self.options.background_fetch)
             .arg("--pid-file")
             .arg(&pid_file)
             // The keeper's state beside the mount: `skiff upgrade ROOT/mounts`
