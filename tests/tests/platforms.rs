@@ -425,3 +425,54 @@ fn an_original_without_skiff_referrer_is_refused_clearly_and_no_referrer_attache
         "{log}"
     );
 }
+
+#[test]
+fn a_docker_manifest_list_converts_every_platform() {
+    assert!(on_path("skopeo"), "skopeo is missing: run scripts/setup");
+    let dir = work_dir("platforms-list");
+    let layout = two_platform_layout(&dir);
+    let registry = Registry::start(&dir.join("registry"));
+    let list = format!("docker://{}/src/list:1", registry.host());
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--all",
+            "--format",
+            "v2s2",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:multi", layout.display()))
+        .arg(&list));
+    let raw: Value = serde_json::from_slice(&raw_manifest(&list)).expect("list JSON");
+    assert_eq!(
+        raw["mediaType"],
+        skiff_registry::media::DOCKER_MANIFEST_LIST,
+        "skopeo did not write a manifest list"
+    );
+    let out = dir.join("out");
+    let conv = json_of(&skiff([
+        "convert",
+        "--no-progress",
+        "--json",
+        &list,
+        &format!("oci:{}:list", out.display()),
+    ]));
+    assert_eq!(conv["media_type"], OCI_INDEX, "{conv}");
+    let names: Vec<&str> = conv["platforms"]
+        .as_array()
+        .expect("platforms")
+        .iter()
+        .filter_map(|p| p["platform"].as_str())
+        .collect();
+    assert_eq!(names, ["linux/amd64", "linux/arm64/v8"], "{conv}");
+    assert_eq!(conv["platforms"][1]["reuse"]["layers_reused"], 2, "{conv}");
+    // A layout destination: no referrers.
+    assert_eq!(conv["referrers"].as_array().map(Vec::len), Some(0));
+    skiff([
+        "check",
+        "--platform",
+        "linux/arm64",
+        &format!("oci:{}:list", out.display()),
+    ]);
+}
