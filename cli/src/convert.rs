@@ -18,6 +18,7 @@ use crate::progress::Bar;
 /// Arguments of `skiff convert`.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
+    skiff convert docker://reg/app:1 docker://reg/app:1-skiff\n  \
     skiff convert oci:./layout:app oci:./out:app\n  \
     skiff convert docker-archive:app.tar oci:./out:app\n  \
     skiff convert --layer base.tar.gz --layer app.tar oci:./out:app\n  \
@@ -25,7 +26,11 @@ use crate::progress::Bar;
 pub struct ConvertArgs {
     /// SOURCE DEST, or just DEST with --layer. Images use skopeo's syntax:
     /// docker://REGISTRY/REPO[:TAG|@DIGEST] (a registry), oci:DIR[:TAG],
-    /// docker-archive:FILE[:REF].
+    /// docker-archive:FILE[:REF]. A multi-platform SOURCE (an index or a
+    /// manifest list) gives an index of Skiff images, one per platform.
+    /// From a registry to a registry, each Skiff image is also attached to
+    /// its source manifest as an OCI referrer, so that `skiff mount` and
+    /// the snapshotter find it from the original reference.
     #[arg(value_name = "IMAGE", num_args = 1..=2, required = true)]
     images: Vec<String>,
     /// A plain layer tar (tar, tar+gzip or tar+zstd), lowest first; repeat for more.
@@ -64,9 +69,14 @@ pub struct ConvertArgs {
     /// tags (records are still written).
     #[arg(long)]
     no_layer_reuse: bool,
-    /// Platform to pick from a multi-platform source: os/arch[/variant].
+    /// Convert only this platform of a multi-platform source:
+    /// os/arch[/variant] (default: every platform).
     #[arg(long)]
     platform: Option<String>,
+    /// Do not attach the Skiff images to their source manifests as OCI
+    /// referrers (the original image is never changed either way).
+    #[arg(long)]
+    no_referrer: bool,
     /// Files to fetch first after mounting: one absolute path per line, in
     /// order (as `skiff mount --record-access` writes them); stored in the
     /// image's prefetch table. Paths not in the image are skipped with a warning.
@@ -134,6 +144,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
             cache_dir: args.cache_dir.clone(),
             lookup: !args.no_layer_reuse,
         },
+        referrer: !args.no_referrer,
     };
     let prefetch = match &args.prefetch_list {
         Some(p) => std::fs::read_to_string(p)
@@ -150,7 +161,27 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         let s = &result.stats;
-        println!("converted to {dest} (manifest {})", result.manifest_digest);
+        if result.platforms.is_empty() {
+            println!("converted to {dest} (manifest {})", result.manifest_digest);
+        } else {
+            println!(
+                "converted to {dest} (index {}, {} platforms)",
+                result.manifest_digest,
+                result.platforms.len()
+            );
+            for p in &result.platforms {
+                println!(
+                    "  {}: manifest {} from {}, {} of {} layers reused, {} out",
+                    p.platform,
+                    p.manifest_digest,
+                    p.source_manifest,
+                    p.reuse.layers_reused,
+                    p.reuse.layers.len(),
+                    mb(p.stats.bytes_out)
+                );
+            }
+            println!("  first platform:");
+        }
         println!(
             "  layers {}: {} entries ({} files, {} hard links, {} whiteouts)",
             s.layers, s.entries, s.files, s.hard_links, s.whiteouts
@@ -202,6 +233,20 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
             r.blobs_skipped,
             r.blobs_mounted
         );
+        for r in &result.referrers {
+            println!(
+                "  referrer of {}{}: {} in {} (through {})",
+                r.subject,
+                if r.platform.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.platform)
+                },
+                r.manifest_digest,
+                r.repository,
+                r.via
+            );
+        }
         let secs = s.seconds.max(1e-9);
         println!(
             "  {:.2} s, {:.1} MB/s of uncompressed input",

@@ -40,10 +40,9 @@ use skiff_fusefs::session::{adopt_inherited, Connection};
 use skiff_fusefs::{
     Backend, BackgroundFetch, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped,
 };
-use skiff_registry::skiff::{open_image_cached, open_image_pinned, SkiffImage};
-use skiff_registry::{BootstrapCache, ImageRef, RegistryConfig};
+use skiff_registry::skiff::{open_image_for, open_image_pinned, SkiffImage};
+use skiff_registry::{BootstrapCache, ImageRef, Platform, RegistryConfig};
 
-/// Arguments of `skiff mount`.
 /// The `--background-fetch` setting (`None`: off).
 #[derive(Debug, Clone, Copy)]
 pub struct BackgroundSetting(pub Option<BackgroundFetch>);
@@ -52,10 +51,16 @@ fn parse_background(s: &str) -> Result<BackgroundSetting, String> {
     BackgroundFetch::parse(s).map(BackgroundSetting)
 }
 
+/// Arguments of `skiff mount`.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The image: oci:DIR[:TAG].
+    /// The image: oci:DIR[:TAG] or docker://REF. An ordinary (not
+    /// converted) docker:// image is mounted through the Skiff image
+    /// attached to it as an OCI referrer (see `skiff convert`).
     pub image: String,
+    /// The platform to pick from an index: os/arch[/variant] (default: this host's).
+    #[arg(long)]
+    pub platform: Option<Platform>,
     /// An existing directory to mount it on.
     pub mountpoint: PathBuf,
     /// FUSE worker threads.
@@ -383,8 +388,15 @@ fn open(
             .with_context(|| format!("opening {} from {}", args.image, path.display()));
         }
     }
-    let image = open_image_cached(reference, config, bootstrap_cache)
+    let image = open_image_for(reference, config, args.platform.as_ref(), bootstrap_cache)
         .with_context(|| format!("opening {}", args.image))?;
+    if let Some(subject) = image.subject {
+        tracing::info!(
+            "{}: Skiff image {} attached to {subject}",
+            args.image,
+            image.manifest_digest
+        );
+    }
     if let Some(path) = pinned {
         let saved = SavedImage {
             version: 1,

@@ -7,16 +7,21 @@ use anyhow::Context;
 use clap::Args;
 use skiff_converter::{check, inspect, unpack};
 use skiff_format::Bootstrap;
-use skiff_registry::skiff::{open_image, SkiffImage};
-use skiff_registry::ImageRef;
+use skiff_registry::skiff::{describe_original, open_image_for, OriginalImage, SkiffImage};
+use skiff_registry::{ImageRef, Platform, RegistryConfig};
 
 /// Arguments of `skiff inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The image: oci:DIR[:TAG].
+    /// The image: oci:DIR[:TAG] or docker://REF. An ordinary (not
+    /// converted) docker:// image: its referrers are listed, and the
+    /// Skiff image attached to it is shown.
     image: String,
     /// A path in the image: show its attributes, entries or chunk map.
     path: Option<String>,
+    /// The platform to pick from an index: os/arch[/variant] (default: this host's).
+    #[arg(long)]
+    platform: Option<Platform>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -25,8 +30,12 @@ pub struct InspectArgs {
 /// Arguments of `skiff check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The image: oci:DIR[:TAG].
+    /// The image: oci:DIR[:TAG] or docker://REF (an ordinary image: the
+    /// Skiff image attached to it as a referrer).
     image: String,
+    /// The platform to pick from an index: os/arch[/variant] (default: this host's).
+    #[arg(long)]
+    platform: Option<Platform>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -35,20 +44,74 @@ pub struct CheckArgs {
 /// Arguments of `skiff unpack`.
 #[derive(Debug, Args)]
 pub struct UnpackArgs {
-    /// The image: oci:DIR[:TAG].
+    /// The image: oci:DIR[:TAG] or docker://REF (an ordinary image: the
+    /// Skiff image attached to it as a referrer).
     image: String,
     /// The directory to create (or an empty one).
     dir: PathBuf,
+    /// The platform to pick from an index: os/arch[/variant] (default: this host's).
+    #[arg(long)]
+    platform: Option<Platform>,
 }
 
-fn open(image: &str) -> anyhow::Result<SkiffImage> {
+fn registry_config(reference: &ImageRef) -> anyhow::Result<RegistryConfig> {
+    Ok(match reference {
+        ImageRef::Docker(_) => RegistryConfig::from_env()?,
+        _ => RegistryConfig::default(),
+    })
+}
+
+fn open(image: &str, platform: Option<&Platform>) -> anyhow::Result<SkiffImage> {
     let reference: ImageRef = image.parse().with_context(|| format!("image '{image}'"))?;
-    open_image(&reference).with_context(|| format!("opening {image}"))
+    let config = registry_config(&reference)?;
+    open_image_for(&reference, &config, platform, None).with_context(|| format!("opening {image}"))
+}
+
+/// For an ordinary docker:// image: what its referrers are. `None` for
+/// layouts and for references that name a Skiff image.
+fn original(image: &str, platform: Option<&Platform>) -> anyhow::Result<Option<OriginalImage>> {
+    let reference: ImageRef = image.parse().with_context(|| format!("image '{image}'"))?;
+    let ImageRef::Docker(d) = &reference else {
+        return Ok(None);
+    };
+    let info = describe_original(d, &registry_config(&reference)?, platform)
+        .with_context(|| format!("resolving {image}"))?;
+    Ok((!info.is_skiff).then_some(info))
 }
 
 /// Runs `skiff inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let image = open(&args.image)?;
+    let original = match &args.path {
+        None => original(&args.image, args.platform.as_ref())?,
+        Some(_) => None,
+    };
+    if let Some(o) = &original {
+        if !args.json {
+            println!("original   {} (not a Skiff image)", o.manifest_digest);
+            println!("referrers  {} (through {})", o.referrers.len(), o.via);
+            for r in &o.referrers {
+                println!(
+                    "  {} {} {}",
+                    r.digest,
+                    r.artifact_type.as_deref().unwrap_or("(no artifactType)"),
+                    if Some(r.digest) == o.skiff_referrer {
+                        "<- Skiff mounts this one"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        if o.skiff_referrer.is_none() {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&o)?);
+            } else {
+                println!("Skiff would mount: none (no valid Skiff referrer)");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let image = open(&args.image, args.platform.as_ref())?;
     let b = Bootstrap::parse(&image.bootstrap).context("reading the bootstrap")?;
     match &args.path {
         None => {
@@ -57,6 +120,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
                 let v = serde_json::json!({
                     "image": args.image,
                     "manifest_digest": image.manifest_digest.to_string(),
+                    "original": original,
                     "summary": s,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -140,7 +204,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `skiff check`; exit code 1 when anything is wrong.
 pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let image = open(&args.image)?;
+    let image = open(&args.image, args.platform.as_ref())?;
     let b = Bootstrap::parse(&image.bootstrap).context("bootstrap checksum or header")?;
     let report = check::check(&b, image.store.as_ref())?;
     if args.json {
@@ -167,7 +231,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `skiff unpack`.
 pub fn unpack(args: UnpackArgs) -> anyhow::Result<ExitCode> {
-    let image = open(&args.image)?;
+    let image = open(&args.image, args.platform.as_ref())?;
     let b = Bootstrap::parse(&image.bootstrap).context("reading the bootstrap")?;
     let stats = unpack::unpack(&b, image.store.as_ref(), &args.dir)?;
     println!(

@@ -13,9 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde_json::{json, Map, Value};
 use skiff_format::{Bootstrap, Digest};
+use skiff_registry::media::{self, OCI_INDEX, OCI_MANIFEST};
 use skiff_registry::{
-    BlobStore, ImageRef, OciLayoutWriter, RegistryConfig, RegistryError, RegistryWriter,
+    BlobStore, BootstrapBytes, ImageRef, OciLayoutWriter, ReferrersVia, RegistryConfig,
+    RegistryError, RegistryWriter,
 };
 
 use crate::convert::{BlobOrigin, ConvertOptions, Converter, Progress, Stats};
@@ -58,6 +61,9 @@ pub struct ConvertRequest {
     pub progress: Option<Arc<dyn Progress>>,
     /// Layer-level reuse.
     pub reuse: ReuseOptions,
+    /// From a registry to a registry: attach each Skiff manifest to its
+    /// source manifest as an OCI referrer (`--no-referrer` clears it).
+    pub referrer: bool,
 }
 
 /// Where a conversion looks for earlier results of its layers.
@@ -127,12 +133,49 @@ pub struct ReuseReport {
     pub record_tags_pushed: u64,
 }
 
+/// One platform of a multi-platform conversion.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlatformResult {
+    /// `os/arch[/variant]` of the source's index entry.
+    pub platform: String,
+    /// Digest of the source manifest.
+    pub source_manifest: Digest,
+    /// Digest of its Skiff manifest.
+    pub manifest_digest: Digest,
+    /// Digest of its bootstrap layer.
+    pub bootstrap_layer: Digest,
+    /// Its data blobs, in manifest order.
+    pub blobs: Vec<Digest>,
+    /// Figures.
+    pub stats: Stats,
+    /// What was reused, computed and sent.
+    pub reuse: ReuseReport,
+}
+
+/// A Skiff manifest attached to its source manifest as a referrer.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReferrerResult {
+    /// The platform (empty for a single-image source).
+    pub platform: String,
+    /// The source manifest (the referrer's `subject`).
+    pub subject: Digest,
+    /// The Skiff manifest.
+    pub manifest_digest: Digest,
+    /// `registry/repository` it was attached in (the source's).
+    pub repository: String,
+    /// How it is listed: the referrers API or the fallback tag.
+    pub via: ReferrersVia,
+}
+
 /// What `skiff convert --json` prints.
 #[derive(Debug, Serialize)]
 pub struct ConvertResult {
     /// The destination as given.
     pub image: String,
-    /// Digest of the published manifest.
+    /// What was published under the tag: an image manifest, or an index of
+    /// one per platform for a multi-platform source.
+    pub media_type: String,
+    /// Digest of the published manifest (or index).
     pub manifest_digest: Digest,
     /// Digest of the bootstrap layer.
     pub bootstrap_layer: Digest,
@@ -145,6 +188,10 @@ pub struct ConvertResult {
     pub stats: Stats,
     /// What was reused, computed and sent.
     pub reuse: ReuseReport,
+    /// For an index: every platform (the fields above are the first one's).
+    pub platforms: Vec<PlatformResult>,
+    /// The referrers attached to the source manifests.
+    pub referrers: Vec<ReferrerResult>,
 }
 
 /// What was written to a layout destination.
@@ -219,8 +266,12 @@ impl Destination {
     }
 
     /// Publishes the manifest under `tag`: the commit point of a conversion.
-    fn put_manifest(&self, tag: &str, manifest: &[u8]) -> Result<Digest, ConvertError> {
-        let media = skiff_registry::media::OCI_MANIFEST;
+    fn put_manifest(
+        &self,
+        tag: &str,
+        manifest: &[u8],
+        media: &str,
+    ) -> Result<Digest, ConvertError> {
         Ok(match self {
             Destination::Layout(w, c) => {
                 c.bytes.fetch_add(manifest.len() as u64, Ordering::Relaxed);
@@ -228,6 +279,19 @@ impl Destination {
             }
             Destination::Registry(w) => w.put_manifest(tag, manifest, media)?,
         })
+    }
+
+    /// Stores a manifest without a tag (one platform of an index).
+    fn put_manifest_by_digest(&self, manifest: &[u8], media: &str) -> Result<(), ConvertError> {
+        match self {
+            Destination::Layout(..) => {
+                self.put_blob_bytes(manifest)?;
+            }
+            Destination::Registry(w) => {
+                w.put_manifest(&Digest::of(manifest).oci(), manifest, media)?;
+            }
+        }
+        Ok(())
     }
 
     /// (bytes sent, blobs skipped, blobs mounted) so far.
@@ -312,17 +376,63 @@ pub fn convert_image(req: ConvertRequest) -> Result<ConvertResult, ConvertError>
     convert_image_with_prefetch(req, Vec::new())
 }
 
+/// What one conversion run shares between the platforms it converts.
+struct Run {
+    options: ConvertOptions,
+    progress: Option<Arc<dyn Progress>>,
+    reuse: ReuseOptions,
+    dest: Destination,
+    dest_ref: ImageRef,
+    cache: Option<Arc<LayerCache>>,
+    sink: Arc<dyn BlobSink>,
+    dicts: Vec<DictImage>,
+    chunking: String,
+    settings_text: String,
+    /// Records of the layers converted by this run so far (by diff ID):
+    /// a layer shared by two platforms is converted once, the second
+    /// platform replays its record (the blob is in the destination).
+    run_records: HashMap<Digest, LayerRecord>,
+    /// Record tags found in or pushed to the target repository (diff ID ->
+    /// self-contained).
+    tagged: HashMap<Digest, bool>,
+}
+
+/// One converted image, not yet tagged.
+struct Platformed {
+    manifest: Vec<u8>,
+    manifest_digest: Digest,
+    layer_digest: Digest,
+    blobs: Vec<Digest>,
+    stats: Stats,
+    reuse: ReuseReport,
+}
+
+/// The source of one image of the run.
+enum OneSource {
+    Image(
+        skiff_registry::SourceImage,
+        Box<dyn skiff_registry::LayerOpener>,
+    ),
+    Layers(Vec<PathBuf>, Option<PathBuf>),
+}
+
 /// Converts and publishes an image whose PREFETCH table lists `prefetch`
 /// (absolute paths, in order; see [`Converter::set_prefetch_list`]).
+///
+/// A multi-platform source (an index or a manifest list) gives an OCI
+/// index of Skiff images, one per platform (all of them, or those that
+/// match [`SourceSpec::Image::platform`]), each entry keeping the source
+/// entry's `platform` and annotations. A source layer shared by several
+/// platforms is converted once. When the source and the destination are
+/// registries and [`ConvertRequest::referrer`] is set, each Skiff manifest
+/// names its source manifest as `subject` and is attached to it as a
+/// referrer in the source's repository (see `skiff_registry::referrers`).
 pub fn convert_image_with_prefetch(
     req: ConvertRequest,
     prefetch: Vec<String>,
 ) -> Result<ConvertResult, ConvertError> {
     let registry_config = RegistryConfig::from_env()?;
     let (dest, tag) = Destination::open(&req.dest, &registry_config)?;
-    let pushed_before = dest.pushed();
-    let chunking = req.options.chunking.to_string();
-    let settings_text = record::settings_text(&req.options);
     let cache = match &req.reuse.cache_dir {
         Some(dir) => Some(Arc::new(LayerCache::open(dir)?)),
         None => None,
@@ -334,54 +444,370 @@ pub fn convert_image_with_prefetch(
         }),
         None => Arc::new(dest.clone()),
     };
-    let mut conv = Converter::new(req.options, sink, req.progress)?;
-    conv.set_prefetch_list(prefetch);
-    let settings = conv.settings_key();
-
     let mut dicts: Vec<DictImage> = Vec::new();
     for d in &req.chunk_dicts {
         let image = skiff_registry::skiff::open_image_with(d, &registry_config)
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
-        let bootstrap = Bootstrap::parse(&image.bootstrap)
+        Bootstrap::parse(&image.bootstrap)
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
-        conv.add_dictionary(&bootstrap)?;
         dicts.push(DictImage {
             reference: d.clone(),
             store: image.store.clone(),
             records: reuse::records_of_manifest(&image.manifest),
+            bootstrap: image.bootstrap,
         });
     }
-    let finder = RecordFinder {
-        cache: cache.as_deref(),
-        dicts: &dicts,
-        dest: &dest,
-        settings,
+    let mut run = Run {
+        chunking: req.options.chunking.to_string(),
+        settings_text: record::settings_text(&req.options),
+        options: req.options,
+        progress: req.progress,
+        reuse: req.reuse,
+        dest,
+        dest_ref: req.dest.clone(),
+        cache,
+        sink,
+        dicts,
+        run_records: HashMap::new(),
+        tagged: HashMap::new(),
     };
-    // Layers rebuilt from a record whose blob this image owns: where to get
-    // the blob if the destination lacks it.
-    let mut reused_blobs: HashMap<Digest, BlobSource> = HashMap::new();
-    // Record tags found in the target repository (diff ID -> self-contained).
-    let mut tagged: HashMap<Digest, bool> = HashMap::new();
+    // Referrers need both ends in a registry.
+    let referrer_source = match (&req.source, &req.dest) {
+        (
+            SourceSpec::Image {
+                reference: ImageRef::Docker(s),
+                ..
+            },
+            ImageRef::Docker(_),
+        ) if req.referrer => Some(s.clone()),
+        _ => None,
+    };
 
-    let (source_config, source_manifest) = match &req.source {
+    let (reference, platform) = match &req.source {
         SourceSpec::Image {
             reference,
             platform,
-        } => {
-            let platform = platform
-                .as_deref()
-                .map(str::parse::<skiff_registry::Platform>)
-                .transpose()?;
-            let (image, opener) =
-                skiff_registry::open_source_with(reference, platform.as_ref(), &registry_config)?;
+        } => (Some(reference), platform.as_deref()),
+        SourceSpec::Layers { .. } => (None, None),
+    };
+    let platform = platform
+        .map(str::parse::<skiff_registry::Platform>)
+        .transpose()?;
+    let index = match reference {
+        Some(r) => skiff_registry::source_index(r, &registry_config)?,
+        None => None,
+    };
+
+    let Some(index) = index else {
+        // One image.
+        let source = match &req.source {
+            SourceSpec::Image { reference, .. } => {
+                let (image, opener) = skiff_registry::open_source_with(
+                    reference,
+                    platform.as_ref(),
+                    &registry_config,
+                )?;
+                OneSource::Image(image, opener)
+            }
+            SourceSpec::Layers { layers, config } => {
+                OneSource::Layers(layers.clone(), config.clone())
+            }
+        };
+        let subject = match (&referrer_source, &source) {
+            (Some(_), OneSource::Image(image, _)) => Some(subject_of(image)?),
+            _ => None,
+        };
+        let pushed_before = run.dest.pushed();
+        let mut one = convert_one(&mut run, source, &prefetch, subject.as_ref(), None)?;
+        let manifest_digest = run.dest.put_manifest(&tag, &one.manifest, OCI_MANIFEST)?;
+        fill_pushed(&mut one.reuse, pushed_before, run.dest.pushed());
+        let mut referrers = Vec::new();
+        if let (Some(s), Some(subject)) = (&referrer_source, &subject) {
+            referrers.push(attach(&run, &registry_config, s, subject, &one, "")?);
+        }
+        return Ok(ConvertResult {
+            image: req.dest.to_string(),
+            media_type: OCI_MANIFEST.to_owned(),
+            manifest_digest,
+            bootstrap_layer: one.layer_digest,
+            blobs: one.blobs,
+            chunking: run.chunking.clone(),
+            stats: one.stats,
+            reuse: one.reuse,
+            platforms: Vec::new(),
+            referrers,
+        });
+    };
+
+    // Every platform of an index (or those matching --platform).
+    let source_ref = reference.ok_or_else(|| {
+        ConvertError::Invalid("internal error: an index without a reference".into())
+    })?;
+    let chosen: Vec<&skiff_registry::PlatformEntry> = index
+        .entries
+        .iter()
+        .filter(|e| {
+            if !e.is_image() {
+                tracing::info!(
+                    "{source_ref}: skipping index entry {} ({}, {})",
+                    e.digest,
+                    e.media_type,
+                    e.platform_string()
+                );
+                return false;
+            }
+            platform.as_ref().is_none_or(|p| e.matches(p))
+        })
+        .collect();
+    if chosen.is_empty() {
+        let available: Vec<String> = index.entries.iter().map(|e| e.platform_string()).collect();
+        return Err(ConvertError::Invalid(format!(
+            "{source_ref}: no image in the index for {}; it lists: {}",
+            platform.map_or("any platform".to_owned(), |p| p.to_string()),
+            available.join(", ")
+        )));
+    }
+    let mut platforms = Vec::new();
+    let mut entries = Vec::new();
+    let mut outputs = Vec::new();
+    for entry in chosen {
+        let name = entry.platform_string();
+        let (image, opener) =
+            skiff_registry::open_source_entry(source_ref, entry, &registry_config)?;
+        let subject = match &referrer_source {
+            Some(_) => Some(subject_of(&image)?),
+            None => None,
+        };
+        let pushed_before = run.dest.pushed();
+        let mut one = convert_one(
+            &mut run,
+            OneSource::Image(image, opener),
+            &prefetch,
+            subject.as_ref(),
+            Some(&name),
+        )?;
+        run.dest
+            .put_manifest_by_digest(&one.manifest, OCI_MANIFEST)?;
+        fill_pushed(&mut one.reuse, pushed_before, run.dest.pushed());
+        let mut e = Map::new();
+        e.insert("mediaType".into(), json!(OCI_MANIFEST));
+        e.insert("digest".into(), json!(one.manifest_digest.oci()));
+        e.insert("size".into(), json!(one.manifest.len()));
+        if let Some(p) = &entry.platform {
+            e.insert("platform".into(), p.clone());
+        }
+        if let Some(a) = &entry.annotations {
+            e.insert("annotations".into(), a.clone());
+        }
+        entries.push(Value::Object(e));
+        platforms.push(PlatformResult {
+            platform: name,
+            source_manifest: entry.digest,
+            manifest_digest: one.manifest_digest,
+            bootstrap_layer: one.layer_digest,
+            blobs: one.blobs.clone(),
+            stats: one.stats.clone(),
+            reuse: one.reuse.clone(),
+        });
+        outputs.push((one, subject));
+    }
+    let mut annotations = index
+        .annotations
+        .as_ref()
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    annotations.insert(
+        media::ANNOTATION_VERSION.into(),
+        json!(env!("CARGO_PKG_VERSION")),
+    );
+    if let Some(d) = index.digest {
+        annotations.insert(media::ANNOTATION_SOURCE_MANIFEST.into(), json!(d.oci()));
+    }
+    let index_bytes = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": entries,
+        "annotations": annotations,
+    }))
+    .map_err(|e| ConvertError::Invalid(format!("serialising the index: {e}")))?;
+    let index_digest = run.dest.put_manifest(&tag, &index_bytes, OCI_INDEX)?;
+    let mut referrers = Vec::new();
+    if let Some(s) = &referrer_source {
+        for (one, subject) in &outputs {
+            if let Some(subject) = subject {
+                let name = platforms
+                    .iter()
+                    .find(|p| p.manifest_digest == one.manifest_digest)
+                    .map(|p| p.platform.as_str())
+                    .unwrap_or_default();
+                referrers.push(attach(&run, &registry_config, s, subject, one, name)?);
+            }
+        }
+    }
+    let Some((first, _)) = outputs.into_iter().next() else {
+        return Err(ConvertError::Invalid(
+            "internal error: an index of no platforms".into(),
+        ));
+    };
+    Ok(ConvertResult {
+        image: req.dest.to_string(),
+        media_type: OCI_INDEX.to_owned(),
+        manifest_digest: index_digest,
+        bootstrap_layer: first.layer_digest,
+        blobs: first.blobs,
+        chunking: run.chunking.clone(),
+        stats: first.stats,
+        reuse: first.reuse,
+        platforms,
+        referrers,
+    })
+}
+
+/// The descriptor of a source manifest, as a referrer's `subject`.
+fn subject_of(image: &skiff_registry::SourceImage) -> Result<Value, ConvertError> {
+    let media_type = image
+        .manifest
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or(OCI_MANIFEST);
+    Ok(json!({
+        "mediaType": media_type,
+        "digest": image.manifest_digest.oci(),
+        "size": image.manifest_size,
+    }))
+}
+
+/// Fills the bytes-sent figures of a report from two `pushed()` samples.
+fn fill_pushed(r: &mut ReuseReport, before: (u64, u64, u64), after: (u64, u64, u64)) {
+    r.bytes_pushed = after.0.saturating_sub(before.0);
+    r.blobs_skipped = after.1.saturating_sub(before.1);
+    r.blobs_mounted = after.2.saturating_sub(before.2);
+}
+
+/// Attaches Skiff manifest `one` to `subject` in the source repository
+/// `source`: its blobs are cross-mounted there from the destination
+/// repository (same registry) or copied, then the manifest is pushed by
+/// digest and listed as a referrer.
+fn attach(
+    run: &Run,
+    config: &RegistryConfig,
+    source: &skiff_registry::DockerRef,
+    subject: &Value,
+    one: &Platformed,
+    platform: &str,
+) -> Result<ReferrerResult, ConvertError> {
+    let (Destination::Registry(dest_writer), ImageRef::Docker(to)) = (&run.dest, &run.dest_ref)
+    else {
+        return Err(ConvertError::Invalid(
+            "internal error: referrers need a registry destination".into(),
+        ));
+    };
+    let subject_digest: Digest = subject
+        .get("digest")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ConvertError::Invalid("internal error: a subject without digest".into()))?;
+    let same_repo = source.registry == to.registry && source.repository == to.repository;
+    let writer = if same_repo {
+        dest_writer.clone()
+    } else {
+        let w = RegistryWriter::new(source, config)?;
+        let m: Value = serde_json::from_slice(&one.manifest)
+            .map_err(|e| ConvertError::Invalid(format!("the manifest just built: {e}")))?;
+        let mut blobs = Vec::new();
+        if let Some(c) = m.get("config") {
+            blobs.push(c.clone());
+        }
+        if let Some(l) = m.get("layers").and_then(Value::as_array) {
+            blobs.extend(l.iter().cloned());
+        }
+        for b in blobs {
+            let digest: Digest = b
+                .get("digest")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ConvertError::Invalid("a descriptor without digest".into()))?;
+            let size = b.get("size").and_then(Value::as_u64).unwrap_or(0);
+            if w.has_blob(&digest)? {
+                continue;
+            }
+            if source.registry == to.registry && w.mount_blob(&digest, &to.repository)? {
+                continue;
+            }
+            // Another registry: copy the blob through, verified.
+            let mut reader = dest_writer.client().blob_reader(
+                digest,
+                size,
+                format!("blob {digest} of {}", run.dest_ref),
+            );
+            let mut out = w.blob_writer()?;
+            std::io::copy(&mut reader, &mut out).ctx(|| format!("copying blob {digest}"))?;
+            let (got, _) = out.commit()?;
+            if got != digest {
+                return Err(ConvertError::Invalid(format!(
+                    "blob {digest} copied as {got}"
+                )));
+            }
+        }
+        w
+    };
+    let via = writer.attach_referrer(
+        &subject_digest,
+        &one.manifest,
+        OCI_MANIFEST,
+        media::SKIFF_ARTIFACT_TYPE,
+    )?;
+    Ok(ReferrerResult {
+        platform: platform.to_owned(),
+        subject: subject_digest,
+        manifest_digest: one.manifest_digest,
+        repository: format!("{}/{}", source.registry, source.repository),
+        via,
+    })
+}
+
+/// Converts one image and writes everything but its manifest's tag: data
+/// blobs, layer records (and their tags in a registry), the bootstrap
+/// layer and the config. `subject` makes the manifest a referrer of its
+/// source manifest; `platform` is annotated on it in an index.
+fn convert_one(
+    run: &mut Run,
+    source: OneSource,
+    prefetch: &[String],
+    subject: Option<&Value>,
+    platform: Option<&str>,
+) -> Result<Platformed, ConvertError> {
+    let mut conv = Converter::new(run.options.clone(), run.sink.clone(), run.progress.clone())?;
+    conv.set_prefetch_list(prefetch.to_vec());
+    for d in &run.dicts {
+        let bootstrap = Bootstrap::parse(&d.bootstrap)
+            .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {}: {e}", d.reference)))?;
+        conv.add_dictionary(&bootstrap)?;
+    }
+    let settings = conv.settings_key();
+    // Layers rebuilt from a record whose blob this image owns: where to get
+    // the blob if the destination lacks it.
+    let mut reused_blobs: HashMap<Digest, BlobSource> = HashMap::new();
+
+    let (source_config, source_manifest) = match source {
+        OneSource::Image(image, opener) => {
+            let finder = RecordFinder {
+                cache: run.cache.as_deref(),
+                dicts: &run.dicts,
+                dest: &run.dest,
+                settings,
+                run_records: &run.run_records,
+            };
+            let reference = &image.reference;
             let count = image.layers.len();
             for (i, layer) in image.layers.iter().enumerate() {
                 let label = match &layer.digest {
                     Some(d) => format!("{}/{count} ({d})", i + 1),
                     None => format!("{}/{count} ({reference})", i + 1),
                 };
-                if let (true, Some(diff_id)) = (req.reuse.lookup, layer.diff_id) {
-                    if let Some(found) = finder.find(&conv, &diff_id, &mut tagged)? {
+                if let (true, Some(diff_id)) = (run.reuse.lookup, layer.diff_id) {
+                    if let Some(found) = finder.find(&conv, &diff_id, &mut run.tagged)? {
                         conv.replay_layer(&label, &found.record, &found.source, i, count)?;
                         if let Some(b) = &found.record.blob {
                             reused_blobs.insert(b.digest, found.blob_source);
@@ -394,7 +820,7 @@ pub fn convert_image_with_prefetch(
             }
             (Some(image.config.clone()), Some(image.manifest_digest))
         }
-        SourceSpec::Layers { layers, config } => {
+        OneSource::Layers(layers, config) => {
             let count = layers.len();
             for (i, path) in layers.iter().enumerate() {
                 let file = File::open(path).ctx(|| format!("opening layer {}", path.display()))?;
@@ -411,7 +837,7 @@ pub fn convert_image_with_prefetch(
             }
             let config = match config {
                 Some(p) => {
-                    Some(std::fs::read(p).ctx(|| format!("reading config {}", p.display()))?)
+                    Some(std::fs::read(&p).ctx(|| format!("reading config {}", p.display()))?)
                 }
                 None => None,
             };
@@ -419,6 +845,8 @@ pub fn convert_image_with_prefetch(
         }
     };
     let mut converted = conv.finish()?;
+    let dest = &run.dest;
+    let cache = run.cache.as_deref();
 
     // Every blob the bootstrap names must be in the destination, so that
     // the image is complete on its own: blobs of reused layers and blobs
@@ -431,11 +859,11 @@ pub fn convert_image_with_prefetch(
                 None => continue,
             },
         };
-        ensure_blob(&dest, &req.dest, &dicts, cache.as_deref(), blob, &source)?;
+        ensure_blob(dest, &run.dest_ref, &run.dicts, cache, blob, &source)?;
     }
 
     // The cache remembers where its blobs now are, for later mounts.
-    if let (Some(c), ImageRef::Docker(to)) = (&cache, &req.dest) {
+    if let (Some(c), ImageRef::Docker(to)) = (cache, &run.dest_ref) {
         for (blob, origin) in &converted.blobs {
             if matches!(origin, BlobOrigin::Layer { .. }) && c.blob_path(&blob.digest).is_file() {
                 c.note_location(&blob.digest, &to.registry, &to.repository);
@@ -452,23 +880,24 @@ pub fn convert_image_with_prefetch(
         let bytes = rec.encode()?;
         let (rd, rs) = dest.put_blob_bytes(&bytes)?;
         record_items.push((rec.diff_id, rd, rs));
-        if let Destination::Registry(w) = &dest {
-            let better = match tagged.get(&rec.diff_id) {
+        if let Destination::Registry(w) = dest {
+            let better = match run.tagged.get(&rec.diff_id) {
                 None => true,
                 Some(&self_contained) => !self_contained && rec.self_contained(),
             };
             if better {
-                let (config, manifest) = reuse::record_artifact(rec, (rd, rs), &settings_text)?;
+                let (config, manifest) = reuse::record_artifact(rec, (rd, rs), &run.settings_text)?;
                 w.put_blob_bytes(&config)?;
                 w.put_manifest(
                     &reuse::record_tag(&rec.diff_id, &rec.settings),
                     &manifest,
-                    skiff_registry::media::OCI_MANIFEST,
+                    OCI_MANIFEST,
                 )?;
+                run.tagged.insert(rec.diff_id, rec.self_contained());
                 record_tags_pushed += 1;
             }
         }
-        if let Some(c) = &cache {
+        if let Some(c) = cache {
             let blob_kept = rec
                 .blob
                 .as_ref()
@@ -479,6 +908,9 @@ pub fn convert_image_with_prefetch(
                 }
             }
         }
+        run.run_records
+            .entry(rec.diff_id)
+            .or_insert_with(|| rec.clone());
     }
 
     let bootstrap_digest = Digest::of(&converted.bootstrap);
@@ -486,7 +918,7 @@ pub fn convert_image_with_prefetch(
     let (layer_digest, layer_size) = dest.put_blob_bytes(&layer)?;
     let config = publish::build_config(source_config.as_deref(), &converted, bootstrap_digest)?;
     let (config_digest, config_size) = dest.put_blob_bytes(&config)?;
-    let manifest = publish::build_manifest(
+    let mut manifest = publish::build_manifest(
         &converted,
         publish::Descriptor {
             digest: config_digest,
@@ -498,15 +930,16 @@ pub fn convert_image_with_prefetch(
         },
         bootstrap_digest,
         source_manifest,
-        &chunking,
+        &run.chunking,
         Some((&settings, &record_items)),
     )?;
-    let manifest_digest = dest.put_manifest(&tag, &manifest)?;
+    if subject.is_some() || platform.is_some() {
+        manifest = publish::with_subject(&manifest, subject, platform)?;
+    }
 
     let stats = &mut converted.stats;
     stats.bootstrap_layer_bytes = layer_size;
     stats.bytes_out = stats.blob_bytes + layer_size + config_size + manifest.len() as u64;
-    let pushed = dest.pushed();
     let report = ReuseReport {
         layers: converted
             .layers
@@ -526,18 +959,17 @@ pub fn convert_image_with_prefetch(
         dict_chunks: stats.dict_chunks,
         chunks_compressed: stats.chunks_compressed,
         bytes_compressed: stats.bytes_compressed,
-        bytes_pushed: pushed.0 - pushed_before.0,
-        blobs_skipped: pushed.1 - pushed_before.1,
-        blobs_mounted: pushed.2 - pushed_before.2,
+        bytes_pushed: 0,
+        blobs_skipped: 0,
+        blobs_mounted: 0,
         records: record_items.len() as u64,
         record_tags_pushed,
     };
-    Ok(ConvertResult {
-        image: req.dest.to_string(),
-        manifest_digest,
-        bootstrap_layer: layer_digest,
+    Ok(Platformed {
+        manifest_digest: Digest::of(&manifest),
+        manifest,
+        layer_digest,
         blobs: converted.blobs.iter().map(|(b, _)| b.digest).collect(),
-        chunking,
         stats: converted.stats,
         reuse: report,
     })
@@ -549,6 +981,8 @@ struct DictImage {
     store: Arc<dyn BlobStore>,
     /// Its layer records.
     records: Vec<reuse::RecordRef>,
+    /// Its bootstrap (verified when opened).
+    bootstrap: BootstrapBytes,
 }
 
 /// Where the blob of a reused layer can be had if the destination lacks it.
@@ -577,6 +1011,7 @@ struct RecordFinder<'a> {
     dicts: &'a [DictImage],
     dest: &'a Destination,
     settings: Digest,
+    run_records: &'a HashMap<Digest, LayerRecord>,
 }
 
 impl RecordFinder<'_> {
@@ -602,6 +1037,15 @@ impl RecordFinder<'_> {
                 }
             }
         };
+        if let Some(record) = self.run_records.get(diff_id) {
+            if record.settings == self.settings && usable(record, "this run") {
+                return Ok(Some(Found {
+                    record: record.clone(),
+                    source: "this run".into(),
+                    blob_source: BlobSource::Destination,
+                }));
+            }
+        }
         if let Some(cache) = self.cache {
             for record in cache.get(&self.settings, diff_id) {
                 let blob_ok = match (&record.blob, conv.replay_needs_blob(&record)) {

@@ -171,6 +171,37 @@ pub fn build_manifest(
         .map_err(|e| ConvertError::Invalid(format!("serialising the manifest: {e}")))
 }
 
+/// `manifest` with `subject` (a descriptor of the source manifest) and
+/// Skiff's `artifactType`, making it an OCI referrer of its source, and
+/// with the `dev.skiff.platform` annotation when `platform` is given.
+pub fn with_subject(
+    manifest: &[u8],
+    subject: Option<&Value>,
+    platform: Option<&str>,
+) -> Result<Vec<u8>, ConvertError> {
+    let mut v: Value = serde_json::from_slice(manifest)
+        .map_err(|e| ConvertError::Invalid(format!("the manifest just built: {e}")))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ConvertError::Invalid(
+            "the manifest just built is not an object".into(),
+        ));
+    };
+    if let Some(s) = subject {
+        obj.insert(
+            "artifactType".into(),
+            json!(skiff_registry::media::SKIFF_ARTIFACT_TYPE),
+        );
+        obj.insert("subject".into(), s.clone());
+    }
+    if let Some(p) = platform {
+        if let Some(a) = obj.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.insert(skiff_registry::media::ANNOTATION_PLATFORM.into(), json!(p));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map_err(|e| ConvertError::Invalid(format!("serialising the manifest: {e}")))
+}
+
 /// The OCI architecture name of this machine.
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {

@@ -141,6 +141,7 @@ fn a_bad_dictionary_is_refused() {
         options: options(),
         progress: None,
         reuse: Default::default(),
+        referrer: true,
     })
     .unwrap_err()
     .to_string();
@@ -166,6 +167,7 @@ fn convert_image(
         options: options(),
         progress: None,
         reuse: Default::default(),
+        referrer: true,
     })
     .unwrap_or_else(|e| panic!("converting with a dictionary: {e}"))
 }

@@ -128,6 +128,7 @@ fn convert(src: &Path, dest: &Path, reuse: ReuseOptions, dicts: Vec<PathBuf>) ->
         options: options(),
         progress: None,
         reuse,
+        referrer: true,
     })
     .unwrap_or_else(|e| panic!("converting {}: {e}", src.display()))
 }

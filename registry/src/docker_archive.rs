@@ -320,13 +320,13 @@ pub(crate) fn open(
         },
         "layers": manifest_layers,
     });
-    let manifest_digest = Digest::of(
-        &serde_json::to_vec(&manifest)
-            .map_err(|e| RegistryError::Invalid(format!("{image}: {e}")))?,
-    );
+    let manifest_bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| RegistryError::Invalid(format!("{image}: {e}")))?;
+    let manifest_digest = Digest::of(&manifest_bytes);
     let source = SourceImage {
         reference: image.clone(),
         manifest_digest,
+        manifest_size: manifest_bytes.len() as u64,
         manifest,
         config_digest,
         config,

@@ -52,6 +52,8 @@
 //!   (HTTP Range reads), with [`FetchStats`] from [`stats`].
 //! - [`push`]: [`RegistryWriter`] and [`RegistryBlobWriter`], uploads and
 //!   manifests.
+//! - [`referrers`]: the referrers of a manifest (OCI 1.1 API, else the
+//!   fallback tag `sha256-<hex>`), listing and attaching them.
 
 mod auth;
 pub mod blobstore;
@@ -67,6 +69,7 @@ pub mod media;
 pub mod platform;
 pub mod push;
 pub mod reference;
+pub mod referrers;
 pub mod remote;
 pub mod skiff;
 pub mod source;
@@ -84,9 +87,11 @@ pub use media::LayerCompression;
 pub use platform::Platform;
 pub use push::{RegistryBlobWriter, RegistryWriter};
 pub use reference::{DockerRef, ImageRef};
+pub use referrers::{Referrer, ReferrersVia};
 pub use skiff_format::Digest;
 pub use source::{
-    open_source, open_source_with, source_from_manifest, LayerInfo, LayerOpener, SourceImage,
+    open_source, open_source_entry, open_source_with, source_from_manifest, source_index,
+    LayerInfo, LayerOpener, PlatformEntry, SourceImage, SourceIndex,
 };
 pub use stats::FetchStats;
 pub use store::RegistryBlobStore;

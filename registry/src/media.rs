@@ -41,6 +41,11 @@ pub const SKIFF_BLOB: &str = "application/vnd.oci.image.layer.skiff.blob.v1";
 /// A Skiff bootstrap, compressed as one zstd frame.
 pub const SKIFF_BOOTSTRAP: &str = "application/vnd.oci.image.layer.skiff.bootstrap.v1+zstd";
 
+/// The `artifactType` of a Skiff image manifest attached to the image it
+/// was converted from (its `subject`): what a node looks for among the
+/// referrers of an ordinary image.
+pub const SKIFF_ARTIFACT_TYPE: &str = "application/vnd.skiff.image.v1";
+
 /// Layer annotation marking a Skiff data blob (value `true`).
 pub const ANNOTATION_BLOB: &str = "dev.skiff.blob";
 /// Layer annotation marking the Skiff bootstrap (value `true`).
@@ -55,6 +60,9 @@ pub const ANNOTATION_SOURCE_DIFF_ID: &str = "dev.skiff.source.diff-id";
 pub const ANNOTATION_VERSION: &str = "dev.skiff.version";
 /// Manifest annotation with the digest of the source manifest.
 pub const ANNOTATION_SOURCE_MANIFEST: &str = "dev.skiff.source.manifest";
+/// Manifest annotation with the platform (`os/arch[/variant]`) a Skiff
+/// manifest of a multi-platform conversion was made for.
+pub const ANNOTATION_PLATFORM: &str = "dev.skiff.platform";
 /// Manifest annotation describing the chunking (e.g. `fastcdc:16k/64k/256k`).
 pub const ANNOTATION_CHUNKING: &str = "dev.skiff.chunking";
 

@@ -147,6 +147,19 @@ impl RegistryWriter {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<Digest, RegistryError> {
+        self.put_manifest_subject(reference, bytes, media_type)
+            .map(|(digest, _)| digest)
+    }
+
+    /// [`put_manifest`](Self::put_manifest), also returning the
+    /// `OCI-Subject` header of the answer: a registry with the referrers
+    /// API sends it when the manifest has a `subject` it indexed.
+    pub fn put_manifest_subject(
+        &self,
+        reference: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(Digest, Option<String>), RegistryError> {
         let c = &self.client;
         let digest = Digest::of(bytes);
         let what = format!("PUT manifest {reference}");
@@ -177,7 +190,11 @@ impl RegistryWriter {
                             )));
                         }
                     }
-                    Ok(())
+                    Ok(resp
+                        .headers()
+                        .get("oci-subject")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned))
                 }
                 s => {
                     let detail = error_detail(resp);
@@ -185,9 +202,9 @@ impl RegistryWriter {
                 }
             }
         });
-        c.count(r)?;
+        let subject = c.count(r)?;
         c.counters().uploaded(bytes.len() as u64);
-        Ok(digest)
+        Ok((digest, subject))
     }
 }
 

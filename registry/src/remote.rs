@@ -635,8 +635,17 @@ pub(crate) fn open_docker_source(
     config: &RegistryConfig,
 ) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
     let client = RegistryClient::new(r, config)?;
-    let image = format!("docker://{r}");
     let m = client.resolve_manifest(r, platform)?;
+    open_docker_manifest(r, client, m)
+}
+
+/// The image manifest `m` of `r`'s repository as a converter source.
+pub(crate) fn open_docker_manifest(
+    r: &DockerRef,
+    client: RegistryClient,
+    m: FetchedManifest,
+) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
+    let image = format!("docker://{r}");
     let (source, blobs) = source_from_manifest(image.clone(), m.digest, &m.bytes, |desc, what| {
         let digest = to_digest(desc.digest(), what)?;
         client

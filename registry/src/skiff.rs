@@ -9,6 +9,14 @@
 //! needs a blob its manifest does not list is refused here, not at the first
 //! read of a file.
 //!
+//! A `docker://` reference may also name an ordinary image: when its
+//! manifest (for the platform chosen) is not a Skiff image, its referrers
+//! are searched for a Skiff image attached to it (`subject` = that
+//! manifest, `artifactType` [`SKIFF_ARTIFACT_TYPE`]), by the referrers API
+//! or the fallback tag. Such a referrer is trusted as far as the original:
+//! it is fetched by the digest the list gives, and must name as its
+//! `subject` the very manifest the reference resolved to.
+//!
 //! With a [`BootstrapCache`] (what `skiff mount` passes), a bootstrap
 //! verified once is kept uncompressed on local disk and mapped on the next
 //! open of the same image: no fetch, no decompression, only the checksums
@@ -23,8 +31,12 @@ use skiff_format::{Bootstrap, Digest};
 use crate::bootcache::{BootstrapBytes, BootstrapCache};
 use crate::client::RegistryClient;
 use crate::config::RegistryConfig;
-use crate::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP as MEDIA_BOOTSTRAP};
+use crate::media::{
+    ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_ARTIFACT_TYPE, SKIFF_BOOTSTRAP as MEDIA_BOOTSTRAP,
+};
 use crate::platform::Platform;
+use crate::referrers::{Referrer, ReferrersVia};
+use crate::remote::FetchedManifest;
 use crate::store::RegistryBlobStore;
 use crate::{BlobStore, ImageRef, LocalBlobStore, OciLayout, RegistryError};
 
@@ -52,6 +64,9 @@ pub struct SkiffImage {
     /// The same store when it is a registry (`docker://`), for its
     /// [`stats`](RegistryBlobStore::stats); `None` for local images.
     pub registry_store: Option<Arc<RegistryBlobStore>>,
+    /// When the reference named an ordinary image and this Skiff image was
+    /// found among its referrers: the original manifest's digest.
+    pub subject: Option<Digest>,
 }
 
 fn invalid(reference: &str, message: impl std::fmt::Display) -> RegistryError {
@@ -88,7 +103,19 @@ pub fn open_image_cached(
     config: &RegistryConfig,
     cache: Option<&BootstrapCache>,
 ) -> Result<SkiffImage, RegistryError> {
-    open(reference, config, None, cache)
+    open(reference, config, None, cache, &Platform::host())
+}
+
+/// [`open_image_cached`] for `platform` (default: the host's) when the
+/// reference names a multi-platform index.
+pub fn open_image_for(
+    reference: &ImageRef,
+    config: &RegistryConfig,
+    platform: Option<&Platform>,
+    cache: Option<&BootstrapCache>,
+) -> Result<SkiffImage, RegistryError> {
+    let host = Platform::host();
+    open(reference, config, None, cache, platform.unwrap_or(&host))
 }
 
 /// Opens a `docker://` or `oci:` image from a manifest fetched before
@@ -115,6 +142,7 @@ pub fn open_image_pinned(
         config,
         Some((manifest_digest, manifest_bytes)),
         cache,
+        &Platform::host(),
     )
 }
 
@@ -125,6 +153,7 @@ fn open(
     config: &RegistryConfig,
     pinned: Option<(Digest, &[u8])>,
     cache: Option<&BootstrapCache>,
+    platform: &Platform,
 ) -> Result<SkiffImage, RegistryError> {
     let name = reference.to_string();
     match reference {
@@ -132,7 +161,7 @@ fn open(
             let layout = OciLayout::open(dir)?;
             let (manifest_digest, manifest_bytes) = match pinned {
                 Some((d, b)) => (d, b.to_vec()),
-                None => layout.resolve(tag.as_deref())?,
+                None => layout.resolve_for(tag.as_deref(), platform)?,
             };
             let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir)?);
             finish_open(
@@ -147,16 +176,38 @@ fn open(
         }
         ImageRef::Docker(d) => {
             let client = RegistryClient::new(d, config)?;
+            let mut subject = None;
             let (manifest_digest, manifest_bytes) = match pinned {
                 Some((d, b)) => (d, b.to_vec()),
                 None => {
-                    let m = client.resolve_manifest(d, &Platform::host())?;
-                    (m.digest, m.bytes)
+                    let m = client.resolve_manifest(d, platform)?;
+                    if is_skiff_manifest(&m.bytes) {
+                        (m.digest, m.bytes)
+                    } else {
+                        let (referrers, via) = client.referrers(&m.digest)?;
+                        let Some(found) = find_skiff_referrer(&client, &m.digest, &referrers)?
+                        else {
+                            return Err(RegistryError::NotFound(format!(
+                                "{name}: manifest {} is not a Skiff image and has no Skiff \
+                                 referrer (looked up through {via}; {} other referrers); \
+                                 convert it with `skiff convert {name} docker://...`",
+                                m.digest,
+                                referrers.len()
+                            )));
+                        };
+                        tracing::info!(
+                            "{name}: mounting Skiff image {}, a referrer of {} (found through {via})",
+                            found.digest,
+                            m.digest
+                        );
+                        subject = Some(m.digest);
+                        (found.digest, found.bytes)
+                    }
                 }
             };
             let remote = Arc::new(RegistryBlobStore::from_client(client.clone()));
             let store: Arc<dyn BlobStore> = remote.clone();
-            finish_open(
+            let mut image = finish_open(
                 name,
                 manifest_digest,
                 &manifest_bytes,
@@ -164,7 +215,9 @@ fn open(
                 store,
                 Some(remote),
                 cache,
-            )
+            )?;
+            image.subject = subject;
+            Ok(image)
         }
         ImageRef::DockerArchive { .. } => Err(invalid(
             &name,
@@ -270,6 +323,111 @@ fn finish_open(
         bootstrap_layer: bootstrap_layer_digest,
         store,
         registry_store,
+        subject: None,
+    })
+}
+
+/// Whether a manifest is a Skiff image: it has a bootstrap layer.
+pub fn is_skiff_manifest(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("layers").and_then(Value::as_array).cloned())
+        .is_some_and(|layers| {
+            layers
+                .iter()
+                .any(|l| l.get("mediaType").and_then(Value::as_str) == Some(MEDIA_BOOTSTRAP))
+        })
+}
+
+/// Whether `bytes` is a Skiff image manifest attached to `subject`: Skiff's
+/// `artifactType`, `subject.digest` equal to `subject`, a bootstrap layer.
+/// `Err` says why not.
+pub fn check_skiff_referrer(bytes: &[u8], subject: &Digest) -> Result<(), String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let artifact = v.get("artifactType").and_then(Value::as_str);
+    if artifact != Some(SKIFF_ARTIFACT_TYPE) {
+        return Err(format!(
+            "its artifactType is {artifact:?}, not {SKIFF_ARTIFACT_TYPE}"
+        ));
+    }
+    let named = v
+        .get("subject")
+        .and_then(|s| s.get("digest"))
+        .and_then(Value::as_str);
+    if named != Some(subject.oci().as_str()) {
+        return Err(format!(
+            "its subject is {named:?}, not the manifest resolved ({subject})"
+        ));
+    }
+    if !is_skiff_manifest(bytes) {
+        return Err("it has no Skiff bootstrap layer".into());
+    }
+    Ok(())
+}
+
+/// The Skiff referrer to mount among `referrers` of `subject`: the first
+/// one listed with Skiff's `artifactType` whose manifest (fetched by its
+/// digest, so verified) passes [`check_skiff_referrer`]. Others are
+/// skipped with a warning.
+pub fn find_skiff_referrer(
+    client: &RegistryClient,
+    subject: &Digest,
+    referrers: &[Referrer],
+) -> Result<Option<FetchedManifest>, RegistryError> {
+    for r in referrers
+        .iter()
+        .filter(|r| r.artifact_type.as_deref() == Some(SKIFF_ARTIFACT_TYPE))
+    {
+        let m = match client.fetch_manifest(&r.digest.oci(), Some(r.size)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("Skiff referrer {} of {subject}: {e}", r.digest);
+                continue;
+            }
+        };
+        match check_skiff_referrer(&m.bytes, subject) {
+            Ok(()) => return Ok(Some(m)),
+            Err(why) => tracing::warn!("Skiff referrer {} of {subject}: {why}", r.digest),
+        }
+    }
+    Ok(None)
+}
+
+/// What a registry says about an image reference: the manifest it resolves
+/// to for a platform, whether that is a Skiff image, and its referrers
+/// (`skiff inspect` of an ordinary reference).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OriginalImage {
+    /// The manifest the reference resolved to.
+    pub manifest_digest: Digest,
+    /// Whether that manifest is a Skiff image itself.
+    pub is_skiff: bool,
+    /// Its referrers.
+    pub referrers: Vec<Referrer>,
+    /// How they were listed.
+    pub via: ReferrersVia,
+    /// The Skiff referrer Skiff would mount, if any.
+    pub skiff_referrer: Option<Digest>,
+}
+
+/// Resolves a `docker://` reference for `platform` and lists the
+/// referrers of the manifest it names.
+pub fn describe_original(
+    reference: &crate::DockerRef,
+    config: &RegistryConfig,
+    platform: Option<&Platform>,
+) -> Result<OriginalImage, RegistryError> {
+    let host = Platform::host();
+    let client = RegistryClient::new(reference, config)?;
+    let m = client.resolve_manifest(reference, platform.unwrap_or(&host))?;
+    let (referrers, via) = client.referrers(&m.digest)?;
+    let chosen = find_skiff_referrer(&client, &m.digest, &referrers)?;
+    Ok(OriginalImage {
+        manifest_digest: m.digest,
+        is_skiff: is_skiff_manifest(&m.bytes),
+        referrers,
+        via,
+        skiff_referrer: chosen.map(|m| m.digest),
     })
 }
 

@@ -32,6 +32,8 @@ pub struct SourceImage {
     /// registry manifest, the digest of the Docker schema 2 manifest this
     /// crate synthesises for it (see [`SourceImage::manifest`]).
     pub manifest_digest: Digest,
+    /// Size of the manifest in bytes (what a descriptor of it says).
+    pub manifest_size: u64,
     /// The manifest as JSON (for a `docker save` archive, synthesised: its
     /// layer digests are those of the uncompressed layer tars).
     pub manifest: Value,
@@ -128,6 +130,230 @@ pub fn open_source_with(
             docker_archive::open(path, reference.as_deref(), r.to_string())
         }
         ImageRef::Docker(d) => crate::remote::open_docker_source(d, platform, config),
+    }
+}
+
+/// One image of a multi-platform source: an entry of its index.
+#[derive(Debug, Clone)]
+pub struct PlatformEntry {
+    /// Digest of the image manifest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its media type, as the index gives it.
+    pub media_type: String,
+    /// The entry's `platform` object as it stands (os, architecture,
+    /// variant, os.version, os.features, and any other field).
+    pub platform: Option<Value>,
+    /// The entry's annotations as they stand.
+    pub annotations: Option<Value>,
+}
+
+impl PlatformEntry {
+    /// `os/arch[/variant]`, or `(no platform)`.
+    pub fn platform_string(&self) -> String {
+        let field = |k: &str| {
+            self.platform
+                .as_ref()
+                .and_then(|p| p.get(k))
+                .and_then(Value::as_str)
+        };
+        match (field("os"), field("architecture")) {
+            (Some(os), Some(arch)) => match field("variant") {
+                Some(v) => format!("{os}/{arch}/{v}"),
+                None => format!("{os}/{arch}"),
+            },
+            _ => "(no platform)".to_owned(),
+        }
+    }
+
+    /// Whether the entry is for `wanted`.
+    pub fn matches(&self, wanted: &Platform) -> bool {
+        let Some(p) = &self.platform else {
+            return false;
+        };
+        let field = |k: &str| p.get(k).and_then(Value::as_str);
+        match (field("os"), field("architecture")) {
+            (Some(os), Some(arch)) => wanted.matches(os, arch, field("variant")),
+            _ => false,
+        }
+    }
+
+    /// Whether the entry is an image for a real platform: not an
+    /// attestation or other artifact listed with `unknown/unknown`.
+    pub fn is_image(&self) -> bool {
+        crate::media::is_manifest(&self.media_type)
+            && !self.platform.as_ref().is_some_and(|p| {
+                p.get("os").and_then(Value::as_str) == Some("unknown")
+                    || p.get("architecture").and_then(Value::as_str) == Some("unknown")
+            })
+    }
+}
+
+/// A multi-platform source: its index and the entries it lists.
+#[derive(Debug, Clone)]
+pub struct SourceIndex {
+    /// Digest of the index (`None` when the entries are the tagged entries
+    /// of a layout's `index.json` itself).
+    pub digest: Option<Digest>,
+    /// The index's own annotations.
+    pub annotations: Option<Value>,
+    /// Its entries, in order.
+    pub entries: Vec<PlatformEntry>,
+}
+
+fn parse_entries(v: &Value, what: &str) -> Result<Vec<PlatformEntry>, RegistryError> {
+    let Some(list) = v.get("manifests").and_then(Value::as_array) else {
+        return Err(RegistryError::Invalid(format!(
+            "{what}: not an image index (no manifests array)"
+        )));
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let bad = |m: &str| RegistryError::Invalid(format!("{what}: manifests[{i}]: {m}"));
+            let digest: Digest = d
+                .get("digest")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("no sha256 digest"))?;
+            Ok(PlatformEntry {
+                digest,
+                size: d
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad("no size"))?,
+                media_type: d
+                    .get("mediaType")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                platform: d.get("platform").cloned().filter(Value::is_object),
+                annotations: d.get("annotations").cloned().filter(Value::is_object),
+            })
+        })
+        .collect()
+}
+
+/// If `r` names a multi-platform image (an OCI index or a Docker manifest
+/// list, in a registry or an OCI layout): its index. `None` when it names
+/// a single image (or a `docker save` archive).
+pub fn source_index(
+    r: &ImageRef,
+    config: &RegistryConfig,
+) -> Result<Option<SourceIndex>, RegistryError> {
+    match r {
+        ImageRef::DockerArchive { .. } => Ok(None),
+        ImageRef::Docker(d) => {
+            let client = crate::RegistryClient::new(d, config)?;
+            let m = client.fetch_manifest(&d.manifest_reference(), None)?;
+            let is_index = crate::media::is_index(&m.media_type)
+                || (!crate::media::is_manifest(&m.media_type)
+                    && crate::layout::looks_like_index(&m.bytes));
+            if !is_index {
+                return Ok(None);
+            }
+            let what = format!("index {} of docker://{d}", m.digest);
+            let v: Value = serde_json::from_slice(&m.bytes)
+                .map_err(|e| RegistryError::Invalid(format!("{what}: not JSON: {e}")))?;
+            Ok(Some(SourceIndex {
+                digest: Some(m.digest),
+                annotations: v.get("annotations").cloned().filter(Value::is_object),
+                entries: parse_entries(&v, &what)?,
+            }))
+        }
+        ImageRef::Oci { dir, tag } => {
+            let layout = OciLayout::open(dir)?;
+            let index_path = dir.join("index.json");
+            let top: Value = serde_json::to_value(layout.index()?)
+                .map_err(|e| RegistryError::Invalid(format!("{}: {e}", index_path.display())))?;
+            let all = parse_entries(&top, &index_path.display().to_string())?;
+            let tagged: Vec<PlatformEntry> = all
+                .into_iter()
+                .filter(|e| match tag {
+                    Some(t) => {
+                        e.annotations
+                            .as_ref()
+                            .and_then(|a| a.get(crate::media::ANNOTATION_REF_NAME))
+                            .and_then(Value::as_str)
+                            == Some(t.as_str())
+                    }
+                    None => true,
+                })
+                .collect();
+            match tagged.as_slice() {
+                [one] if crate::media::is_index(&one.media_type) => {
+                    let what = format!("index {} of {r}", one.digest);
+                    let bytes = layout.read_blob(&one.digest)?;
+                    if bytes.len() as u64 != one.size {
+                        return Err(RegistryError::Invalid(format!(
+                            "{what}: {} bytes, the descriptor says {}",
+                            bytes.len(),
+                            one.size
+                        )));
+                    }
+                    let v: Value = serde_json::from_slice(&bytes)
+                        .map_err(|e| RegistryError::Invalid(format!("{what}: not JSON: {e}")))?;
+                    Ok(Some(SourceIndex {
+                        digest: Some(one.digest),
+                        annotations: v.get("annotations").cloned().filter(Value::is_object),
+                        entries: parse_entries(&v, &what)?,
+                    }))
+                }
+                several if several.len() > 1 && several.iter().all(|e| e.platform.is_some()) => {
+                    Ok(Some(SourceIndex {
+                        digest: None,
+                        annotations: None,
+                        entries: several.to_vec(),
+                    }))
+                }
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
+/// Opens image manifest `entry` of `r`'s repository or layout as a source
+/// (one platform of [`source_index`]).
+pub fn open_source_entry(
+    r: &ImageRef,
+    entry: &PlatformEntry,
+    config: &RegistryConfig,
+) -> Result<(SourceImage, Box<dyn LayerOpener>), RegistryError> {
+    match r {
+        ImageRef::Docker(d) => {
+            let client = crate::RegistryClient::new(d, config)?;
+            let m = client.fetch_manifest(&entry.digest.oci(), Some(entry.size))?;
+            crate::remote::open_docker_manifest(d, client, m)
+        }
+        ImageRef::Oci { dir, .. } => {
+            let layout = OciLayout::open(dir)?;
+            let bytes = layout.read_blob(&entry.digest)?;
+            if bytes.len() as u64 != entry.size {
+                return Err(RegistryError::Invalid(format!(
+                    "manifest {} of {r}: {} bytes, the index says {}",
+                    entry.digest,
+                    bytes.len(),
+                    entry.size
+                )));
+            }
+            let image = r.to_string();
+            let (source, blobs) =
+                source_from_manifest(image.clone(), entry.digest, &bytes, |desc, what| {
+                    layout.read_descriptor(desc, what, MAX_CONFIG_SIZE)
+                })?;
+            Ok((
+                source,
+                Box::new(OciLayerOpener {
+                    layout,
+                    image,
+                    blobs,
+                }),
+            ))
+        }
+        ImageRef::DockerArchive { .. } => Err(RegistryError::Invalid(format!(
+            "{r}: a docker-archive holds one image, not an index"
+        ))),
     }
 }
 
@@ -231,6 +457,7 @@ pub fn source_from_manifest(
     let source = SourceImage {
         reference: image,
         manifest_digest,
+        manifest_size: manifest_bytes.len() as u64,
         manifest: manifest_json,
         config_digest,
         config,

@@ -6,6 +6,15 @@
 //! `application/vnd.oci.image.layer.skiff.bootstrap.v1+zstd`, or the annotation
 //! `dev.skiff.bootstrap` = `true`); every other layer of it is a data blob.
 //!
+//! An ordinary image (a `docker://` reference whose manifest for the host
+//! platform is not a Skiff image) is served lazily too when a Skiff image
+//! is attached to that manifest as an OCI referrer (`skiff convert` does so;
+//! found through the referrers API or the fallback tag, and checked to
+//! name that very manifest as its `subject`): its layers are the
+//! original's, the top one stands for the mounted Skiff image and the
+//! lower ones are empty. Without such a referrer it is
+//! [`Resolved::NotSkiff`] and containerd pulls it as usual.
+//!
 //! Resolving blocks (it may go to a registry): call it from
 //! `spawn_blocking`, never from a runtime thread.
 
@@ -14,6 +23,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use skiff_registry::media::{ANNOTATION_BOOTSTRAP, SKIFF_BOOTSTRAP};
+use skiff_registry::skiff::{find_skiff_referrer, is_skiff_manifest};
 use skiff_registry::{Digest, ImageRef, OciLayout, Platform, RegistryClient, RegistryConfig};
 
 use crate::keychain::Keychain;
@@ -33,6 +43,13 @@ pub struct SkiffImageInfo {
     pub blobs: BTreeSet<String>,
     /// Digest of the bootstrap layer.
     pub bootstrap: String,
+    /// The manifest digest the reference resolved to: this image's own, or
+    /// the original's when the image was found as its referrer.
+    pub resolved: String,
+    /// When the image was found as a referrer of an ordinary image: the
+    /// original's layer digests, bottom first. Containerd prepares those;
+    /// the top one stands for the whole Skiff image.
+    pub original_layers: Option<Vec<String>>,
 }
 
 /// The role of a layer in a Skiff image.
@@ -47,6 +64,15 @@ pub enum LayerRole {
 impl SkiffImageInfo {
     /// The role of the layer with digest `digest`, if it is one of this image's.
     pub fn role(&self, digest: &str) -> Option<LayerRole> {
+        if let Some(layers) = &self.original_layers {
+            return if layers.last().is_some_and(|top| top == digest) {
+                Some(LayerRole::Bootstrap)
+            } else if layers.iter().any(|l| l == digest) {
+                Some(LayerRole::Blob)
+            } else {
+                None
+            };
+        }
         if digest == self.bootstrap {
             Some(LayerRole::Bootstrap)
         } else if self.blobs.contains(digest) {
@@ -120,11 +146,45 @@ pub fn classify(manifest: &Value, manifest_digest: &Digest, source: String) -> R
     let text = manifest_digest.to_string();
     Resolved::Skiff(Arc::new(SkiffImageInfo {
         id: text.replace(':', "-"),
+        resolved: text.clone(),
         manifest_digest: text,
         source,
         blobs,
         bootstrap,
+        original_layers: None,
     }))
+}
+
+/// A Skiff image found as a referrer of an ordinary image: `skiff` is the
+/// Skiff manifest (already checked against the original), `source` the
+/// reference that mounts it; `original` and `original_digest` the manifest
+/// the image reference resolved to. `NotSkiff` when either is malformed.
+pub fn classify_referrer(
+    skiff: &Value,
+    skiff_digest: &Digest,
+    source: String,
+    original: &Value,
+    original_digest: &Digest,
+) -> Resolved {
+    let Resolved::Skiff(info) = classify(skiff, skiff_digest, source) else {
+        return Resolved::NotSkiff;
+    };
+    let Some(layers) = original
+        .get("layers")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .filter_map(|d| d.get("digest").and_then(Value::as_str).map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| !l.is_empty())
+    else {
+        return Resolved::NotSkiff;
+    };
+    let mut info = (*info).clone();
+    info.resolved = original_digest.to_string();
+    info.original_layers = Some(layers);
+    Resolved::Skiff(Arc::new(info))
 }
 
 /// The [`Resolve`] of the snapshotter: `oci:` layouts on disk, `docker://`
@@ -182,6 +242,9 @@ impl Resolve for RegistryResolver {
                 let m = client.resolve_manifest(d, &Platform::host()).map_err(bad)?;
                 let mut pinned = d.clone();
                 pinned.tag = None;
+                if !is_skiff_manifest(&m.bytes) {
+                    return resolve_referrer(&client, &pinned, image_ref, &m.digest, &m.bytes);
+                }
                 pinned.digest = Some(m.digest);
                 (m.digest, m.bytes, format!("docker://{pinned}"))
             }
@@ -198,6 +261,53 @@ impl Resolve for RegistryResolver {
         })?;
         Ok(classify(&manifest, &digest, source))
     }
+}
+
+/// An ordinary image's manifest (`digest`, `bytes`): the Skiff image
+/// attached to it as a referrer, or `NotSkiff` when it has none (the
+/// registry was asked, the answer is final). `repo` is the repository
+/// without tag or digest.
+fn resolve_referrer(
+    client: &RegistryClient,
+    repo: &skiff_registry::DockerRef,
+    image_ref: &str,
+    digest: &Digest,
+    bytes: &[u8],
+) -> Result<Resolved, Error> {
+    let bad = |e: skiff_registry::RegistryError| Error::Image {
+        reference: image_ref.to_owned(),
+        message: e.to_string(),
+    };
+    let (referrers, via) = client.referrers(digest).map_err(bad)?;
+    let Some(found) = find_skiff_referrer(client, digest, &referrers).map_err(bad)? else {
+        tracing::debug!(
+            image = %image_ref,
+            "manifest {digest}: no Skiff referrer (through {via}); containerd pulls it"
+        );
+        return Ok(Resolved::NotSkiff);
+    };
+    let parse = |b: &[u8], what: &str| {
+        serde_json::from_slice::<Value>(b).map_err(|e| Error::Image {
+            reference: image_ref.to_owned(),
+            message: format!("{what} is not JSON: {e}"),
+        })
+    };
+    let original = parse(bytes, "the manifest")?;
+    let skiff = parse(&found.bytes, "the Skiff referrer")?;
+    let mut pinned = repo.clone();
+    pinned.digest = Some(found.digest);
+    tracing::info!(
+        image = %image_ref,
+        "manifest {digest}: Skiff referrer {} (through {via})",
+        found.digest
+    );
+    Ok(classify_referrer(
+        &skiff,
+        &found.digest,
+        format!("docker://{pinned}"),
+        &original,
+        digest,
+    ))
 }
 
 #[cfg(test)]
@@ -235,6 +345,47 @@ mod tests {
         assert_eq!(info.role("sha256:bs"), Some(LayerRole::Bootstrap));
         assert_eq!(info.role("sha256:zz"), None);
         assert!(info.id.starts_with("sha256-"));
+    }
+
+    #[test]
+    fn referrer_stands_for_the_original_layers() {
+        let skiff = serde_json::json!({
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.skiff.blob.v1", "digest": "sha256:b1"},
+                {"mediaType": SKIFF_BOOTSTRAP, "digest": "sha256:bs"},
+            ]
+        });
+        let original = serde_json::json!({
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:l1"},
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:l2"},
+            ]
+        });
+        let Resolved::Skiff(info) = classify_referrer(
+            &skiff,
+            &digest("s"),
+            "docker://r/x@sha256:s".into(),
+            &original,
+            &digest("o"),
+        ) else {
+            panic!("not classified as Skiff");
+        };
+        assert_eq!(info.role("sha256:l1"), Some(LayerRole::Blob));
+        assert_eq!(info.role("sha256:l2"), Some(LayerRole::Bootstrap));
+        assert_eq!(info.role("sha256:bs"), None);
+        assert_eq!(info.resolved, digest("o").to_string());
+        assert_eq!(info.manifest_digest, digest("s").to_string());
+        assert_eq!(info.bootstrap, "sha256:bs");
+        assert_eq!(
+            classify_referrer(
+                &skiff,
+                &digest("s"),
+                "x".into(),
+                &serde_json::json!({"layers": []}),
+                &digest("o")
+            ),
+            Resolved::NotSkiff
+        );
     }
 
     #[test]

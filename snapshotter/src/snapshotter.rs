@@ -292,6 +292,20 @@ impl Snapshotter {
                 return Ok(None);
             }
         };
+        // A Skiff image found as a referrer stands only for the manifest
+        // it names: when the client says which manifest it pulled (CRI),
+        // that must be the one the reference resolved to here.
+        if let (Some(pulled), Some(_)) = (&layer.manifest_digest, &info.original_layers) {
+            if *pulled != info.resolved {
+                tracing::warn!(
+                    image = %layer.image_ref,
+                    "containerd pulled manifest {pulled}, the reference resolves to {}; \
+                     containerd unpacks the layer",
+                    info.resolved
+                );
+                return Ok(None);
+            }
+        }
         let Some(role) = info.role(&layer.layer_digest) else {
             tracing::warn!(
                 image = %layer.image_ref,

@@ -924,3 +924,55 @@ async fn a_lost_snapshotter_root_is_healed_by_remove_image() {
         panic!("PullImage after RemoveImage: {e}\n{}", node.logs());
     }
 }
+
+/// Pods keep the ORIGINAL reference: the fixture pushed as is, converted
+/// with `skiff convert` from registry to registry (which attaches the Skiff
+/// image to the original as a referrer, through the fallback tag on this
+/// registry), then kubelet's CRI calls with the original reference run the
+/// workload lazily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_runs_the_original_reference_lazily_through_its_skiff_referrer() {
+    let node = Node::start("cri-referrer", false);
+    let original = format!("{}/app/python:1", node.registry.host());
+    skopeo_copy(&fixture_image(), &format!("docker://{original}"), None);
+    let out = skiff_tests::harness::skiff([
+        "convert".to_owned(),
+        "--no-progress".to_owned(),
+        "--json".to_owned(),
+        format!("docker://{original}"),
+        format!("docker://{}/app/python:1-skiff", node.registry.host()),
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["referrers"][0]["via"], "fallback-tag", "{summary}");
+    let skiff_size = summary["bytes_out"].as_u64().unwrap();
+
+    let mut kubelet = Kubelet::connect(&node.sn.socket, &node.ctd.socket).await;
+    let run = run_pod(
+        &node,
+        &mut kubelet,
+        "original-pod",
+        &original,
+        None,
+        &Commands {
+            workload: WORKLOAD,
+            exec: EXEC,
+            after_worker_kill: None,
+        },
+    )
+    .await;
+    assert!(run.log.contains("workload ok"), "log: {}", run.log);
+    assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
+    eprintln!(
+        "original reference: {} of {} bytes fetched by the workload's exit ({:.1}%), pull to exit {:.2} s",
+        run.fetched,
+        skiff_size,
+        run.fetched as f64 * 100.0 / skiff_size as f64,
+        run.seconds
+    );
+    assert!(
+        run.fetched > 0 && run.fetched * 3 < skiff_size,
+        "not lazy: {} of {skiff_size} bytes fetched\n{}",
+        run.fetched,
+        node.logs()
+    );
+}

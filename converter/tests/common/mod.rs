@@ -1000,6 +1000,7 @@ pub fn convert_layers(
         options,
         progress: None,
         reuse: Default::default(),
+        referrer: true,
     })
 }
 
@@ -1021,6 +1022,7 @@ pub fn convert_ref(
         options,
         progress: None,
         reuse: Default::default(),
+        referrer: true,
     })
 }
 

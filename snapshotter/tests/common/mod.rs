@@ -588,3 +588,30 @@ pub fn report_fault(fault: &str, outcome: &str) {
     }
     eprintln!("FAULT {fault}: {outcome}");
 }
+
+/// `GET /metrics` on a daemon's unix socket: the body.
+pub fn scrape(sock: &Path) -> String {
+    use std::io::Write as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: skiff\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
