@@ -335,7 +335,13 @@ impl SkiffFs {
         };
         let local = self.source.get_local(&plan.reqs);
         if let Some(ra) = &self.readahead {
-            ra.on_read(&self.image, &self.source, &plan.reqs, local.is_none());
+            ra.on_read(
+                &self.image,
+                &self.source,
+                &plan.reqs,
+                end - offset,
+                local.is_none(),
+            );
         }
         if let Some(datas) = local {
             let out = plan.assemble(&datas)?;

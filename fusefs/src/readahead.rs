@@ -12,16 +12,17 @@
 //!
 //! [`Readahead`] watches every read in *blob* space: the stored range of
 //! the chunks it needs (one call per read, a lock and a few comparisons).
-//! A blob whose reads keep landing at or a little past the furthest point
-//! read so far ([`SLACK`] either way: directory order and blob order differ
-//! a little, and deduplicated chunks live elsewhere) is a *stream*. Once a
+//! A blob whose reads keep landing at or just past the furthest point read
+//! so far (up to [`SLACK`] behind it: directory order and blob order differ
+//! a little; at most [`GAP`] past it) is a *stream*. Once a
 //! stream is confirmed ([`CONFIRM`] reads in a row), the chunks of the next
-//! `window` stored bytes are fetched in the background, and the window
-//! doubles with each step the reader takes into it, from `min_window` up to
-//! `max_window` (the way mountpoint-s3's prefetcher grows its requests): a
-//! reader that jumps elsewhere costs at most one small window, a reader
-//! that keeps going soon has several requests of `request` bytes in
-//! flight at once, which is what fills a link with a long round trip. The
+//! `window` stored bytes are fetched in the background. The window grows
+//! with what the stream has shown: the stored bytes its reads needed, from
+//! `min_window` up to `max_window` (mountpoint-s3's prefetcher also grows
+//! its requests as a reader keeps going). A reader that stops soon (one
+//! directory of python modules) leaves little behind; one that keeps going
+//! soon has several requests of `request` bytes in flight at once, which is
+//! what fills a link with a long round trip. The
 //! next window is queued when the reader is half way through the current
 //! one, so it arrives before it is needed.
 //!
@@ -49,11 +50,15 @@ use crate::workers::{lock, Pool};
 /// How far before the furthest point read so far, or after the end of what
 /// is read ahead, a read may land and still continue its blob's stream.
 pub const SLACK: u64 = 1 << 20;
+/// How far past the furthest point read so far a read may start and still
+/// continue the stream: a reader that skips more (page faults of a mapped
+/// library, a few modules of a large package) is not walking the blob.
+pub const GAP: u64 = 64 << 10;
 /// Reads in a row that make a stream.
-pub const CONFIRM: u32 = 2;
+pub const CONFIRM: u32 = 4;
 /// A stream is read ahead only while its reads needed at least 1 in
-/// `DENSE_DIV` of the stored bytes it has passed over.
-pub const DENSE_DIV: u64 = 2;
+/// `DENSE_DIV - 1` in `DENSE_DIV` of the stored bytes it has passed over.
+pub const DENSE_DIV: u64 = 4;
 /// Queued readahead requests, beyond those in flight.
 const QUEUE: usize = 32;
 
@@ -70,12 +75,12 @@ pub struct ReadaheadOptions {
     pub threads: usize,
 }
 
-/// Default [`ReadaheadOptions`]: windows from 1 MiB to 16 MiB, in requests
-/// of 1 MiB, 4 in flight. 16 MiB is about a second and a half of a
+/// Default [`ReadaheadOptions`]: windows from 256 KiB to 16 MiB, in
+/// requests of 1 MiB, 4 in flight. 16 MiB is about a second and a half of a
 /// 100 Mbit/s link, enough to hide a round trip of a few tens of ms behind
 /// each request; 4 requests of 1 MiB keep such a link full.
 pub const DEFAULT_READAHEAD: ReadaheadOptions = ReadaheadOptions {
-    min_window: 1 << 20,
+    min_window: 256 << 10,
     max_window: 16 << 20,
     request: 1 << 20,
     threads: 4,
@@ -87,8 +92,6 @@ struct Stream {
     next: u64,
     /// Stored bytes up to here are read ahead (or queued).
     ahead: u64,
-    /// The next window to queue (0: not a stream yet).
-    window: u64,
     /// Reads in a row that continued the stream.
     streak: u32,
     /// Where the stream started.
@@ -123,12 +126,19 @@ impl Readahead {
     /// Notes a read of stored range `[start, end)` of blob `blob` (`missed`:
     /// it needs the network); returns the stored range to read ahead, if
     /// any.
-    fn observe(&self, blob: u32, start: u64, end: u64, missed: bool) -> Option<(u64, u64)> {
+    fn observe(
+        &self,
+        blob: u32,
+        start: u64,
+        end: u64,
+        used: u64,
+        missed: bool,
+    ) -> Option<(u64, u64)> {
         let mut map = lock(&self.streams);
         let s = map.entry(blob).or_default();
         let continues = s.streak > 0
             && start.saturating_add(SLACK) >= s.next
-            && start <= s.next.max(s.ahead).saturating_add(SLACK);
+            && start <= s.next.saturating_add(GAP);
         if !continues && !missed {
             // Only a miss starts a stream: a workload served from what
             // prefetch or an earlier run brought needs no readahead.
@@ -138,34 +148,33 @@ impl Readahead {
             *s = Stream {
                 next: end,
                 ahead: end,
-                window: 0,
                 streak: 1,
                 origin: start,
-                used: end.saturating_sub(start),
+                used,
             };
             return None;
         }
         s.next = s.next.max(end);
         s.streak = s.streak.saturating_add(1);
-        s.used = s.used.saturating_add(end.saturating_sub(start));
+        s.used = s.used.saturating_add(used);
         // A reader that skips most of what it passes (imports that read a
         // few modules of a large package) is not worth reading ahead for:
         // what it would bring would mostly be waste.
         let span = s.next.saturating_sub(s.origin);
-        if s.streak < CONFIRM || s.used.saturating_mul(DENSE_DIV) < span {
+        if s.streak < CONFIRM
+            || s.used.saturating_mul(DENSE_DIV) < span.saturating_mul(DENSE_DIV - 1)
+        {
             return None;
         }
-        let window = if s.window == 0 {
-            self.opts.min_window
-        } else {
-            s.window
-        };
+        // The window is what the stream has shown it reads: a
+        // reader that stops soon (one directory of modules) leaves little
+        // behind, one that keeps going soon has the largest window.
+        let window = s.used.clamp(self.opts.min_window, self.opts.max_window);
         if s.ahead >= s.next.saturating_add(window / 2) {
             return None;
         }
         let from = s.ahead.max(s.next);
         let to = s.next.saturating_add(window);
-        s.window = window.saturating_mul(2).min(self.opts.max_window);
         s.ahead = to;
         Some((from, to))
     }
@@ -178,6 +187,7 @@ impl Readahead {
         image: &Arc<Image>,
         source: &Arc<ChunkSource>,
         reqs: &[ChunkRequest],
+        read_bytes: u64,
         missed: bool,
     ) {
         let Some(first) = reqs.first() else {
@@ -190,7 +200,19 @@ impl Readahead {
             .map(ChunkRequest::end)
             .max()
             .unwrap_or_else(|| first.end());
-        let Some((from, to)) = self.observe(blob, first.start(), end, missed) else {
+        // What the read needed of the stored range: a page fault of a
+        // mapped library needs 4 KiB of a chunk that may hold a MiB.
+        let raw: u64 = reqs
+            .iter()
+            .map(|r| u64::from(r.info.uncompressed_size))
+            .sum();
+        let span = end.saturating_sub(first.start());
+        let used = if raw > read_bytes {
+            (span as u128 * u128::from(read_bytes) / u128::from(raw.max(1))) as u64
+        } else {
+            span
+        };
+        let Some((from, to)) = self.observe(blob, first.start(), end, used, missed) else {
             return;
         };
         let mut at = from;
@@ -239,41 +261,50 @@ mod tests {
 
     fn ra() -> Readahead {
         Readahead::new(ReadaheadOptions {
-            min_window: MIB,
+            min_window: 256 << 10,
             max_window: 4 * MIB,
             request: MIB,
             threads: 1,
         })
     }
 
+    /// A read of `[start, end)` that needed all of it.
+    fn read(ra: &Readahead, blob: u32, start: u64, end: u64, missed: bool) -> Option<(u64, u64)> {
+        ra.observe(blob, start, end, end - start, missed)
+    }
+
     #[test]
     fn a_stream_starts_on_misses_and_its_window_grows() {
         let ra = ra();
-        // A first miss is not a stream yet; the next read that continues
-        // it is, and the first window follows it.
-        assert_eq!(ra.observe(0, 0, 100_000, true), None);
-        assert_eq!(
-            ra.observe(0, 100_000, 200_000, false),
-            Some((200_000, 200_000 + MIB))
-        );
+        // A miss, then reads that continue it: a stream once confirmed.
+        let mut at = 0;
+        let mut first = None;
+        for k in 0..CONFIRM {
+            first = read(&ra, 0, at, at + 100_000, k == 0);
+            at += 100_000;
+        }
+        let (from, to) = first.expect("confirmed: the first window");
+        assert_eq!(from, at);
+        assert_eq!(to - from, at.max(256 << 10), "what the stream read");
         // Reading on: each range starts where the last one ended, the
         // ranges grow to the bound and stay ahead of the reader.
-        let mut ahead = 200_000 + MIB;
+        let mut ahead = to;
         let mut widest = 0;
-        let mut at = 200_000;
-        for _ in 0..60 {
-            if let Some((from, to)) = ra.observe(0, at, at + 100_000, false) {
+        for _ in 0..80 {
+            if let Some((from, to)) = read(&ra, 0, at, at + 100_000, false) {
                 assert_eq!(from, ahead, "contiguous");
-                assert!(to - from <= 4 * MIB, "{from}..{to}");
-                widest = widest.max(to - from);
+                // The window counts from the end of the read.
+                let window = to - (at + 100_000);
+                assert!(window <= 4 * MIB, "{from}..{to} at {at}");
+                widest = widest.max(window);
                 ahead = to;
             }
             at += 100_000;
             assert!(ahead > at, "ahead of the reader at {at}");
         }
-        assert!(widest > 2 * MIB, "the window grew: {widest}");
+        assert!(widest > 3 * MIB, "the window grew: {widest}");
         // Other blobs are streams of their own.
-        assert_eq!(ra.observe(1, 0, 10, true), None);
+        assert_eq!(read(&ra, 1, 0, 10, true), None);
     }
 
     #[test]
@@ -281,17 +312,23 @@ mod tests {
         let ra = ra();
         // Reads served locally never start a stream.
         for k in 0..10 {
-            assert_eq!(ra.observe(0, k * 1000, (k + 1) * 1000, false), None);
+            assert_eq!(read(&ra, 0, k * 1000, (k + 1) * 1000, false), None);
         }
-        // A reader that needs a little of each MiB it passes (forward, but
-        // skipping most) is not worth reading ahead for.
+        // A reader that skips ahead more than GAP is not walking the blob.
         for k in 0..10u64 {
-            let start = k * 900_000;
-            assert_eq!(ra.observe(2, start, start + 4096, true), None, "read {k}");
+            let start = k * (GAP + 8192);
+            assert_eq!(read(&ra, 2, start, start + 4096, true), None, "read {k}");
         }
-        // A jump elsewhere ends a stream: the next read starts over.
-        assert_eq!(ra.observe(3, 0, 1000, true), None);
-        assert!(ra.observe(3, 1000, 2000, true).is_some());
-        assert_eq!(ra.observe(3, 100 * MIB, 100 * MIB + 1000, true), None);
+        // Adjacent reads that each needed a page of a large chunk (faults
+        // of a mapped library) are sparse: no readahead.
+        for k in 0..10u64 {
+            let got = ra.observe(4, k * 100_000, (k + 1) * 100_000, 400, true);
+            assert_eq!(got, None, "read {k}");
+        }
+        // A jump elsewhere ends a stream: the next reads start over.
+        for k in 0..CONFIRM as u64 {
+            read(&ra, 3, k * 1000, (k + 1) * 1000, true);
+        }
+        assert_eq!(read(&ra, 3, 100 * MIB, 100 * MIB + 1000, true), None);
     }
 }
