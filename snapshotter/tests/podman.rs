@@ -147,6 +147,8 @@ fn is_mount(dir: &Path, source: &str) -> bool {
 /// the store as its additional layer store) and a private tmp directory.
 struct Podman {
     dir: PathBuf,
+    /// The run root: podman refuses one longer than 50 characters.
+    run: PathBuf,
     conf: PathBuf,
 }
 
@@ -155,6 +157,7 @@ impl Podman {
         need("podman", "podman");
         let dir = dir.join("podman");
         fs::create_dir_all(&dir).unwrap();
+        let run = PathBuf::from(format!("/run/skiff-pm-{}", std::process::id()));
         let conf = dir.join("storage.conf");
         fs::write(
             &conf,
@@ -162,21 +165,20 @@ impl Podman {
                 "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n\
                  [storage.options]\nadditionallayerstores = [\"{}:ref\"]\n",
                 dir.join("root").display(),
-                dir.join("run").display(),
+                run.display(),
                 store.mountpoint.display()
             ),
         )
         .unwrap();
-        Podman { dir, conf }
+        Podman { dir, run, conf }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
+        // The graph root and run root come from the private storage.conf:
+        // podman 4.3 drops storage.conf's [storage.options] (the additional
+        // layer store) when --root or --runroot is given.
         let mut c = Command::new("podman");
         c.env("CONTAINERS_STORAGE_CONF", &self.conf)
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--runroot")
-            .arg(self.dir.join("run"))
             .arg("--tmpdir")
             .arg(self.dir.join("tmp"))
             .args(["--events-backend", "none"])
@@ -211,6 +213,8 @@ impl Drop for Podman {
         let _ = run_for(&mut self.cmd(&["rm", "-a", "-f"]), Duration::from_secs(60));
         let _ = run_for(&mut self.cmd(&["rmi", "-a", "-f"]), Duration::from_secs(60));
         unmount_below(&self.dir);
+        unmount_below(&self.run);
+        let _ = fs::remove_dir_all(&self.run);
     }
 }
 
