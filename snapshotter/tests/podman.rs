@@ -5,6 +5,8 @@
 //! a plain OCI image still runs (containers/storage downloads it), and
 //! `podman rmi` and a restart of the store leave nothing broken.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;
