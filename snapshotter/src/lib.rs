@@ -45,11 +45,14 @@
 //! - [`server`]: serving on a unix socket; [`run`], the whole daemon.
 //! - [`als`]: the Additional Layer Store's names, layer keys, `info`
 //!   records and the store's persistent state.
+//! - [`alsstore`]: `skiff store`'s logic: resolving references, starting
+//!   the images' mounts with [`daemon`], blobs, use counts, its state.
 //! - [`alsfs`]: `skiff store`, the Additional Layer Store as a FUSE
-//!   filesystem over [`daemon`]'s image mounts.
+//!   filesystem over [`alsstore`].
 
 pub mod als;
 pub mod alsfs;
+pub mod alsstore;
 pub mod config;
 pub mod cri;
 pub mod daemon;
