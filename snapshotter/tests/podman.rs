@@ -23,11 +23,17 @@ struct Store {
     mountpoint: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, PathBuf)>,
     child: Option<Child>,
 }
 
 impl Store {
     fn start(dir: &Path) -> Store {
+        Store::start_env(dir, &[])
+    }
+
+    /// [`Store::start`] with `env` added to its environment.
+    fn start_env(dir: &Path, env: &[(&str, &Path)]) -> Store {
         let root = dir.join("store");
         let config = dir.join("store.toml");
         // A disk cache of its own: the node-wide default would carry chunks
@@ -42,6 +48,10 @@ impl Store {
             root,
             config,
             log: dir.join("store.log"),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_path_buf()))
+                .collect(),
             child: None,
         };
         s.spawn();
@@ -65,6 +75,7 @@ impl Store {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -149,17 +160,18 @@ fn is_mount(dir: &Path, source: &str) -> bool {
 /// the store as its additional layer store) and a private tmp directory.
 struct Podman {
     dir: PathBuf,
+    env: Vec<(String, PathBuf)>,
     /// The run root: podman refuses one longer than 50 characters.
     run: PathBuf,
     conf: PathBuf,
 }
 
 impl Podman {
-    fn new(dir: &Path, store: &Store) -> Podman {
+    fn new(dir: &Path, store: &Store, tag: &str) -> Podman {
         need("podman", "podman");
         let dir = dir.join("podman");
         fs::create_dir_all(&dir).unwrap();
-        let run = PathBuf::from(format!("/run/skiff-pm-{}", std::process::id()));
+        let run = PathBuf::from(format!("/run/skiff-pm-{tag}-{}", std::process::id()));
         let conf = dir.join("storage.conf");
         fs::write(
             &conf,
@@ -172,7 +184,12 @@ impl Podman {
             ),
         )
         .unwrap();
-        Podman { dir, run, conf }
+        Podman {
+            dir,
+            env: store.env.clone(),
+            run,
+            conf,
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -181,6 +198,7 @@ impl Podman {
         // layer store) when --root or --runroot is given.
         let mut c = Command::new("podman");
         c.env("CONTAINERS_STORAGE_CONF", &self.conf)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--tmpdir")
             .arg(self.dir.join("tmp"))
             .args(["--events-backend", "none"])
@@ -254,7 +272,7 @@ fn podman_runs_skiff_images_lazily_through_the_additional_layer_store() {
     check_for(&mut c, Duration::from_secs(300));
 
     let mut store = Store::start(&dir.path);
-    let podman = Podman::new(&dir.path, &store);
+    let podman = Podman::new(&dir.path, &store, "lazy");
 
     // The Skiff image, lazily: the workload runs, a fraction is fetched.
     let mark = LogMark::new(&registry.log);
@@ -338,4 +356,65 @@ fn podman_runs_skiff_images_lazily_through_the_additional_layer_store() {
         &["python3", "-c", "import numpy; print('again')"],
     );
     assert!(out.contains("again"), "{out}");
+}
+
+/// A private registry: podman's containers-auth.json (`REGISTRY_AUTH_FILE`)
+/// holds the only credentials, for a namespace of the registry; the store
+/// resolves the image with them and hands them to the image's daemon (which
+/// reads no such file itself), so the workload runs only if both got them.
+#[test]
+fn private_registry_credentials_come_from_containers_auth_json() {
+    use base64::Engine as _;
+    need_root();
+    need("skopeo", "skopeo");
+    let dir = TestDir::new("podauth");
+    let (user, password) = ("podman-user", "s3cret-pw");
+    let registry = Registry::start_with_htpasswd(&dir.path.join("registry"), user, password);
+    let layout = dir.path.join("skiff-image");
+    skiff_tests::harness::skiff([
+        "convert".to_owned(),
+        fixture_image(),
+        format!("oci:{}:python", layout.display()),
+    ]);
+    let reference = format!("{}/team/python:1", registry.host());
+    let mut c = Command::new("skopeo");
+    c.args(["copy", "-q", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(format!("oci:{}:python", layout.display()))
+        .arg(format!("docker://{reference}"));
+    check_for(&mut c, Duration::from_secs(300));
+    let auth = dir.path.join("auth.json");
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    fs::write(
+        &auth,
+        format!(
+            r#"{{"auths": {{"{}/team": {{"auth": "{token}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    // No Docker config to fall back on.
+    let home = dir.path.join("home");
+    fs::create_dir_all(&home).unwrap();
+    let store = Store::start_env(&dir.path, &[("REGISTRY_AUTH_FILE", &auth), ("HOME", &home)]);
+    let podman = Podman::new(&dir.path, &store, "auth");
+    let out = podman.run(
+        &reference,
+        &["python3", "-c", "import numpy; print('private')"],
+    );
+    assert!(
+        out.contains("private"),
+        "{out}\n{}",
+        tail_of(&store.log, 20)
+    );
+    let state = store.state();
+    assert_eq!(
+        state["images"].as_object().map(|i| i.len()),
+        Some(1),
+        "the store did not serve the private image: {state}\n{}",
+        tail_of(&store.log, 20)
+    );
+    // The password never reaches the store's log or state.
+    let log = fs::read_to_string(&store.log).unwrap_or_default();
+    assert!(!log.contains(password) && !state.to_string().contains(password));
 }
