@@ -18,7 +18,7 @@
 //!   overlay, so a running container depends on the image's daemon and on
 //!   `ROOT/empty/`, never on this filesystem: restarting `skiff store`
 //!   leaves containers running.
-//! - `info`: the layer record as JSON ([`StoreImage::info`]).
+//! - `info`: the layer record as JSON ([`crate::als::StoreImage::info`]).
 //! - `blob`: the layer's blob, downloaded (and verified against its digest)
 //!   into `ROOT/blobs/` when first read; only `podman push`/`save` read it.
 //! - `use`: creating it counts a use of the image and fails with `ENOENT`;
