@@ -10,6 +10,7 @@
 //! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
 //! - `cache`: `skiff cache`, the disk cache of fetched chunks.
 //! - `snapshotter`: `skiff snapshotter`, the containerd remote snapshotter.
+//! - `store`: `skiff store`, the Additional Layer Store for podman and CRI-O.
 //! - `upgrade`: `skiff upgrade`, hot upgrade of running mounts to a new binary.
 //! - `tools`: `skiff inspect`, `skiff check` and `skiff unpack`.
 //! - `progress`: the terminal progress bar for conversions.
@@ -23,6 +24,7 @@ mod convert;
 mod mount;
 mod progress;
 mod snapshotter;
+mod store;
 mod tools;
 mod upgrade;
 
@@ -50,6 +52,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Serve containerd's snapshots API (a remote snapshotter for Skiff images).
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// Serve containers/storage's Additional Layer Store (podman, CRI-O).
+    Store(store::StoreArgs),
     /// Hand running mounts over to a new binary, without unmounting.
     Upgrade(upgrade::UpgradeArgs),
 }
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Unpack(args) => tools::unpack(args),
         Command::Mount(args) => mount::run(args),
         Command::Snapshotter(args) => snapshotter::run(args),
+        Command::Store(args) => store::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Upgrade(args) => upgrade::run(args),
     };

@@ -14,6 +14,14 @@
 //! key) as well as `docker.io`, `index.docker.io` and `registry-1.docker.io`.
 //! A missing file or helper means "no credentials" (anonymous), not an
 //! error; a malformed file is an error naming it.
+//!
+//! [`lookup_containers_auth`] reads podman's and CRI-O's files
+//! (containers-auth.json(5)) for `skiff store`: `REGISTRY_AUTH_FILE`, else
+//! `$XDG_RUNTIME_DIR/containers/auth.json` (as root without it,
+//! `/run/containers/0/auth.json`), then `$XDG_CONFIG_HOME/containers/auth.json`
+//! (`~/.config/containers/auth.json`). Their keys may name a repository or
+//! a namespace (`quay.io/team/app`, `quay.io/team`) as well as a registry;
+//! the most specific key wins, as in containers/image.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,6 +64,108 @@ fn docker_config_path(config: &RegistryConfig) -> Option<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(|h| PathBuf::from(h).join(".docker").join("config.json"))
+}
+
+/// The containers-auth.json files podman reads, in its order.
+pub fn containers_auth_files() -> Vec<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let mut files = Vec::new();
+    if let Some(f) = env("REGISTRY_AUTH_FILE") {
+        files.push(PathBuf::from(f));
+    } else if let Some(dir) = env("XDG_RUNTIME_DIR") {
+        files.push(PathBuf::from(dir).join("containers/auth.json"));
+    } else {
+        files.push(PathBuf::from(format!(
+            "/run/containers/{}/auth.json",
+            nix_uid()
+        )));
+    }
+    if let Some(dir) = env("XDG_CONFIG_HOME") {
+        files.push(PathBuf::from(dir).join("containers/auth.json"));
+    } else if let Some(home) = env("HOME") {
+        files.push(PathBuf::from(home).join(".config/containers/auth.json"));
+    }
+    files
+}
+
+/// The real user ID (for podman's per-user default auth file).
+fn nix_uid() -> u32 {
+    // /proc/self/status: "Uid:\treal\teffective...". Root when unreadable
+    // is only a default path that will not exist for others.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Credentials for `repository` on `registry` from containers-auth.json
+/// files (see the module docs), or `None`.
+pub fn lookup_containers_auth(
+    registry: &str,
+    repository: &str,
+) -> Result<Option<Credentials>, RegistryError> {
+    lookup_containers_auth_in(&containers_auth_files(), registry, repository)
+}
+
+/// [`lookup_containers_auth`] over the files `files`, in order.
+pub fn lookup_containers_auth_in(
+    files: &[PathBuf],
+    registry: &str,
+    repository: &str,
+) -> Result<Option<Credentials>, RegistryError> {
+    // Most specific first: registry/a/b/c, registry/a/b, registry/a, registry.
+    let mut scopes = vec![format!("{registry}/{repository}")];
+    let mut parts: Vec<&str> = repository.split('/').collect();
+    while parts.len() > 1 {
+        parts.pop();
+        scopes.push(format!("{registry}/{}", parts.join("/")));
+    }
+    for file in files {
+        let text = match std::fs::read(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(RegistryError::io(file, e)),
+        };
+        let v: Value = serde_json::from_slice(&text).map_err(|e| {
+            RegistryError::Config(format!(
+                "{}: not a valid containers-auth.json: {e}",
+                file.display()
+            ))
+        })?;
+        let auths = v.get("auths").and_then(Value::as_object);
+        for scope in &scopes {
+            if let Some(entry) = auths.and_then(|a| a.get(scope.as_str())) {
+                if let Some(c) = parse_auth_entry(entry, file, scope)? {
+                    return Ok(Some(c));
+                }
+            }
+        }
+        let helpers = v.get("credHelpers").and_then(Value::as_object);
+        if let Some(name) = helpers
+            .and_then(|h| h.get(registry))
+            .and_then(Value::as_str)
+        {
+            return run_helper(name, registry);
+        }
+        // A registry-only key, possibly written as a URL.
+        for key in keys_for(registry) {
+            if let Some((k, entry)) = auths.and_then(|a| {
+                // A key with a path names a namespace: only URLs (Docker's
+                // `https://host/v1/`) are cut down to their host.
+                a.iter()
+                    .find(|(k, _)| **k == key || (k.contains("://") && normalise_key(k) == key))
+            }) {
+                if let Some(c) = parse_auth_entry(entry, file, k)? {
+                    return Ok(Some(c));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The keys a registry may be stored under.
@@ -260,6 +370,53 @@ mod tests {
         let t = lookup(&c, "tok.example")?;
         assert!(t.as_ref().is_some_and(Credentials::is_identity_token));
         assert_eq!(lookup(&c, "other.example")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn containers_auth_most_specific_key_wins() -> Result<(), RegistryError> {
+        let dir = tempfile::tempdir().unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let first = dir.path().join("auth.json");
+        std::fs::write(
+            &first,
+            format!(
+                r#"{{"auths": {{
+                "r.example:5000": {{"auth": "{}"}},
+                "r.example:5000/team": {{"auth": "{}"}},
+                "r.example:5000/team/app": {{"auth": "{}"}}
+            }}}}"#,
+                b64("reg:1"),
+                b64("team:2"),
+                b64("app:3")
+            ),
+        )
+        .unwrap();
+        let second = dir.path().join("second.json");
+        std::fs::write(
+            &second,
+            format!(
+                r#"{{"auths": {{"https://other.example": {{"auth": "{}"}}}}}}"#,
+                b64("o:4")
+            ),
+        )
+        .unwrap();
+        let files = [dir.path().join("missing.json"), first, second];
+        let get = |r: &str, repo: &str| lookup_containers_auth_in(&files, r, repo);
+        assert_eq!(
+            get("r.example:5000", "team/app")?,
+            Some(Credentials::new("app", "3"))
+        );
+        assert_eq!(
+            get("r.example:5000", "team/other")?,
+            Some(Credentials::new("team", "2"))
+        );
+        assert_eq!(
+            get("r.example:5000", "solo")?,
+            Some(Credentials::new("reg", "1"))
+        );
+        assert_eq!(get("other.example", "x")?, Some(Credentials::new("o", "4")));
+        assert_eq!(get("none.example", "x")?, None);
         Ok(())
     }
 

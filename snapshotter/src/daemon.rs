@@ -204,6 +204,25 @@ impl Daemons {
     /// once the mount is ready. A stale mount left on the mount point is
     /// detached first.
     pub async fn start(&self, id: &str, source: &str) -> Result<i32, Error> {
+        let credentials = self
+            .keychain
+            .as_ref()
+            .and_then(|k| k.for_image(source))
+            .map(|(registry, credentials)| PassedCredentials {
+                registry,
+                credentials,
+            });
+        self.start_with_credentials(id, source, credentials).await
+    }
+
+    /// [`start`](Self::start) with the credentials `credentials` (passed on
+    /// a sealed memory file) instead of the keychain's.
+    pub async fn start_with_credentials(
+        &self,
+        id: &str,
+        source: &str,
+        credentials: Option<PassedCredentials>,
+    ) -> Result<i32, Error> {
         let mnt = self.mount_dir(id);
         let pid_file = self.pid_file(id);
         let log_file = self.log_file(id);
@@ -292,14 +311,6 @@ impl Daemons {
                 ),
             }
         }
-        let credentials = self
-            .keychain
-            .as_ref()
-            .and_then(|k| k.for_image(source))
-            .map(|(registry, credentials)| PassedCredentials {
-                registry,
-                credentials,
-            });
         let stdin = match &credentials {
             Some(passed) => {
                 cmd.arg(CREDENTIALS_FD_ARG).arg("0");

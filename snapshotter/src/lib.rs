@@ -16,6 +16,11 @@
 //! credentials of each pull are kept in memory so that private images are
 //! read and mounted with them ([`cri`], [`keychain`]).
 //!
+//! The same image mounts serve podman and CRI-O: `skiff store` ([`alsfs`])
+//! is containers/storage's Additional Layer Store, a FUSE filesystem whose
+//! layer directories point at the `skiff mount` of each image (see
+//! docs/podman.md).
+//!
 //! Metadata (snapshots, image mounts) lives in one JSON file under the root
 //! directory, replaced atomically on every change; on start the snapshotter
 //! re-attaches to the daemons it finds alive and re-mounts the others.
@@ -38,7 +43,16 @@
 //! - [`snapshotter`]: [`Snapshotter`], the snapshot semantics.
 //! - [`service`]: the tonic service over a [`Snapshotter`].
 //! - [`server`]: serving on a unix socket; [`run`], the whole daemon.
+//! - [`als`]: the Additional Layer Store's names, layer keys, `info`
+//!   records and the store's persistent state.
+//! - [`alsstore`]: `skiff store`'s logic: resolving references, starting
+//!   the images' mounts with [`daemon`], blobs, use counts, its state.
+//! - [`alsfs`]: `skiff store`, the Additional Layer Store as a FUSE
+//!   filesystem over [`alsstore`].
 
+pub mod als;
+pub mod alsfs;
+pub mod alsstore;
 pub mod config;
 pub mod cri;
 pub mod daemon;

@@ -103,7 +103,7 @@ pub async fn serve(
 }
 
 /// SIGINT or SIGTERM.
-async fn signalled() {
+pub(crate) async fn signalled() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -124,7 +124,7 @@ async fn signalled() {
 /// The registry configuration: the `[registry]` table of the snapshotter's
 /// configuration, written to `ROOT/registry.toml` for the mount daemons; or,
 /// without one, Skiff's default (`SKIFF_REGISTRY_CONFIG`, the Docker config).
-fn registry_config(config: &Config) -> Result<(RegistryConfig, Option<PathBuf>), Error> {
+pub(crate) fn registry_config(config: &Config) -> Result<(RegistryConfig, Option<PathBuf>), Error> {
     let Some(table) = &config.registry else {
         let rc = RegistryConfig::from_env().map_err(|e| Error::Config(e.to_string()))?;
         return Ok((rc, None));
