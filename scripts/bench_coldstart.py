@@ -231,7 +231,10 @@ def main():
         "or of the pull (skopeo + umoci; containerd + ctr), per GB over the link. `requests x RTT / time`: the share "
         "of the time the requests' round trips would take if each waited alone. The skiff-prefetch and ctr-skiff "
         "images list what that workload read in a recording run (`skiff mount --record-access`, then `skiff convert "
-        "--prefetch-list`). Made by `scripts/bench-coldstart" + (" --quick" if meta["runs"] == 1 else "") + "`.\n")
+        "--prefetch-list`). Made by `scripts/bench-coldstart " + str(meta["runs"])
+        + ("" if meta["links"] == "100:20 1000:1" else f" --links '{meta['links']}'") + "`"
+        + (f" with NYDUSD and NYDUS_IMAGE set ({meta.get('nydus_version', 'Nydus')})" if meta.get("nydus") else "")
+        + ".\n")
     if meta["runs"] == 1:
         md.append("> **One run**: no spread; good for finding where time goes, not for close calls.\n")
     if not meta.get("nydus"):
