@@ -7,7 +7,9 @@ OUT/coldstart.md (a table per link, the goals of issue 18 with verdicts)
 and OUT/coldstart.png (time against the share of the image read; gnuplot,
 as the other bench plots).
 
-    bench_coldstart.py META.json SAMPLES.jsonl OUT_DIR
+    bench_coldstart.py META.json SAMPLES.jsonl OUT_DIR [NAME]
+
+NAME (default coldstart) names the two files: OUT/NAME.md and OUT/NAME.png.
 """
 import json
 import statistics as st
@@ -216,6 +218,7 @@ def main():
     meta = json.loads(Path(sys.argv[1]).read_text())
     S = Samples(sys.argv[2])
     out = Path(sys.argv[3])
+    name = sys.argv[4] if len(sys.argv) > 4 else "coldstart"
     links = meta["links"].split()
     workloads = meta["workloads"].split(",")
     systems = [k for k, _ in SYSTEMS if any(S.has(link, wl, k) for link in links for wl in workloads)]
@@ -248,10 +251,10 @@ def main():
         md.append(f"| {wl} | {WORKLOADS[wl]} | `{cmd}` | {meta['commands'].get(wl + '-listed', 0):,} |")
     md.append("\n| image | OCI gzip layers | Skiff (blobs + bootstrap layer) | Nydus (blobs + bootstrap layer) |"
               "\n|---|---|---|---|")
-    for name, im in meta["images"].items():
+    for iname, im in meta["images"].items():
         ny = f"{im['nydus'] / 1e6:.1f} MB" if im.get("nydus") else "not measured"
-        what = "the fixture (W1, W2, W4, W5)" if name == "python" else "the fixture + /weights.bin (W3)"
-        md.append(f"| {name}: {what} | {im['oci'] / 1e6:.1f} MB | {im['skiff'] / 1e6:.1f} MB | {ny} |")
+        what = "the fixture (W1, W2, W4, W5)" if iname == "python" else "the fixture + /weights.bin (W3)"
+        md.append(f"| {iname}: {what} | {im['oci'] / 1e6:.1f} MB | {im['skiff'] / 1e6:.1f} MB | {ny} |")
     md.append("")
     for link in links:
         md.append(f"## {link_name(link)}\n")
@@ -260,10 +263,10 @@ def main():
     md.append(goals(S, meta, links, workloads) + "\n")
     md.append("## Plot\n\nTime against the share of the image the workload reads (x: skiff mount's bytes over the "
               "link divided by its image, the workload's median; W3 on its own image), log scale.\n\n"
-              "![coldstart.png](coldstart.png)\n")
+              f"![{name}.png]({name}.png)\n")
     out.mkdir(parents=True, exist_ok=True)
-    plot(S, links, workloads, systems, out / "coldstart.png")
-    (out / "coldstart.md").write_text("\n".join(md))
+    plot(S, links, workloads, systems, out / f"{name}.png")
+    (out / f"{name}.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
