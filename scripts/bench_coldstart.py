@@ -240,6 +240,13 @@ def main():
         + ".\n")
     if meta["runs"] == 1:
         md.append("> **One run**: no spread; good for finding where time goes, not for close calls.\n")
+    if meta.get("nydus"):
+        md.append(f"Nydus ({meta.get('nydus_version', 'nydusd')}, built from source outside this repository): each "
+                  "layer converted with `nydus-image create --type tar-rafs --fs-version 6 --compressor zstd "
+                  "--chunk-size 0x100000`, then `nydus-image merge`; blobs and the bootstrap layer (image/image.boot "
+                  "in a tar.gz) pushed to the same registry. The bootstrap layer is fetched through the link before "
+                  "nydusd starts (fusedev, registry backend through the same delay proxy, blobcache, fs_prefetch off, "
+                  "amplify_io and digest_validate at their defaults: Nydus does not verify chunks, Skiff does).\n")
     if not meta.get("nydus"):
         md.append("> **Nydus not measured**: NYDUSD and NYDUS_IMAGE were not set to the binaries.\n")
     md.append("## Workloads and images\n")
