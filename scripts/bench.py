@@ -55,7 +55,6 @@ SECTIONS = [
     "Read throughput",
     "Python import workload",
     "Cold start over a shaped link",
-    "Pull and first run under containerd",
     "Many nodes through a mirror",
     "Daemon memory",
     "Dedup across two image versions",

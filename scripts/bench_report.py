@@ -547,23 +547,16 @@ def write(raw, out, sections):
     cs = d.v.get("coldstart_md")
     if cs:
         body = "\n".join(line for line in cs.splitlines() if not line.startswith("# "))
-        lazy, _, ctd = body.partition("## Pull and first run under containerd")
         md.append("## Cold start over a shaped link\n\nMeasured by `scripts/bench-coldstart` (run by `scripts/bench` "
-                  "with the same run count): time and bytes to get the import workload done from a registry.\n"
-                  + lazy.replace("## ", "### ") + "\n")
+                  "with the same run count): five workloads on two links, Skiff against pull + extract, containerd's "
+                  "pull + overlayfs and Nydus; its own copy is bench/coldstart.md.\n"
+                  + body.replace("\n## ", "\n### ") + "\n")
     else:
         md.append("## Cold start over a shaped link\n\n**PENDING**: "
                   + ("skipped in --quick mode. " if quick else "skipped (`--no-coldstart`). ")
                   + "The full run measures it through `scripts/bench-coldstart` (local registry, replies "
-                  "shaped with tc htb on lo, added RTT through a delay proxy).\n")
-        ctd = ""
-    if ctd.strip():
-        md.append("## Pull and first run under containerd\n\nMeasured by `scripts/bench-coldstart` on the same "
-                  "shaped link, each run with a fresh containerd root.\n" + ctd + "\n")
-    else:
-        md.append("## Pull and first run under containerd\n\n**PENDING**: measured by `scripts/bench-coldstart` "
-                  "(`ctr image pull` + overlayfs against `ctr-remote rpull` + Skiff's snapshotter), "
-                  + ("skipped in --quick mode.\n" if quick else "not in this run.\n"))
+                  "shaped with tc htb on lo, added RTT through a delay proxy; five workloads, two links, "
+                  "pull + extract, containerd and Nydus side by side).\n")
     md.append(section_cluster(d.v.get("cluster_md"), quick))
     md.append("## Daemon memory\n\n" + section_memory(d))
     md.append("## Dedup across two image versions\n\n" + section_dedup(d))
