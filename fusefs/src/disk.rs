@@ -17,11 +17,12 @@
 //!
 //! # Integrity
 //!
-//! Nothing from the cache is trusted. A chunk is written only after it was
-//! verified (decoded, SHA-256 checked) by the fetch path, and every read
-//! back is decoded and verified again by the caller before a byte is served;
-//! a file that fails ([`DiskCache::discard`]) is deleted and the chunk
-//! refetched. Files are written to `.tmp-PID-N` in their final directory and
+//! Nothing from the cache is trusted: every read back is decoded and
+//! verified (SHA-256) by the caller before a byte is served, and a file
+//! that fails ([`DiskCache::discard`]) is deleted and the chunk refetched.
+//! So the fetch path may write chunks it has not verified: those fetched
+//! ahead of any reader (readahead, prefetch, fetch windows) are written as
+//! they came and verified once, when read, instead of twice. Files are written to `.tmp-PID-N` in their final directory and
 //! renamed into place, so a chunk is visible only when complete; there is no
 //! fsync, because a file torn by a power cut is caught by the read-back
 //! verification like any other damage. Temporary files whose writer is dead
@@ -50,6 +51,9 @@
 //!
 //! All writes and evictions happen on one writer thread fed by a bounded
 //! queue: the reader that fetched a chunk hands its bytes over and returns.
+//! Until its file is in place a queued chunk is *pending*: a lookup that
+//! finds no file finds its bytes there, so a chunk is never fetched again
+//! because its write has not happened yet.
 //! Before writing, the writer makes room: when the known total plus the new
 //! file would pass the high watermark, it sorts the index by tick and
 //! deletes the oldest files down to the low watermark. So the directory
@@ -248,7 +252,7 @@ struct Entry {
 }
 
 enum Msg {
-    Insert(Digest, Vec<u8>),
+    Insert(Digest, Arc<Vec<u8>>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -266,6 +270,9 @@ struct Inner {
     discarded: AtomicU64,
     temp_seq: AtomicU64,
     full_logged: AtomicBool,
+    /// Chunks queued for writing whose file is not in place yet. Looked at
+    /// only when the file is missing (a miss, about to go to the network).
+    pending: Mutex<HashMap<Digest, Arc<Vec<u8>>>>,
 }
 
 /// A bounded, LRU-evicting, crash-safe cache of stored chunk bytes on disk.
@@ -328,6 +335,7 @@ impl DiskCache {
             discarded: AtomicU64::new(0),
             temp_seq: AtomicU64::new(0),
             full_logged: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
         let worker = inner.clone();
@@ -347,18 +355,31 @@ impl DiskCache {
         &self.dir
     }
 
-    /// The stored bytes of chunk `digest` if the cache has a file for it of
-    /// at most `max_len` bytes. Unverified: decode before use, and
-    /// [`discard`](Self::discard) what fails.
+    /// The stored bytes of chunk `digest` if the cache has a file for it
+    /// (or has it queued for writing) of at most `max_len` bytes.
+    /// Unverified: decode before use, and [`discard`](Self::discard) what
+    /// fails.
     pub fn get(&self, digest: &Digest, max_len: u64) -> Option<Vec<u8>> {
         let path = chunk_path(&self.inner.chunks, digest);
         let mut file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::debug!("disk cache: opening {}: {e}", path.display());
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(bytes) = lock(&self.inner.pending).get(digest) {
+                    return (bytes.len() as u64 <= max_len).then(|| bytes.to_vec());
                 }
-                // Evicted by another daemon, or never here.
+                // The writer renames the file into place before it drops
+                // the pending entry: look once more.
+                match File::open(&path) {
+                    Ok(f) => f,
+                    Err(_) => {
+                        // Evicted by another daemon, or never here.
+                        self.inner.forget(digest);
+                        return None;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("disk cache: opening {}: {e}", path.display());
                 self.inner.forget(digest);
                 return None;
             }
@@ -378,20 +399,27 @@ impl DiskCache {
         Some(buf)
     }
 
-    /// Whether the cache has a file for `digest` (one `stat`).
+    /// Whether the cache has a file for `digest` (one `stat`), or has it
+    /// queued for writing.
     pub fn contains(&self, digest: &Digest) -> bool {
         chunk_path(&self.inner.chunks, digest).is_file()
+            || lock(&self.inner.pending).contains_key(digest)
     }
 
-    /// Queues the verified stored bytes of chunk `digest` for writing. Blocks
-    /// only when the writer is [`WRITE_QUEUE`] chunks behind.
+    /// Queues the stored bytes of chunk `digest` for writing (they need not
+    /// be verified yet: every read back is). Blocks only when the writer is
+    /// [`WRITE_QUEUE`] chunks behind.
     pub fn insert(&self, digest: Digest, stored: Vec<u8>) {
         if stored.len() as u64 > self.inner.limit {
             return;
         }
         let tx = lock(&self.tx).clone();
         if let Some(tx) = tx {
-            let _ = tx.send(Msg::Insert(digest, stored));
+            let stored = Arc::new(stored);
+            lock(&self.inner.pending).insert(digest, stored.clone());
+            if tx.send(Msg::Insert(digest, stored)).is_err() {
+                lock(&self.inner.pending).remove(&digest);
+            }
         }
     }
 
@@ -402,6 +430,8 @@ impl DiskCache {
             "disk cache: {} failed verification; deleted, refetching the chunk",
             path.display()
         );
+        // A queued copy is dropped too, so that the writer skips it.
+        lock(&self.inner.pending).remove(digest);
         let _ = fs::remove_file(&path);
         self.inner.forget(digest);
         self.inner.discarded.fetch_add(1, Ordering::Relaxed);
@@ -501,7 +531,19 @@ impl Inner {
         self.make_room(0, &mut last_scan);
         while let Ok(msg) = rx.recv() {
             match msg {
-                Msg::Insert(digest, bytes) => self.write(digest, &bytes, &mut last_scan),
+                Msg::Insert(digest, bytes) => {
+                    // Discarded while queued (it failed verification): skip.
+                    let queued = lock(&self.pending)
+                        .get(&digest)
+                        .is_some_and(|p| Arc::ptr_eq(p, &bytes));
+                    if queued {
+                        self.write(digest, &bytes, &mut last_scan);
+                        let mut pending = lock(&self.pending);
+                        if pending.get(&digest).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
+                            pending.remove(&digest);
+                        }
+                    }
+                }
                 Msg::Flush(done) => {
                     let _ = done.send(());
                 }

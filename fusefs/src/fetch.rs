@@ -21,6 +21,15 @@
 //!    cache. A chunk that fails verification is fetched once more on its
 //!    own; a second failure is the answer.
 //!
+//!    A chunk fetched ahead of any reader (prefetch, readahead, the
+//!    optional part of a read's fetch window) that is a frame of its own is
+//!    not decoded here when there is a disk cache: its stored bytes go to
+//!    the disk cache as they came, and the read that wants it decodes and
+//!    verifies it there, once ([`Fetcher::load_from_disk`]; a chunk damaged
+//!    in transit then fails that check, is deleted and fetched again).
+//!    Decoding and hashing at fetch time would be a second decode for every
+//!    chunk that is read, and a wasted one for every chunk that never is.
+//!
 //! A failed run or a chunk that does not verify fails only the chunks
 //! concerned: their guards are dropped without a value.
 //!
@@ -111,8 +120,10 @@ pub(crate) struct Plan {
     pub(crate) deadline: Option<Instant>,
 }
 
-/// One loaded chunk: its position and its data or error.
-pub(crate) type Loaded = (usize, Result<ChunkData, ChunkError>);
+/// One loaded chunk: its position and its data (`None`: fetched ahead of
+/// any reader and left in the disk cache unverified, for the reader to
+/// verify), or its error.
+pub(crate) type Loaded = (usize, Result<Option<ChunkData>, ChunkError>);
 
 /// The disk and network half of a [`ChunkSource`](crate::ChunkSource).
 pub(crate) struct Fetcher {
@@ -150,7 +161,7 @@ impl Fetcher {
                 });
                 for x in outcomes.into_iter().flatten() {
                     match x {
-                        Ok((pos, data)) => results.push((pos, Ok(data))),
+                        Ok((pos, data)) => results.push((pos, Ok(Some(data)))),
                         Err(o) => rest.push(o),
                     }
                 }
@@ -263,7 +274,7 @@ impl Fetcher {
             }
         }
         let decoded = run_parallel(decode, self.opts.decode_threads, |(buf, base, group)| {
-            self.finish_fetched(reqs, &buf, base, group)
+            self.finish_fetched(reqs, &buf, base, group, plan)
         });
         let mut again = Vec::new();
         for (pos, r) in decoded.into_iter().flatten().flatten() {
@@ -303,8 +314,11 @@ impl Fetcher {
 
     /// Cuts one stored frame out of a fetched run, decodes it once and
     /// verifies each chunk of `group` in it (one chunk, or the members of a
-    /// shared frame), and fills the caches. A chunk that does not verify
-    /// comes back with its guard, so that the caller may fetch it again.
+    /// shared frame), and fills the caches; or, for a chunk of its own
+    /// fetched ahead of any reader, hands its stored bytes to the disk cache
+    /// unverified (see the module documentation). A chunk that does not
+    /// verify comes back with its guard, so that the caller may fetch it
+    /// again.
     #[allow(clippy::type_complexity)]
     fn finish_fetched<'a>(
         &self,
@@ -312,7 +326,8 @@ impl Fetcher {
         buf: &[u8],
         base: u64,
         group: Vec<Owned<'a>>,
-    ) -> Vec<(usize, Result<ChunkData, (ChunkError, Owned<'a>)>)> {
+        plan: Plan,
+    ) -> Vec<(usize, Result<Option<ChunkData>, (ChunkError, Owned<'a>)>)> {
         let first = group.first().and_then(|o| reqs.get(o.pos));
         let stored = first.and_then(|req| {
             let from = usize::try_from(req.start().saturating_sub(base)).ok()?;
@@ -327,6 +342,19 @@ impl Fetcher {
                 })
                 .collect();
         };
+        let shared = first.info.frame.is_some();
+        if let (Some(disk), false) = (&self.disk, shared) {
+            if let [o] = &group[..] {
+                if !plan.foreground || o.pos >= plan.optional_from {
+                    Metrics::add(&self.metrics.chunks_fetched, 1);
+                    Metrics::add(&self.metrics.chunks_unverified, 1);
+                    disk.insert(first.info.digest, stored.to_vec());
+                    // Dropping the guard wakes a reader waiting for the
+                    // chunk, if any: it finds the bytes in the disk cache.
+                    return group.into_iter().map(|o| (o.pos, Ok(None))).collect();
+                }
+            }
+        }
         let frame = match decode_frame(&first.info, stored) {
             Ok(frame) => frame,
             Err(e) => {
@@ -344,7 +372,6 @@ impl Fetcher {
                     .collect();
             }
         };
-        let shared = first.info.frame.is_some();
         let mut frame = Some(frame);
         let mut out = Vec::with_capacity(group.len());
         for o in group {
@@ -382,7 +409,7 @@ impl Fetcher {
                 };
                 disk.insert(req.info.digest, keep);
             }
-            out.push((pos, Ok(data)));
+            out.push((pos, Ok(Some(data))));
         }
         out
     }

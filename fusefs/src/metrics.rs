@@ -80,6 +80,9 @@ pub struct Metrics {
     pub read_errors: AtomicU64,
     /// Chunks fetched from the blob store (cache misses that did the work).
     pub chunks_fetched: AtomicU64,
+    /// Of those, chunks fetched ahead of any reader and left in the disk
+    /// cache as they came, to be verified when read.
+    pub chunks_unverified: AtomicU64,
     /// Stored bytes fetched from the blob store, gaps of merged requests included.
     pub bytes_fetched: AtomicU64,
     /// Range requests made to the blob store (one per merged run).
@@ -299,6 +302,12 @@ pub fn render_prometheus(m: &Metrics, gauges: &Gauges, store: Option<&FetchStats
         "counter",
         "Chunks fetched from the blob store.",
         &[("", get(&m.chunks_fetched))],
+    );
+    metric(
+        "skiff_fetch_chunks_unverified_total",
+        "counter",
+        "Chunks fetched ahead of any reader and written to the disk cache as they came, verified when read.",
+        &[("", get(&m.chunks_unverified))],
     );
     metric(
         "skiff_fetch_errors_total",

@@ -125,7 +125,7 @@ impl ChunkSource {
         self.get_many(std::slice::from_ref(req))
             .map_err(|(_, e)| e)?
             .pop()
-            .ok_or_else(|| ChunkError::Fetch("internal: chunk not produced".into()))
+            .ok_or_else(not_produced)
     }
 
     /// The data of several chunks, in order; see the module documentation.
@@ -230,7 +230,8 @@ impl ChunkSource {
             let list = if all.is_empty() { reqs } else { &all[..] };
             for (pos, r) in self.fetcher.load_owned(list, owned, plan) {
                 if let Some(slot) = out.get_mut(pos) {
-                    *slot = Some(r);
+                    // A chunk the read needs is never left unverified.
+                    *slot = Some(r.and_then(|d| d.ok_or_else(not_produced)));
                 }
             }
         }
@@ -267,7 +268,7 @@ impl ChunkSource {
                 }
                 Some(d) => data.push(d),
                 None => {
-                    return Err((i, ChunkError::Fetch("internal: chunk not produced".into())));
+                    return Err((i, not_produced()));
                 }
             }
         }
@@ -306,8 +307,8 @@ impl ChunkSource {
                 self.read_plan(deadline),
             )
             .pop()
-            .map(|(_, r)| r)
-            .unwrap_or_else(|| Err(ChunkError::Fetch("internal: chunk not produced".into())))
+            .map(|(_, r)| r.and_then(|d| d.ok_or_else(not_produced)))
+            .unwrap_or_else(|| Err(not_produced()))
     }
 
     /// Fetches (without reading them) chunks that are neither in memory nor
@@ -343,6 +344,11 @@ impl ChunkSource {
         }
         (ok, failed)
     }
+}
+
+/// The error of a chunk that a load did not hand back (a bug, not input).
+fn not_produced() -> ChunkError {
+    ChunkError::Fetch("internal: chunk not produced".into())
 }
 
 #[cfg(test)]

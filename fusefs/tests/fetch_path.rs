@@ -206,6 +206,9 @@ struct Faulty {
     bytes: AtomicU64,
     delay_ms: AtomicU64,
     fail: AtomicBool,
+    /// Damage in transit: blob offsets whose byte is flipped in the first
+    /// answer that covers them.
+    flip_once: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Faulty {
@@ -216,6 +219,7 @@ impl Faulty {
             bytes: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            flip_once: Default::default(),
         })
     }
 
@@ -232,7 +236,14 @@ impl BlobStore for Faulty {
         if self.fail.load(Ordering::SeqCst) {
             return Err(RegistryError::Invalid("injected failure".into()));
         }
-        self.inner.read_range(digest, offset, len)
+        let mut bytes = self.inner.read_range(digest, offset, len)?;
+        let mut flip = self.flip_once.lock().unwrap();
+        let hit: Vec<u64> = flip.range(offset..offset + len).copied().collect();
+        for at in hit {
+            flip.remove(&at);
+            bytes[(at - offset) as usize] ^= 0x40;
+        }
+        Ok(bytes)
     }
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
@@ -368,8 +379,11 @@ fn a_sequential_read_is_a_few_merged_requests() {
     eprintln!("with a 4 MiB fetch window: {} requests", store.reads());
     assert!(store.reads() <= 2, "{} requests", store.reads());
     // Readahead in blob order (it needs a disk cache, where what it
-    // fetches waits for its reader): the file still arrives in few
-    // requests, each of them fetched once.
+    // fetches waits for its reader), on a file long enough for a stream to
+    // form (the kernel reads 1 MiB at a time; a stream takes 4 reads): the
+    // file arrives in requests of 1 MiB of stored bytes, each byte fetched
+    // once, and what readahead brought is verified when it is read.
+    let img = Image::build(&[("big", data(24 << 20, 2))]);
     let store = Faulty::new(img.layout.path());
     let cache = tempfile::tempdir().unwrap();
     let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
@@ -379,9 +393,45 @@ fn a_sequential_read_is_a_few_merged_requests() {
     read_all(&m, &img);
     let metrics = m.finish();
     eprintln!("with readahead: {} requests ({metrics})", store.reads());
-    assert!(store.reads() <= 8, "{} requests", store.reads());
+    assert!(
+        store.reads() <= img.blob_len.div_ceil(1 << 20) + 8,
+        "{} requests",
+        store.reads()
+    );
     assert!(metrics.readahead_chunks > 0, "{metrics}");
+    assert!(metrics.disk_hits > 0, "{metrics}");
     assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
+}
+
+#[test]
+fn damage_in_transit_of_what_readahead_brought_is_caught_when_read() {
+    // Readahead writes what it fetched to the disk cache unverified. One
+    // chunk in eight of the file's second half (where readahead is well
+    // ahead of the reader) is damaged the first time it crosses the link:
+    // the reader must still get exactly the file, with no error, by
+    // refetching what fails its check.
+    let img = Image::build(&[("big", data(24 << 20, 3))]);
+    let store = Faulty::new(img.layout.path());
+    let n = img.chunks.len();
+    store.flip_once.lock().unwrap().extend(
+        img.chunks[n / 2..]
+            .iter()
+            .step_by(8)
+            .map(|c| c.compressed_offset + u64::from(c.compressed_size) / 2),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.readahead = skiff_fusefs::readahead::DEFAULT_READAHEAD;
+        o.disk_cache = disk(cache.path(), 1 << 30);
+    });
+    read_all(&m, &img);
+    let metrics = m.finish();
+    eprintln!("damaged readahead: {} requests ({metrics})", store.reads());
+    assert!(metrics.readahead_chunks > 0, "{metrics}");
+    // Caught on read from the disk cache, deleted and fetched again.
+    assert!(metrics.disk_corrupt > 0, "{metrics}");
+    assert!(store.bytes.load(Ordering::SeqCst) > img.blob_len);
+    assert_eq!(metrics.read_errors, 0, "{metrics}");
 }
 
 #[test]
