@@ -69,6 +69,17 @@ struct Image {
 }
 
 impl Image {
+    /// `n` files `f00`, `f01`... of `size(i)` bytes, contents seeded from
+    /// `seed + i`.
+    fn of_files(n: usize, size: impl Fn(usize) -> usize, seed: u64) -> Image {
+        let files: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|i| (format!("f{i:02}"), data(size(i), seed + i as u64)))
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+        Image::build(&refs)
+    }
+
     fn build(files: &[(&str, Vec<u8>)]) -> Image {
         let layout = tempfile::tempdir().unwrap();
         fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
@@ -470,11 +481,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
 
 #[test]
 fn disk_cache_survives_a_restart_and_corrupt_files_are_refetched() {
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| (format!("f{i}"), data(300_000 + i * 50_000, 10 + i as u64)))
-        .collect();
-    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
-    let img = Image::build(&refs);
+    let img = Image::of_files(6, |i| 300_000 + i * 50_000, 10);
     let cache = tempfile::tempdir().unwrap();
 
     let store = Faulty::new(img.layout.path());
@@ -503,7 +510,7 @@ fn disk_cache_survives_a_restart_and_corrupt_files_are_refetched() {
     assert_eq!(second.disk_hits, img.chunks.len() as u64);
 
     // Damage one chunk file and leave a torn temporary file behind.
-    let victim = img.chunks[img.file_chunks["f3"][1] as usize];
+    let victim = img.chunks[img.file_chunks["f03"][1] as usize];
     let hex = victim.digest.to_hex();
     let file = cache.path().join("chunks").join(&hex[..2]).join(&hex);
     let mut bytes = fs::read(&file).unwrap();
@@ -530,11 +537,7 @@ fn disk_cache_survives_a_restart_and_corrupt_files_are_refetched() {
 
 #[test]
 fn the_disk_cache_bound_holds_under_a_larger_workload() {
-    let files: Vec<(String, Vec<u8>)> = (0..24)
-        .map(|i| (format!("f{i:02}"), data(400_000, 100 + i as u64)))
-        .collect();
-    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
-    let img = Image::build(&refs);
+    let img = Image::of_files(24, |_| 400_000, 100);
     let limit = 1u64 << 20;
     assert!(img.blob_len > 4 * limit);
     let cache = tempfile::tempdir().unwrap();
@@ -574,11 +577,7 @@ fn the_disk_cache_bound_holds_under_a_larger_workload() {
 #[test]
 fn a_full_cache_disk_still_serves() {
     require_fuse();
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("f{i}"), data(200_000, 200 + i as u64)))
-        .collect();
-    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
-    let img = Image::build(&refs);
+    let img = Image::of_files(8, |_| 200_000, 200);
     let cache = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=192k", "tmpfs"])
@@ -809,11 +808,7 @@ fn background_settled(m: &TestMount) -> u64 {
 #[test]
 fn background_fetch_brings_the_rest_and_stops_at_the_low_watermark() {
     // About 12 MB: three background requests.
-    let files: Vec<(String, Vec<u8>)> = (0..40)
-        .map(|i| (format!("f{i:02}"), data(300_000, 300 + i as u64)))
-        .collect();
-    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
-    let img = Image::build(&refs);
+    let img = Image::of_files(40, |_| 300_000, 300);
     // On: with nothing read, the whole image comes, once; reads then need
     // no request.
     let cache = tempfile::tempdir().unwrap();

@@ -510,21 +510,8 @@ pub fn run(config: Config, mountpoint: &Path) -> Result<(), Error> {
     let empty = root.join("empty");
     fs::set_permissions(&empty, fs::Permissions::from_mode(0o755))
         .map_err(|e| Error::io(&empty, e))?;
-    let (mut registry, registry_file) = crate::server::registry_config(&config)?;
-    if let Some(file) = registry_file {
-        // Single-threaded still: the runtime starts below.
-        std::env::set_var(skiff_registry::config::ENV_CONFIG, file);
-    }
-    registry.hosts_dir = config.hosts_dir();
-    std::env::set_var(
-        skiff_registry::config::ENV_HOSTS_DIR,
-        &config.registry_config_path,
-    );
-    let skiff_bin = match &config.skiff_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| Error::Config(format!("cannot find the running executable: {e}")))?,
-    };
+    // Single-threaded still: the FUSE session starts below.
+    let (registry, skiff_bin) = crate::server::daemon_environment(&config)?;
     let state = StoreState::load(&root)?;
     detach_if_mounted(mountpoint);
     fs::create_dir_all(mountpoint).map_err(|e| Error::io(mountpoint, e))?;

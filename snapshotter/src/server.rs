@@ -142,6 +142,30 @@ pub(crate) fn registry_config(config: &Config) -> Result<(RegistryConfig, Option
     Ok((rc, Some(path)))
 }
 
+/// What the mount daemons a server starts need from its process: the
+/// registry configuration (also pointed at by `SKIFF_REGISTRY_CONFIG` and
+/// `SKIFF_HOSTS_DIR`, which the daemons inherit; containerd's hosts.toml
+/// files serve the resolver too) and the `skiff` binary to start them
+/// with. Call it while the process is single-threaded: it sets variables
+/// of its environment.
+pub(crate) fn daemon_environment(config: &Config) -> Result<(RegistryConfig, PathBuf), Error> {
+    let (mut registry, registry_file) = registry_config(config)?;
+    if let Some(file) = registry_file {
+        std::env::set_var(skiff_registry::config::ENV_CONFIG, file);
+    }
+    registry.hosts_dir = config.hosts_dir();
+    std::env::set_var(
+        skiff_registry::config::ENV_HOSTS_DIR,
+        &config.registry_config_path,
+    );
+    let skiff_bin = match &config.skiff_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| Error::Config(format!("cannot find the running executable: {e}")))?,
+    };
+    Ok((registry, skiff_bin))
+}
+
 /// Runs the snapshotter until SIGINT or SIGTERM: opens the root (bringing
 /// image mounts back), binds the socket and serves. Image mounts are left
 /// running on exit, for the containers that use them.
@@ -153,23 +177,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     fs::create_dir_all(&config.root).map_err(|e| Error::io(&config.root, e))?;
     fs::set_permissions(&config.root, fs::Permissions::from_mode(0o711))
         .map_err(|e| Error::io(&config.root, e))?;
-    let (mut registry, registry_file) = registry_config(&config)?;
-    if let Some(file) = registry_file {
-        // Single-threaded still: the runtime starts below.
-        std::env::set_var(skiff_registry::config::ENV_CONFIG, file);
-    }
-    // containerd's hosts.toml files, for the resolver and (through the
-    // environment) for every mount daemon.
-    registry.hosts_dir = config.hosts_dir();
-    std::env::set_var(
-        skiff_registry::config::ENV_HOSTS_DIR,
-        &config.registry_config_path,
-    );
-    let skiff_bin = match &config.skiff_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| Error::Config(format!("cannot find the running executable: {e}")))?,
-    };
+    let (registry, skiff_bin) = daemon_environment(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

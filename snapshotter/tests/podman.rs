@@ -130,19 +130,7 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         let pids = self.daemon_pids();
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, "skiff store");
-        }
-        for pid in pids {
-            if pid > 1 && daemon_alive(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        unmount_below(&self.root);
+        stop_server(self.child.take(), "skiff store", &pids, &self.root);
     }
 }
 

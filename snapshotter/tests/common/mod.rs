@@ -538,20 +538,27 @@ impl Snapshotter {
 impl Drop for Snapshotter {
     fn drop(&mut self) {
         let pids = self.daemon_pids();
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, "skiff snapshotter");
-        }
-        for pid in pids {
-            if pid > 1 && daemon_alive(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        unmount_below(&self.root);
+        stop_server(self.child.take(), "skiff snapshotter", &pids, &self.root);
     }
+}
+
+/// Stops a server (`child`, named `name` in messages) and the image daemons
+/// it started (`pids`, read before it stopped), then unmounts what is left
+/// below `root`: a test leaves no process or mount behind, pass or fail.
+pub fn stop_server(child: Option<Child>, name: &str, pids: &[i32], root: &Path) {
+    if let Some(mut c) = child {
+        stop_child(&mut c, name);
+    }
+    for &pid in pids {
+        if pid > 1 && daemon_alive(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    unmount_below(root);
 }
 
 /// Whether process `pid` is a live `skiff mount` (not a zombie).
