@@ -53,6 +53,22 @@ impl ChunkRequest {
             .compressed_offset
             .saturating_add(u64::from(self.info.compressed_size))
     }
+
+    /// The disk cache's key of the shared frame (format 1.1) that stores
+    /// this chunk; `None` for a chunk stored on its own. A frame has no
+    /// digest of its own, so the key names where it is stored (its blob's
+    /// digest, offset and size: a blob never changes under its digest); the
+    /// bytes under it are checked like any disk bytes, by the digest of
+    /// each member a read takes out of them.
+    pub fn frame_key(&self) -> Option<Digest> {
+        self.info.frame?;
+        let mut name = Vec::with_capacity(64);
+        name.extend_from_slice(b"skiff shared frame\0");
+        name.extend_from_slice(&self.blob.0);
+        name.extend_from_slice(&self.info.compressed_offset.to_le_bytes());
+        name.extend_from_slice(&self.info.compressed_size.to_le_bytes());
+        Some(Digest::of(&name))
+    }
 }
 
 /// A counter snapshot provided by a store that keeps counters.

@@ -4,7 +4,10 @@
 //! # Layout
 //!
 //! `DIR/chunks/ab/abcdef…` holds the *stored* form (the zstd frame, or the
-//! raw bytes) of the chunk whose uncompressed SHA-256 is `abcdef…`. Keying by
+//! raw bytes) of the chunk whose uncompressed SHA-256 is `abcdef…`, or the
+//! stored bytes of a shared frame of packed small files under a key naming
+//! where the frame is stored (`ChunkRequest::frame_key`: the blob's
+//! digest, offset and size; the cache itself only sees keys). Keying by
 //! the content digest is what lets images share: two images with a common
 //! base layer, or chunks deduplicated across image versions, use one file.
 //! Storing the compressed form halves the bytes written next to caching

@@ -21,14 +21,17 @@
 //!    cache. A chunk that fails verification is fetched once more on its
 //!    own; a second failure is the answer.
 //!
-//!    A chunk fetched ahead of any reader (prefetch, readahead, the
-//!    optional part of a read's fetch window) that is a frame of its own is
-//!    not decoded here when there is a disk cache: its stored bytes go to
-//!    the disk cache as they came, and the read that wants it decodes and
-//!    verifies it there, once ([`Fetcher::load_from_disk`]; a chunk damaged
-//!    in transit then fails that check, is deleted and fetched again).
-//!    Decoding and hashing at fetch time would be a second decode for every
-//!    chunk that is read, and a wasted one for every chunk that never is.
+//!    With a disk cache, what is fetched ahead of any reader (prefetch,
+//!    readahead, the optional part of a read's fetch window, the other
+//!    members of a shared frame) is not decoded here: its stored bytes go
+//!    to the disk cache as they came, and the read that wants a chunk
+//!    decodes and verifies it there, once ([`Fetcher::load_from_disk`]; a
+//!    chunk damaged in transit then fails that check, is deleted and
+//!    fetched again). Decoding and hashing at fetch time would be a second
+//!    decode for every chunk that is read, and a wasted one for every chunk
+//!    that never is. A shared frame (packed small files) goes to disk once,
+//!    as one file under its [`ChunkRequest::frame_key`], not as a file per
+//!    member: creating files is most of what writing the cache costs.
 //!
 //! A failed run or a chunk that does not verify fails only the chunks
 //! concerned: their guards are dropped without a value.
@@ -40,7 +43,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use skiff_format::chunk::{decode_chunk, decode_frame, slice_of_frame};
-use skiff_format::{ChunkInfo, FormatError};
+use skiff_format::{ChunkInfo, Digest, FormatError};
 
 use crate::cache::{ChunkData, Owned};
 use crate::chunk::{plan_runs, Backend, ChunkRequest, Run};
@@ -132,6 +135,8 @@ pub(crate) struct Fetcher {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) opts: SourceOptions,
     pub(crate) budget: ByteBudget,
+    /// Shared frames recently decoded from the disk cache.
+    pub(crate) frames: RecentFrames,
 }
 
 impl Fetcher {
@@ -312,13 +317,15 @@ impl Fetcher {
         results
     }
 
-    /// Cuts one stored frame out of a fetched run, decodes it once and
-    /// verifies each chunk of `group` in it (one chunk, or the members of a
-    /// shared frame), and fills the caches; or, for a chunk of its own
-    /// fetched ahead of any reader, hands its stored bytes to the disk cache
-    /// unverified (see the module documentation). A chunk that does not
-    /// verify comes back with its guard, so that the caller may fetch it
-    /// again.
+    /// Cuts one stored frame out of a fetched run and hands its stored
+    /// bytes to the disk cache: a chunk of its own under its digest, a
+    /// shared frame once under its [`ChunkRequest::frame_key`]. Then, if a
+    /// reader waits for a chunk of `group` (one chunk, or members of a
+    /// shared frame), decodes the frame once, verifies those chunks and
+    /// fills the memory cache; chunks fetched ahead of any reader are left
+    /// on disk unverified (see the module documentation). A chunk that does
+    /// not verify comes back with its guard, so that the caller may fetch
+    /// it again.
     #[allow(clippy::type_complexity)]
     fn finish_fetched<'a>(
         &self,
@@ -342,18 +349,62 @@ impl Fetcher {
                 })
                 .collect();
         };
-        let shared = first.info.frame.is_some();
-        if let (Some(disk), false) = (&self.disk, shared) {
-            if let [o] = &group[..] {
-                if !plan.foreground || o.pos >= plan.optional_from {
-                    Metrics::add(&self.metrics.chunks_fetched, 1);
-                    Metrics::add(&self.metrics.chunks_unverified, 1);
-                    disk.insert(first.info.digest, stored.to_vec());
-                    // Dropping the guard wakes a reader waiting for the
-                    // chunk, if any: it finds the bytes in the disk cache.
-                    return group.into_iter().map(|o| (o.pos, Ok(None))).collect();
+        let wanted = |pos: usize| plan.foreground && pos < plan.optional_from;
+        let Some(disk) = &self.disk else {
+            return self.verify_fetched(reqs, first, stored, group, None);
+        };
+        // A frame fetched ahead of every reader is not decoded here: the
+        // reader decodes and verifies it from disk.
+        let ahead = !group.iter().any(|o| wanted(o.pos));
+        match first.frame_key() {
+            Some(key) => {
+                disk.insert(key, stored.to_vec());
+                if ahead {
+                    return self.left_unverified(group);
                 }
+                // A reader waits for some members: decode the frame for
+                // them; the others are in the frame's file.
+                let (now, later): (Vec<Owned<'a>>, Vec<Owned<'a>>) =
+                    group.into_iter().partition(|o| wanted(o.pos));
+                let mut out = self.verify_fetched(reqs, first, stored, now, None);
+                out.extend(self.left_unverified(later));
+                out
             }
+            None if ahead => {
+                disk.insert(first.info.digest, stored.to_vec());
+                self.left_unverified(group)
+            }
+            None => self.verify_fetched(reqs, first, stored, group, Some(disk)),
+        }
+    }
+
+    /// Chunks whose stored bytes went to the disk cache unverified: counted,
+    /// and their guards dropped (a reader waiting for one wakes and finds it
+    /// on disk).
+    #[allow(clippy::type_complexity)]
+    fn left_unverified<'a>(
+        &self,
+        group: Vec<Owned<'a>>,
+    ) -> Vec<(usize, Result<Option<ChunkData>, (ChunkError, Owned<'a>)>)> {
+        Metrics::add(&self.metrics.chunks_fetched, group.len() as u64);
+        Metrics::add(&self.metrics.chunks_unverified, group.len() as u64);
+        group.into_iter().map(|o| (o.pos, Ok(None))).collect()
+    }
+
+    /// Decodes `stored` (the frame of `first`) once, verifies each chunk of
+    /// `group` in it and fills the memory cache; a chunk of its own is also
+    /// queued for `disk` once verified.
+    #[allow(clippy::type_complexity)]
+    fn verify_fetched<'a>(
+        &self,
+        reqs: &[ChunkRequest],
+        first: &ChunkRequest,
+        stored: &[u8],
+        group: Vec<Owned<'a>>,
+        disk: Option<&Arc<DiskCache>>,
+    ) -> Vec<(usize, Result<Option<ChunkData>, (ChunkError, Owned<'a>)>)> {
+        if group.is_empty() {
+            return Vec::new();
         }
         let frame = match decode_frame(&first.info, stored) {
             Ok(frame) => frame,
@@ -372,6 +423,7 @@ impl Fetcher {
                     .collect();
             }
         };
+        let shared = first.info.frame.is_some();
         let mut frame = Some(frame);
         let mut out = Vec::with_capacity(group.len());
         for o in group {
@@ -399,15 +451,8 @@ impl Fetcher {
             Metrics::add(&self.metrics.chunks_fetched, 1);
             let data = Arc::new(data);
             o.fill(&data);
-            if let Some(disk) = &self.disk {
-                // A chunk of a shared frame is kept raw: the frame is not
-                // its own to store.
-                let keep = if shared {
-                    data.to_vec()
-                } else {
-                    stored.to_vec()
-                };
-                disk.insert(req.info.digest, keep);
+            if let (Some(disk), false) = (disk, shared) {
+                disk.insert(req.info.digest, stored.to_vec());
             }
             out.push((pos, Ok(Some(data))));
         }
@@ -451,16 +496,19 @@ impl Fetcher {
         }
     }
 
-    /// A chunk from the disk cache, verified; a file that fails is deleted.
+    /// A chunk from the disk cache, verified: its own file, else the file
+    /// of the shared frame that holds it. A file that fails is deleted.
     pub(crate) fn load_from_disk(&self, disk: &DiskCache, req: &ChunkRequest) -> Option<ChunkData> {
         let raw = u64::from(req.info.uncompressed_size);
         let max = raw.max(u64::from(req.info.compressed_size));
-        let bytes = disk.get(&req.info.digest, max)?;
+        let Some(bytes) = disk.get(&req.info.digest, max) else {
+            return self.load_from_frame(disk, req);
+        };
         let len = u32::try_from(bytes.len()).ok()?;
         // The stored form is told by its length (see `disk`): the file may
         // come from another image that compressed the chunk otherwise.
-        // A disk file is always a chunk's own stored form, also for a chunk
-        // that the image keeps in a shared frame.
+        // A chunk's own file is always its own stored form, also for a
+        // chunk that the image keeps in a shared frame.
         let info = ChunkInfo {
             compressed: u64::from(len) != raw,
             compressed_size: len,
@@ -478,6 +526,91 @@ impl Fetcher {
                 disk.discard(&req.info.digest);
                 None
             }
+        }
+    }
+
+    /// A member of a shared frame from the frame's file, verified. The
+    /// decoded frame is kept among the [`RecentFrames`], so that reading
+    /// the frame's files one after the other (a tree walked in order)
+    /// decodes it once.
+    fn load_from_frame(&self, disk: &DiskCache, req: &ChunkRequest) -> Option<ChunkData> {
+        let key = req.frame_key()?;
+        let frame = match self.frames.get(&key) {
+            Some(frame) => frame,
+            None => {
+                let bytes = disk.get(&key, u64::from(req.info.compressed_size))?;
+                match decode_frame(&req.info, &bytes) {
+                    Ok(frame) => self.frames.put(key, frame),
+                    Err(e) => {
+                        tracing::debug!(
+                            "disk cache copy of the frame of chunk {}: {e}",
+                            req.info.digest
+                        );
+                        Metrics::add(&self.metrics.disk_corrupt, 1);
+                        disk.discard(&key);
+                        return None;
+                    }
+                }
+            }
+        };
+        match slice_of_frame(&req.info, &frame) {
+            Ok(data) => {
+                Metrics::add(&self.metrics.disk_hits, 1);
+                Some(Arc::new(data.to_vec()))
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "disk cache copy of the frame of chunk {}: {e}",
+                    req.info.digest
+                );
+                Metrics::add(&self.metrics.disk_corrupt, 1);
+                self.frames.forget(&key);
+                disk.discard(&key);
+                None
+            }
+        }
+    }
+}
+
+/// How many decoded shared frames [`RecentFrames`] keeps: at most 64 KiB
+/// each (the converter's pack size; 1 MiB at worst for a hostile image), so
+/// 512 KiB to 8 MiB.
+const RECENT_FRAMES: usize = 8;
+
+/// The last shared frames decoded from the disk cache, decoded, so that the
+/// members of one frame read one after the other cost one decode (their
+/// members are still verified one by one when taken out). Direct-mapped by
+/// key, a lock per slot: no lock shared by all reads.
+#[derive(Default)]
+pub(crate) struct RecentFrames {
+    slots: [FrameSlot; RECENT_FRAMES],
+}
+
+/// A slot of [`RecentFrames`]: a frame's disk key and its decoded bytes.
+type FrameSlot = std::sync::Mutex<Option<(Digest, Arc<Vec<u8>>)>>;
+
+impl RecentFrames {
+    fn slot(&self, key: &Digest) -> &FrameSlot {
+        &self.slots[usize::from(key.0[0]) % RECENT_FRAMES]
+    }
+
+    fn get(&self, key: &Digest) -> Option<Arc<Vec<u8>>> {
+        match &*crate::workers::lock(self.slot(key)) {
+            Some((k, frame)) if k == key => Some(frame.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, key: Digest, frame: Vec<u8>) -> Arc<Vec<u8>> {
+        let frame = Arc::new(frame);
+        *crate::workers::lock(self.slot(&key)) = Some((key, frame.clone()));
+        frame
+    }
+
+    fn forget(&self, key: &Digest) {
+        let mut slot = crate::workers::lock(self.slot(key));
+        if slot.as_ref().is_some_and(|(k, _)| k == key) {
+            *slot = None;
         }
     }
 }

@@ -197,7 +197,7 @@ fn prefetch(
         // A shared frame comes whole: keep all of its members.
         reqs.extend(crate::chunk::frame_siblings(b, &reqs));
         for r in reqs {
-            if seen.insert(r.info.digest) && !source.is_local(&r.info.digest) {
+            if seen.insert(r.info.digest) && !source.is_local(&r) {
                 bytes += u64::from(r.info.compressed_size);
                 window.push(r);
             }
@@ -264,12 +264,12 @@ fn fetch_rest(
             let reqs: Vec<ChunkRequest> = image
                 .chunks_in_blob(blob, at, to)
                 .into_iter()
-                .filter(|(_, c)| !source.is_local(&c.digest))
                 .map(|(index, c)| ChunkRequest {
                     index,
                     info: c,
                     blob: info.digest,
                 })
+                .filter(|r| !source.is_local(r))
                 .collect();
             at = to;
             if reqs.is_empty() {

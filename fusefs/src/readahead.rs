@@ -227,12 +227,12 @@ impl Readahead {
                 let reqs: Vec<ChunkRequest> = image
                     .chunks_in_blob(blob, piece.0, piece.1)
                     .into_iter()
-                    .filter(|(_, c)| !source.is_local(&c.digest))
                     .map(|(i, info)| ChunkRequest {
                         index: i,
                         info,
                         blob: digest,
                     })
+                    .filter(|r| !source.is_local(r))
                     .collect();
                 if reqs.is_empty() {
                     return;

@@ -3,7 +3,7 @@
 //!
 //! The disk cache is keyed by chunk digest and shared by every image of
 //! the node, so "an image's entries" are the chunk files its bootstrap
-//! names, plus its verified bootstrap in the bootstrap cache
+//! names (chunks by digest, shared frames by their key), plus its verified bootstrap in the bootstrap cache
 //! (`DIR/bootstraps/<hex>`). [`image_usage`] counts those that are on disk
 //! now (what containerd's `Usage` of the image's snapshot reports), and
 //! [`release_image`] deletes those that no image still mounted names, when
@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use skiff_format::{Bootstrap, Digest};
 use skiff_registry::BootstrapCache;
 
+use crate::chunk::ChunkRequest;
 use crate::disk::{chunk_path, Usage, CHUNKS_DIR};
 
 /// What an image holds in the cache directory.
@@ -56,7 +57,8 @@ pub fn bootstrap_path(cache_dir: &Path, layer: &Digest) -> PathBuf {
     BootstrapCache::new(cache_dir).dir().join(layer.to_hex())
 }
 
-/// The chunk digests the bootstrap of layer `layer` names; `None` when the
+/// The cache keys the bootstrap of layer `layer` names (its chunks'
+/// digests, and the keys of its shared frames); `None` when the
 /// bootstrap is not in the cache. A cached bootstrap that fails its
 /// checksums is an error.
 pub fn image_chunks(cache_dir: &Path, layer: &Digest) -> io::Result<Option<HashSet<Digest>>> {
@@ -75,7 +77,16 @@ pub fn image_chunks(cache_dir: &Path, layer: &Digest) -> io::Result<Option<HashS
     let boot = Bootstrap::parse(&bytes).map_err(bad)?;
     let mut out = HashSet::with_capacity(boot.chunk_count() as usize);
     for i in 0..boot.chunk_count() {
-        out.insert(boot.chunk(i).map_err(bad)?.digest);
+        let info = boot.chunk(i).map_err(bad)?;
+        out.insert(info.digest);
+        if info.frame.is_some() {
+            let req = ChunkRequest {
+                index: i,
+                info,
+                blob: boot.blob(info.blob_index).map_err(bad)?.digest,
+            };
+            out.extend(req.frame_key());
+        }
     }
     Ok(Some(out))
 }

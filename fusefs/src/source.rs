@@ -35,7 +35,9 @@ use crate::cache::{ChunkData, Lookup, MemoryCache, Owned};
 use crate::chunk::{Backend, ChunkRequest};
 use crate::disk::DiskCache;
 use crate::error::ChunkError;
-use crate::fetch::{Fetcher, Plan, SourceOptions, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
+use crate::fetch::{
+    Fetcher, Plan, RecentFrames, SourceOptions, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST,
+};
 use crate::metrics::Metrics;
 use crate::workers::ByteBudget;
 
@@ -62,6 +64,7 @@ impl ChunkSource {
                 metrics: metrics.clone(),
                 budget: ByteBudget::new(opts.in_flight_bytes),
                 opts,
+                frames: RecentFrames::default(),
             },
             metrics,
         }
@@ -103,9 +106,16 @@ impl ChunkSource {
         self.memory.contains(digest)
     }
 
-    /// Whether chunk `digest` is in memory or on disk.
-    pub fn is_local(&self, digest: &Digest) -> bool {
-        self.memory.contains(digest) || self.disk().is_some_and(|d| d.contains(digest))
+    /// Whether chunk `req` is in memory or on disk (its own file, or the
+    /// file of the shared frame that holds it).
+    pub fn is_local(&self, req: &ChunkRequest) -> bool {
+        self.memory.contains(&req.info.digest) || self.on_disk(req)
+    }
+
+    fn on_disk(&self, req: &ChunkRequest) -> bool {
+        self.disk().is_some_and(|d| {
+            d.contains(&req.info.digest) || req.frame_key().is_some_and(|k| d.contains(&k))
+        })
     }
 
     fn read_plan(&self, deadline: Option<Instant>) -> Plan {
@@ -151,7 +161,7 @@ impl ChunkSource {
                 }
                 None => {
                     let disk = self.disk()?;
-                    if !disk.contains(d) {
+                    if !self.on_disk(req) {
                         return None;
                     }
                     let v = self.fetcher.load_from_disk(disk, req)?;
@@ -211,7 +221,7 @@ impl ChunkSource {
         if !owned.is_empty() && !ahead.is_empty() {
             all.extend_from_slice(reqs);
             for r in ahead {
-                if first.contains_key(&r.info.digest) || self.is_local(&r.info.digest) {
+                if first.contains_key(&r.info.digest) || self.is_local(r) {
                     continue;
                 }
                 first.insert(r.info.digest, usize::MAX);
@@ -318,7 +328,7 @@ impl ChunkSource {
         let mut owned = Vec::new();
         let mut seen = HashMap::new();
         for (i, req) in reqs.iter().enumerate() {
-            if seen.insert(req.info.digest, ()).is_some() || self.is_local(&req.info.digest) {
+            if seen.insert(req.info.digest, ()).is_some() || self.is_local(req) {
                 continue;
             }
             // Skip what another thread is loading or has loaded meanwhile.

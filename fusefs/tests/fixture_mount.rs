@@ -28,7 +28,7 @@ use skiff_tests::harness::{
     fixture_image, on_path, remove_all, run, scratch_root, skiff, umoci_rootfs,
 };
 use skiff_tests::services::SkiffMount;
-use skiff_tests::treedump::{compare_named, dump, DumpOptions, MtimeMode};
+use skiff_tests::treedump::{compare_named, dump, Dump, DumpOptions, MtimeMode};
 
 fn require_fuse() {
     assert!(
@@ -94,41 +94,88 @@ fn is_mounted(path: &Path) -> bool {
     mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
 }
 
-#[test]
-fn mount_equals_umoci_rootfs() {
-    let reference_root = umoci_rootfs();
-    let m = mount(&image_ref(converted()), "compare", &[]);
+/// Every path of the mount at `mnt`, every file read, against `reference`
+/// (a dump of the umoci rootfs): equal, mtimes to the nanosecond or, where
+/// the layer kept only seconds, to the second.
+fn assert_equals_reference(reference: &Dump, mnt: &Path, what: &str) {
     let opts = DumpOptions::all().with_mtime(MtimeMode::Exact);
     let t = Instant::now();
-    let reference = dump(&reference_root, &opts).expect("dump reference");
+    let got = dump(mnt, &opts).expect("dump mount");
     eprintln!(
-        "dumped the reference ({} paths) in {:.1} s",
-        reference.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let t = Instant::now();
-    let got = dump(&m.mnt, &opts).expect("dump mount");
-    eprintln!(
-        "dumped the mount ({} paths, every file read) in {:.1} s",
+        "dumped the mount, {what} ({} paths, every file read) in {:.1} s",
         got.len(),
         t.elapsed().as_secs_f64()
     );
-    assert!(
-        reference.len() > 10_000,
-        "the reference is suspiciously small"
-    );
-    if let Err(exact) = compare_named(&reference, "umoci", &got, "mount") {
+    if let Err(exact) = compare_named(reference, "umoci", &got, "mount") {
         if let Err(report) = compare_named(
             &reference.with_mtime_seconds(),
             "umoci",
             &got.with_mtime_seconds(),
             "mount",
         ) {
-            panic!("the mount differs from umoci unpack:\n{report}");
+            panic!("the mount ({what}) differs from umoci unpack:\n{report}");
         }
         eprintln!("equal with mtimes to the second; to the nanosecond:\n{exact}");
     }
+}
+
+fn reference_dump() -> Dump {
+    let opts = DumpOptions::all().with_mtime(MtimeMode::Exact);
+    let t = Instant::now();
+    let reference = dump(&umoci_rootfs(), &opts).expect("dump reference");
+    eprintln!(
+        "dumped the reference ({} paths) in {:.1} s",
+        reference.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        reference.len() > 10_000,
+        "the reference is suspiciously small"
+    );
+    reference
+}
+
+#[test]
+fn mount_equals_umoci_rootfs() {
+    let reference = reference_dump();
+    let m = mount(&image_ref(converted()), "compare", &[]);
+    assert_equals_reference(&reference, &m.mnt, "straight from the blobs");
     assert!(!m.logs().contains("ERROR"), "errors logged:\n{}", m.logs());
+}
+
+#[test]
+fn through_the_disk_cache_the_mount_equals_umoci_rootfs_cold_and_after_a_restart() {
+    // With a disk cache, what readahead and fetch windows bring (chunks of
+    // their own, and shared frames of packed small files) goes to disk
+    // unverified, and is decoded and verified when read: cold, and again
+    // by a second daemon on the same cache, which fetches nothing.
+    let reference = reference_dump();
+    let cache = work_dir().join("compare-cached-cache");
+    remove_all(&cache);
+    let cache_arg = cache.display().to_string();
+    let mut m = mount(
+        &image_ref(converted()),
+        "compare-cached",
+        &["--cache-dir", &cache_arg],
+    );
+    assert_equals_reference(&reference, &m.mnt, "cold, through the disk cache");
+    assert!(terminate(&mut m).success());
+    let cold = exit_counters(&m.logs());
+    assert!(!m.logs().contains("ERROR"), "errors logged:\n{}", m.logs());
+    assert!(cold["readahead_chunks"] > 0, "{cold:?}");
+    assert!(cold["disk_hits"] > 0, "{cold:?}");
+    assert_eq!(cold["disk_corrupt"], 0, "{cold:?}");
+    let mut m = mount(
+        &image_ref(converted()),
+        "compare-cached-again",
+        &["--cache-dir", &cache_arg],
+    );
+    assert_equals_reference(&reference, &m.mnt, "after a restart, from the disk cache");
+    assert!(terminate(&mut m).success());
+    let warm = exit_counters(&m.logs());
+    assert!(!m.logs().contains("ERROR"), "errors logged:\n{}", m.logs());
+    assert_eq!(warm["fetch_requests"], 0, "{warm:?}");
+    assert_eq!(warm["disk_corrupt"], 0, "{warm:?}");
 }
 
 #[test]
