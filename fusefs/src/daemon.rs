@@ -126,8 +126,15 @@ impl MountOptions {
     }
 }
 
-/// Default [`MountOptions::fetch_window`]: chosen by measurement on the
-/// fixture's python import over a 10 ms link (see bench/coldstart.md).
+/// Default [`MountOptions::fetch_window`]: 256 KiB. A larger window trades
+/// bytes for round trips; measured over 100 Mbit/s with 20 ms RTT
+/// (`scripts/bench-coldstart` with `SKIFF_MOUNT_FLAGS`, one run each, at
+/// c357dd8; W1 import / W4 `python3 -c pass` / W5 random reads, seconds and
+/// W1's share of the image fetched): 256 KiB 8.98 / 1.56 / 17.14 (32%),
+/// 512 KiB 7.66 / 1.72 / 15.70 (35%), 768 KiB 7.83 / 1.81 / 14.92 (40%),
+/// 1 MiB 7.21 / 2.08 / 14.19 (42%). The default keeps a start lazy (the
+/// import fetches under a third of the image, what the suite asserts);
+/// over a link with a long round trip, `--fetch-window-kb 1024` is faster.
 pub const DEFAULT_FETCH_WINDOW: u64 = 256 << 10;
 
 /// Reads queued for the read pool beyond those it is fetching: the

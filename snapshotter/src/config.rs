@@ -14,6 +14,7 @@
 //! cache_mb = 4                            # memory cache of decompressed chunks
 //! read_budget_secs = 30                   # a read waits this long for the network, then EIO
 //! readahead_kb = 1024
+//! fetch_window_kb = 256                   # a miss also fetches what follows in the blob (1024 for a far registry)
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
 //! cache_size = "10g"                      # its high watermark: bytes or "20%" of its filesystem
@@ -120,6 +121,10 @@ pub struct MountConfig {
     pub read_budget_secs: u64,
     /// Readahead of each mount in KiB.
     pub readahead_kb: u32,
+    /// On a miss, also fetch this many KiB of what follows in the blob
+    /// (`skiff mount --fetch-window-kb`): larger trades bytes for round
+    /// trips (docs/operations.md has the figures).
+    pub fetch_window_kb: u64,
     /// How long a daemon may take to have its mount ready, in seconds.
     pub ready_timeout_secs: u64,
     /// The disk cache of fetched chunks, shared by every image (and by
@@ -163,6 +168,7 @@ impl Default for MountConfig {
             cache_mb: 4,
             read_budget_secs: 30,
             readahead_kb: 1024,
+            fetch_window_kb: skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW / 1024,
             ready_timeout_secs: 120,
             cache_dir: None,
             cache_size: "10g".into(),

@@ -281,6 +281,8 @@ impl Daemons {
             .arg(self.options.read_budget_secs.to_string())
             .arg("--readahead-kb")
             .arg(self.options.readahead_kb.to_string())
+            .arg("--fetch-window-kb")
+            .arg(self.options.fetch_window_kb.to_string())
             .arg("--cache-size")
             .arg(&self.options.cache_size)
             .arg("--background-fetch")
