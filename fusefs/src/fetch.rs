@@ -69,8 +69,11 @@ pub const DEFAULT_IN_FLIGHT: u64 = 8 << 20;
 /// the working set.
 pub const DEFAULT_MEMORY_CACHE: u64 = 4 << 20;
 
-/// Largest prefetch request.
-pub const PREFETCH_MAX_REQUEST: u64 = 8 << 20;
+/// Largest prefetch request: 2 MiB, so that the prefetch threads leave
+/// most of the mount's in-flight budget ([`DEFAULT_IN_FLIGHT`]) to readers
+/// (a load larger than the budget runs alone and makes every reader wait
+/// for it), and a request still costs one round trip per 2 MiB.
+pub const PREFETCH_MAX_REQUEST: u64 = 2 << 20;
 /// Largest gap a prefetch request bridges.
 pub const PREFETCH_MAX_GAP: u64 = 64 << 10;
 
@@ -219,12 +222,17 @@ impl Fetcher {
             })
             .collect();
         // The share of the budget: the stored runs and the chunks decoded
-        // from them, both alive until the decode below is done.
+        // from them, both alive until the decode below is done. Chunks
+        // fetched ahead of any reader are not decoded when there is a disk
+        // cache (see `finish_fetched`): only their stored bytes count.
+        let decodes =
+            |pos: usize| self.disk.is_none() || (plan.foreground && pos < plan.optional_from);
         let bytes: u64 = tasks
             .iter()
             .map(|(run, members)| {
                 let decoded: u64 = members
                     .iter()
+                    .filter(|o| decodes(o.pos))
                     .filter_map(|o| reqs.get(o.pos))
                     .map(|r| u64::from(r.info.uncompressed_size))
                     .sum();
