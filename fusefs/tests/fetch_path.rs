@@ -317,6 +317,15 @@ fn disk(dir: &Path, limit: u64) -> Option<Arc<DiskCache>> {
     Some(Arc::new(DiskCache::open(dir, limit).unwrap()))
 }
 
+/// A mount of `img` with readahead at its defaults and a disk cache in
+/// `cache` (readahead needs one).
+fn readahead_mount(img: &Image, store: &Arc<Faulty>, cache: &Path) -> TestMount {
+    TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+        o.readahead = skiff_fusefs::readahead::DEFAULT_READAHEAD;
+        o.disk_cache = disk(cache, 1 << 30);
+    })
+}
+
 fn read_all(m: &TestMount, img: &Image) {
     for (name, want) in &img.files {
         let got = fs::read(m.p(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -397,10 +406,7 @@ fn a_sequential_read_is_a_few_merged_requests() {
     let img = Image::build(&[("big", data(24 << 20, 2))]);
     let store = Faulty::new(img.layout.path());
     let cache = tempfile::tempdir().unwrap();
-    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
-        o.readahead = skiff_fusefs::readahead::DEFAULT_READAHEAD;
-        o.disk_cache = disk(cache.path(), 1 << 30);
-    });
+    let m = readahead_mount(&img, &store, cache.path());
     read_all(&m, &img);
     let metrics = m.finish();
     eprintln!("with readahead: {} requests ({metrics})", store.reads());
@@ -431,10 +437,7 @@ fn damage_in_transit_of_what_readahead_brought_is_caught_when_read() {
             .map(|c| c.compressed_offset + u64::from(c.compressed_size) / 2),
     );
     let cache = tempfile::tempdir().unwrap();
-    let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
-        o.readahead = skiff_fusefs::readahead::DEFAULT_READAHEAD;
-        o.disk_cache = disk(cache.path(), 1 << 30);
-    });
+    let m = readahead_mount(&img, &store, cache.path());
     read_all(&m, &img);
     let metrics = m.finish();
     eprintln!("damaged readahead: {} requests ({metrics})", store.reads());

@@ -167,6 +167,19 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// The python workload (`import numpy, pandas`) in a chroot of `root` (a
+/// mount of the fixture image); its output when it succeeds.
+///
+/// # Panics
+/// When it fails, with the reason (see [`run`]).
+pub fn import_in_chroot(root: &Path) -> Output {
+    run(Command::new("chroot").arg(root).args([
+        "python3",
+        "-c",
+        "import numpy, pandas; print(numpy.__name__, pandas.__name__)",
+    ]))
+}
+
 /// A `Command` for the `skiff` binary with `args` (see [`skiff_bin`]).
 pub fn skiff_cmd<I, S>(args: I) -> Command
 where

@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use skiff_registry::media::{OCI_INDEX, OCI_MANIFEST, SKIFF_ARTIFACT_TYPE};
 use skiff_registry::referrers::fallback_tag;
 use skiff_registry::{Digest, DockerRef, RegistryConfig, RegistryWriter};
-use skiff_tests::harness::{fixture_layout, on_path, remove_all, run, scratch_root, skiff};
+use skiff_tests::harness::{
+    fixture_layout, import_in_chroot, on_path, remove_all, run, scratch_root, skiff,
+};
 use skiff_tests::services::{summary_value, Registry, SkiffMount};
 
 fn work_dir(name: &str) -> PathBuf {
@@ -355,20 +357,7 @@ fn two_platform_index_converts_and_the_original_reference_mounts_lazily() {
 
     // The ORIGINAL reference mounts lazily and runs the workload.
     let mut mount = SkiffMount::start(&original, &dir.join("mount"), &[]);
-    let python = Command::new("chroot")
-        .arg(&mount.mnt)
-        .args([
-            "python3",
-            "-c",
-            "import numpy, pandas; print(numpy.__name__, pandas.__name__)",
-        ])
-        .output()
-        .expect("chroot");
-    assert!(
-        python.status.success(),
-        "python import on the mount of the original reference failed: {}",
-        String::from_utf8_lossy(&python.stderr)
-    );
+    import_in_chroot(&mount.mnt);
     let (status, summary_line) = mount.terminate();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     let fetched = summary_value(&summary_line, "bytes_fetched").expect("exit summary");

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use skiff_tests::harness::{
-    fixture_image, on_path, remove_all, run, scratch_root, skiff, umoci_rootfs,
+    fixture_image, import_in_chroot, on_path, remove_all, run, scratch_root, skiff, umoci_rootfs,
 };
 use skiff_tests::services::{summary_value, Registry, SkiffMount};
 use skiff_tests::treedump::{compare_named, dump, DumpOptions, MtimeMode};
@@ -60,20 +60,7 @@ fn convert_between_repositories_then_mount_lazily_from_the_registry() {
         .count();
     assert_eq!(data_gets_before, 0, "range reads before any file was read");
 
-    let python = Command::new("chroot")
-        .arg(&mount.mnt)
-        .args([
-            "python3",
-            "-c",
-            "import numpy, pandas; print(numpy.__name__, pandas.__name__)",
-        ])
-        .output()
-        .expect("chroot");
-    assert!(
-        python.status.success(),
-        "python import on the lazy mount failed: {}",
-        String::from_utf8_lossy(&python.stderr)
-    );
+    let python = import_in_chroot(&mount.mnt);
     assert_eq!(
         String::from_utf8_lossy(&python.stdout).trim(),
         "numpy pandas"
