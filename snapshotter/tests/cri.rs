@@ -822,6 +822,9 @@ async fn cri_pulls_of_a_skiff_image_are_deterministic() {
         failed.is_err(),
         "a private Skiff image was pulled without the snapshotter's credentials"
     );
+    // containerd goes on downloading the layers it could not unpack after
+    // the call returned: let it finish before counting what pulls fetch.
+    wait_for_quiet_log(&node.registry.log, Duration::from_secs(2));
 
     let mut kubelet = Kubelet::connect(&node.sn.socket, &node.ctd.socket).await;
     for round in 0..4 {

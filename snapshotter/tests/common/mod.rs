@@ -160,6 +160,22 @@ impl LogMark {
     }
 }
 
+/// Waits until the log at `path` has not grown for `quiet` (at most a
+/// minute): what a failed client left running (containerd goes on
+/// downloading the other layers of a pull whose unpack failed) has ended.
+pub fn wait_for_quiet_log(path: &Path, quiet: Duration) {
+    let size = || fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let t = Instant::now();
+    let (mut last, mut since) = (size(), Instant::now());
+    while since.elapsed() < quiet && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = size();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+}
+
 /// A private containerd with the skiff proxy plugin.
 pub struct Containerd {
     pub dir: PathBuf,
