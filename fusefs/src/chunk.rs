@@ -20,7 +20,7 @@
 //! most `max_gap` bytes (0 for reads: only exactly adjacent chunks, so not a
 //! byte more is fetched than asked for; up to 64 KiB for prefetch, where a
 //! few wasted bytes cost less than a round trip), and the run stays within
-//! `max_bytes` (1 MiB for reads, 2 MiB for prefetch): long enough to make
+//! `max_bytes` (1 MiB for reads, 8 MiB for prefetch): long enough to make
 //! round trips rare, short enough that one slow request does not hold up a
 //! reader for long and that independent runs can go in parallel. A chunk
 //! larger than `max_bytes` is a run of its own.

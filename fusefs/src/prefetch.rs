@@ -6,7 +6,7 @@
 //! `--prefetch-all`) on a thread of its own. It takes files in list order
 //! into windows of about 32 MiB of chunks that are neither in memory nor on
 //! disk, sorts each window by blob offset and coalesces it into requests of
-//! up to 2 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
+//! up to 8 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
 //! than a round trip), and fetches those with a bounded number of threads.
 //! So early files are local early, and the whole list costs few requests.
 //! Prefetch yields to readers: before each request it waits (up to 200 ms)
