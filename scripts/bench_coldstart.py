@@ -193,6 +193,11 @@ def plot(S, links, workloads, systems, png):
             if pts:
                 blocks.append("\n".join(f"{x:.2f} {t:.3f} {wl}" for x, t, wl in sorted(pts)))
                 names.append((li, k))
+    if not blocks:
+        # The x axis is skiff mount's share of the image: without it in
+        # the run there is nothing to place the points by.
+        print("bench_coldstart: no plot: the run has no skiff mount samples", file=sys.stderr)
+        return
     d.write_text("\n\n\n".join(blocks) + "\n")
     s = [f'set terminal pngcairo size 1100,{380 * len(links) + 40} font "sans,10"', f'set output "{png}"',
          f"set multiplot layout {len(links)},1",
@@ -210,8 +215,10 @@ def plot(S, links, workloads, systems, png):
         s.append(f'set title "{link_name(link)}"')
         s.append("plot " + ", ".join(plots))
     s.append("unset multiplot")
-    subprocess.run(["gnuplot"], input="\n".join(s).encode(), check=True)
-    d.unlink()
+    try:
+        subprocess.run(["gnuplot"], input="\n".join(s).encode(), check=True)
+    finally:
+        d.unlink()
 
 
 def main():
