@@ -188,6 +188,20 @@ fn image_size(layout: &Path, tag: &str) -> u64 {
             .sum::<u64>()
 }
 
+/// Reports what a pod's pull and workload fetched of an image of
+/// `image_size` bytes and asserts it was lazy: something, and under a third.
+fn assert_lazy(what: &str, fetched: u64, seconds: f64, image_size: u64, node: &Node) {
+    eprintln!(
+        "{what}: {fetched} of {image_size} bytes fetched by the workload's exit ({:.1}%), pull to exit {seconds:.2} s",
+        fetched as f64 * 100.0 / image_size as f64,
+    );
+    assert!(
+        fetched > 0 && fetched * 3 < image_size,
+        "not lazy ({what}): {fetched} of {image_size} bytes fetched\n{}",
+        node.logs()
+    );
+}
+
 /// Bytes of blob bodies the registry served (its access log since `mark`).
 fn blob_bytes_served(mark: &LogMark) -> u64 {
     mark.since()
@@ -764,19 +778,7 @@ async fn kubelet_runs_a_private_skiff_image_lazily_through_the_image_service() {
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
     assert!(run.exec.contains("after kill ok"), "exec: {}", run.exec);
-    eprintln!(
-        "skiff image: {} of {} bytes fetched by the workload's exit ({:.1}%), pull to exit {:.2} s",
-        run.fetched,
-        skiff_size,
-        run.fetched as f64 * 100.0 / skiff_size as f64,
-        run.seconds
-    );
-    assert!(
-        run.fetched > 0 && run.fetched * 3 < skiff_size,
-        "not lazy: {} of {skiff_size} bytes of the Skiff image fetched\n{}",
-        run.fetched,
-        node.logs()
-    );
+    assert_lazy("skiff image", run.fetched, run.seconds, skiff_size, &node);
     assert_no_password_leak(&node);
 
     // The control: a plain OCI image through the same path.
@@ -965,17 +967,11 @@ async fn kubelet_runs_the_original_reference_lazily_through_its_skiff_referrer()
     .await;
     assert!(run.log.contains("workload ok"), "log: {}", run.log);
     assert!(run.exec.contains("exec ok"), "exec: {}", run.exec);
-    eprintln!(
-        "original reference: {} of {} bytes fetched by the workload's exit ({:.1}%), pull to exit {:.2} s",
+    assert_lazy(
+        "original reference",
         run.fetched,
+        run.seconds,
         skiff_size,
-        run.fetched as f64 * 100.0 / skiff_size as f64,
-        run.seconds
-    );
-    assert!(
-        run.fetched > 0 && run.fetched * 3 < skiff_size,
-        "not lazy: {} of {skiff_size} bytes fetched\n{}",
-        run.fetched,
-        node.logs()
+        &node,
     );
 }

@@ -44,18 +44,7 @@ fn push_original(registry: &Registry, repo: &str) -> (String, Vec<String>) {
 
 fn rpull(rig: &Rig, reference: &str) -> std::process::Output {
     need("ctr-remote", "stargz-snapshotter");
-    let mut c = Command::new("ctr-remote");
-    c.arg("--address")
-        .arg(&rig.ctd.socket)
-        .args(["--namespace", &rig.ctd.namespace])
-        .args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "skiff",
-            reference,
-        ]);
+    let mut c = rpull_command(rig, reference);
     run_for(&mut c, Duration::from_secs(600))
 }
 

@@ -81,6 +81,24 @@ pub fn push_skiff_image(dir: &Path, registry: &Registry) -> (String, PathBuf) {
     (reference, layout)
 }
 
+/// `ctr-remote image rpull --plain-http --snapshotter skiff REFERENCE` on
+/// the rig's containerd.
+pub fn rpull_command(rig: &Rig, reference: &str) -> Command {
+    let mut c = Command::new("ctr-remote");
+    c.arg("--address")
+        .arg(&rig.ctd.socket)
+        .args(["--namespace", &rig.ctd.namespace])
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "skiff",
+            reference,
+        ]);
+    c
+}
+
 /// `ctr-remote image rpull` of a Skiff image: fetches manifest, config and
 /// bootstrap only; returns the digests of the data blobs.
 pub fn rpull_skiff(rig: &Rig, registry: &Registry, reference: &str, layout: &Path) -> Vec<String> {
@@ -97,18 +115,7 @@ pub fn rpull_skiff(rig: &Rig, registry: &Registry, reference: &str, layout: &Pat
         .map(|l| l["mediaType"].as_str().unwrap())
         .collect();
     let mark = LogMark::new(&registry.log);
-    let mut c = Command::new("ctr-remote");
-    c.arg("--address")
-        .arg(&rig.ctd.socket)
-        .args(["--namespace", &rig.ctd.namespace])
-        .args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "skiff",
-            reference,
-        ]);
+    let mut c = rpull_command(rig, reference);
     let out = run_for(&mut c, Duration::from_secs(300));
     let fetched = blobs_fetched(&mark.since());
     let data_fetched: Vec<&String> = fetched.iter().filter(|d| data_blobs.contains(d)).collect();
