@@ -54,6 +54,18 @@ pub fn decode_chunk(info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>, FormatEr
     Ok(out)
 }
 
+/// [`decode_chunk`] of stored bytes the caller owns: a chunk stored raw is
+/// verified and returned as it is, without a copy (for a chunk read from a
+/// file, the read's buffer is the chunk's data).
+pub fn decode_chunk_owned(info: &ChunkInfo, stored: Vec<u8>) -> Result<Vec<u8>, FormatError> {
+    if info.compressed || info.frame.is_some() {
+        return decode_chunk(info, &stored);
+    }
+    check_sizes(info, &stored)?;
+    slice_of_frame(info, &stored)?;
+    Ok(stored)
+}
+
 /// Decodes the stored bytes of chunk `info` into `out` (replacing its
 /// contents, reusing its allocation).
 ///

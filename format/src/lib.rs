@@ -55,7 +55,8 @@ pub mod tree;
 pub mod writer;
 
 pub use chunk::{
-    decode_chunk, decode_chunk_into, decode_frame, encode_chunk, slice_of_frame, MAX_CHUNK_SIZE,
+    decode_chunk, decode_chunk_into, decode_chunk_owned, decode_frame, encode_chunk,
+    slice_of_frame, MAX_CHUNK_SIZE,
 };
 pub use digest::Digest;
 pub use dump::dump;

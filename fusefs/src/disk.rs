@@ -75,6 +75,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,11 +97,12 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff";
 pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 /// The default low watermark, in percent of the high one.
 pub const DEFAULT_LOW_PERCENT_OF_HIGH: u64 = 90;
-/// Chunks waiting for the writer thread. Each holds its stored bytes, so
-/// this bounds the queue's memory at 16 stored chunks (8 MiB at worst with
-/// the converter's default chunking, whose largest chunk is 512 KiB; about
-/// 1 MiB with its 128 KiB average, before compression); a reader that finds
-/// it full waits for one write, which is local.
+/// Chunks waiting for the writer thread. Each holds its stored bytes, or
+/// the fetched run of at most [`SHARE_BUFFER_MAX`] they were cut from (see
+/// [`Stored`]), so this bounds the queue's memory at 16 MiB at worst; in
+/// practice the queued chunks come from one or two runs (a readahead
+/// window's, a read's), so about 2 MiB. A reader that finds the queue full
+/// waits for one write, which is local.
 const WRITE_QUEUE: usize = 16;
 /// Index shards.
 const SHARDS: usize = 64;
@@ -254,8 +256,72 @@ struct Entry {
     tick: u64,
 }
 
+/// The stored bytes of one cache entry, as handed to [`DiskCache::insert`]:
+/// a range of a shared buffer, so that the chunks cut out of one fetched
+/// run are queued without a copy each (a copy is an allocation of the
+/// chunk's size, and above glibc's mmap threshold that is a fresh mapping
+/// to fault in). A queued entry keeps its whole buffer alive until it is
+/// written, so [`Stored::cut`] shares only buffers of at most
+/// [`SHARE_BUFFER_MAX`]: the writer's queue (16 entries) then pins at most
+/// 16 times that, and larger buffers (prefetch requests of 8 MiB) are
+/// copied.
+#[derive(Clone)]
+pub struct Stored {
+    buf: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+/// Largest buffer that [`Stored::cut`] shares instead of copying from: a
+/// read's or a readahead's range request (1 MiB by default).
+pub const SHARE_BUFFER_MAX: usize = 1 << 20;
+
+impl Stored {
+    /// `range` of `buf`: shared if `buf` is at most [`SHARE_BUFFER_MAX`]
+    /// bytes, else copied. `None` if `range` is not within `buf`.
+    pub fn cut(buf: &Arc<Vec<u8>>, range: Range<usize>) -> Option<Stored> {
+        let part = buf.get(range.clone())?;
+        Some(if buf.len() <= SHARE_BUFFER_MAX {
+            Stored {
+                buf: buf.clone(),
+                range,
+            }
+        } else {
+            Stored::from(part.to_vec())
+        })
+    }
+
+    /// Whether `self` and `other` are the same range of the same buffer.
+    fn same(&self, other: &Stored) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf) && self.range == other.range
+    }
+}
+
+impl From<Vec<u8>> for Stored {
+    fn from(bytes: Vec<u8>) -> Stored {
+        let range = 0..bytes.len();
+        Stored {
+            buf: Arc::new(bytes),
+            range,
+        }
+    }
+}
+
+impl std::ops::Deref for Stored {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // `cut` and `from` make only ranges within the buffer.
+        self.buf.get(self.range.clone()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stored({} bytes)", self.range.len())
+    }
+}
+
 enum Msg {
-    Insert(Digest, Arc<Vec<u8>>),
+    Insert(Digest, Stored),
     Flush(mpsc::Sender<()>),
 }
 
@@ -275,7 +341,7 @@ struct Inner {
     full_logged: AtomicBool,
     /// Chunks queued for writing whose file is not in place yet. Looked at
     /// only when the file is missing (a miss, about to go to the network).
-    pending: Mutex<HashMap<Digest, Arc<Vec<u8>>>>,
+    pending: Mutex<HashMap<Digest, Stored>>,
 }
 
 /// A bounded, LRU-evicting, crash-safe cache of stored chunk bytes on disk.
@@ -412,13 +478,13 @@ impl DiskCache {
     /// Queues the stored bytes of chunk `digest` for writing (they need not
     /// be verified yet: every read back is). Blocks only when the writer is
     /// [`WRITE_QUEUE`] chunks behind.
-    pub fn insert(&self, digest: Digest, stored: Vec<u8>) {
+    pub fn insert(&self, digest: Digest, stored: impl Into<Stored>) {
+        let stored = stored.into();
         if stored.len() as u64 > self.inner.limit {
             return;
         }
         let tx = lock(&self.tx).clone();
         if let Some(tx) = tx {
-            let stored = Arc::new(stored);
             lock(&self.inner.pending).insert(digest, stored.clone());
             if tx.send(Msg::Insert(digest, stored)).is_err() {
                 lock(&self.inner.pending).remove(&digest);
@@ -538,11 +604,11 @@ impl Inner {
                     // Discarded while queued (it failed verification): skip.
                     let queued = lock(&self.pending)
                         .get(&digest)
-                        .is_some_and(|p| Arc::ptr_eq(p, &bytes));
+                        .is_some_and(|p| p.same(&bytes));
                     if queued {
                         self.write(digest, &bytes, &mut last_scan);
                         let mut pending = lock(&self.pending);
-                        if pending.get(&digest).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
+                        if pending.get(&digest).is_some_and(|p| p.same(&bytes)) {
                             pending.remove(&digest);
                         }
                     }

@@ -42,12 +42,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skiff_format::chunk::{decode_chunk, decode_frame, slice_of_frame};
+use skiff_format::chunk::{decode_chunk_owned, decode_frame, slice_of_frame};
 use skiff_format::{ChunkInfo, Digest, FormatError};
 
 use crate::cache::{ChunkData, Owned};
 use crate::chunk::{plan_runs, Backend, ChunkRequest, Run};
-use crate::disk::DiskCache;
+use crate::disk::{DiskCache, Stored};
 use crate::error::ChunkError;
 use crate::metrics::Metrics;
 use crate::workers::{run_parallel, ByteBudget};
@@ -340,16 +340,17 @@ impl Fetcher {
     fn finish_fetched<'a>(
         &self,
         reqs: &[ChunkRequest],
-        buf: &[u8],
+        buf: &Arc<Vec<u8>>,
         base: u64,
         group: Vec<Owned<'a>>,
         plan: Plan,
     ) -> Vec<(usize, Result<Option<ChunkData>, (ChunkError, Owned<'a>)>)> {
         let first = group.first().and_then(|o| reqs.get(o.pos));
-        let stored = first.and_then(|req| {
+        let range = first.and_then(|req| {
             let from = usize::try_from(req.start().saturating_sub(base)).ok()?;
-            buf.get(from..from.checked_add(req.info.compressed_size as usize)?)
+            Some(from..from.checked_add(req.info.compressed_size as usize)?)
         });
+        let stored = range.and_then(|r| buf.get(r.clone()).map(|s| (s, r)));
         let (Some(first), Some(stored)) = (first, stored) else {
             return group
                 .into_iter()
@@ -360,7 +361,13 @@ impl Fetcher {
                 .collect();
         };
         let wanted = |pos: usize| plan.foreground && pos < plan.optional_from;
+        let (stored, range) = stored;
         let Some(disk) = &self.disk else {
+            return self.verify_fetched(reqs, first, stored, group, None);
+        };
+        // Cut out of the run without a copy (see `Stored`); `range` lies
+        // within `buf`, checked above.
+        let Some(part) = Stored::cut(buf, range) else {
             return self.verify_fetched(reqs, first, stored, group, None);
         };
         // A frame fetched ahead of every reader is not decoded here: the
@@ -368,7 +375,7 @@ impl Fetcher {
         let ahead = !group.iter().any(|o| wanted(o.pos));
         match first.frame_key() {
             Some(key) => {
-                disk.insert(key, stored.to_vec());
+                disk.insert(key, part);
                 if ahead {
                     return self.left_unverified(group);
                 }
@@ -381,10 +388,10 @@ impl Fetcher {
                 out
             }
             None if ahead => {
-                disk.insert(first.info.digest, stored.to_vec());
+                disk.insert(first.info.digest, part);
                 self.left_unverified(group)
             }
-            None => self.verify_fetched(reqs, first, stored, group, Some(disk)),
+            None => self.verify_fetched(reqs, first, stored, group, Some((disk, part))),
         }
     }
 
@@ -403,7 +410,8 @@ impl Fetcher {
 
     /// Decodes `stored` (the frame of `first`) once, verifies each chunk of
     /// `group` in it and fills the memory cache; a chunk of its own is also
-    /// queued for `disk` once verified.
+    /// queued for the disk cache once verified (`disk`: the cache and the
+    /// same stored bytes, cut out of their run).
     #[allow(clippy::type_complexity)]
     fn verify_fetched<'a>(
         &self,
@@ -411,7 +419,7 @@ impl Fetcher {
         first: &ChunkRequest,
         stored: &[u8],
         group: Vec<Owned<'a>>,
-        disk: Option<&Arc<DiskCache>>,
+        disk: Option<(&Arc<DiskCache>, Stored)>,
     ) -> Vec<(usize, Result<Option<ChunkData>, (ChunkError, Owned<'a>)>)> {
         if group.is_empty() {
             return Vec::new();
@@ -461,8 +469,8 @@ impl Fetcher {
             Metrics::add(&self.metrics.chunks_fetched, 1);
             let data = Arc::new(data);
             o.fill(&data);
-            if let (Some(disk), false) = (disk, shared) {
-                disk.insert(req.info.digest, stored.to_vec());
+            if let (Some((disk, part)), false) = (&disk, shared) {
+                disk.insert(req.info.digest, part.clone());
             }
             out.push((pos, Ok(Some(data))));
         }
@@ -525,7 +533,7 @@ impl Fetcher {
             frame: None,
             ..req.info
         };
-        match decode_chunk(&info, &bytes) {
+        match decode_chunk_owned(&info, bytes) {
             Ok(data) => {
                 Metrics::add(&self.metrics.disk_hits, 1);
                 Some(Arc::new(data))
