@@ -80,7 +80,8 @@ pub struct MountOptions {
     /// Fetch the rest of the image in the background after the prefetch
     /// list (`None`: off; off anyway without a disk cache).
     pub background_fetch: Option<BackgroundFetch>,
-    /// Threads that prefetch.
+    /// Prefetch requests in flight at once (default 3; see
+    /// [`crate::prefetch`]).
     pub prefetch_threads: usize,
     /// Write the paths of the files read, in first-read order, to this file
     /// (every few seconds and at unmount).
@@ -117,7 +118,7 @@ impl MountOptions {
             readahead: DEFAULT_READAHEAD,
             prefetch: PrefetchMode::List,
             background_fetch: None,
-            prefetch_threads: 2,
+            prefetch_threads: 3,
             record_access: None,
             metrics_socket: None,
             read_budget: crate::fs::DEFAULT_READ_BUDGET,

@@ -38,7 +38,6 @@
 //!
 //! [`BlobStore::read_range_until`]: skiff_registry::BlobStore::read_range_until
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,13 +68,16 @@ pub const DEFAULT_IN_FLIGHT: u64 = 8 << 20;
 /// the working set.
 pub const DEFAULT_MEMORY_CACHE: u64 = 4 << 20;
 
-/// Largest prefetch request: 8 MiB. With a disk cache a prefetch load
+/// Largest prefetch request: 2 MiB. With a disk cache a prefetch load
 /// holds only its stored bytes of the in-flight budget (it decodes
-/// nothing), so one such request takes the whole default budget while it
-/// lasts; 2 MiB was tried and made the import's prefetch list take 104
-/// requests instead of about half the cold import's 201, with no gain in
-/// time that one run on a loaded machine could show.
-pub const PREFETCH_MAX_REQUEST: u64 = 8 << 20;
+/// nothing), so the prefetch's three requests in flight hold at most 6 MiB
+/// of the default 8 MiB and a reader's request still fits. Most requests
+/// are smaller anyway: a list's files are scattered, and runs end at gaps
+/// of more than [`PREFETCH_MAX_GAP`]. Measured with the import's list over
+/// 100 Mbit/s with 20 ms RTT: one 8 MiB request at a time (the budget let
+/// no second one in) 4.7 s; three of 2 MiB 4.0 s, 104 requests for the
+/// list instead of 99.
+pub const PREFETCH_MAX_REQUEST: u64 = 2 << 20;
 /// Largest gap a prefetch request bridges.
 pub const PREFETCH_MAX_GAP: u64 = 64 << 10;
 
@@ -114,7 +116,8 @@ impl Default for SourceOptions {
 pub(crate) struct Plan {
     pub(crate) max_bytes: u64,
     pub(crate) max_gap: u64,
-    /// A reader waits for it (prefetch yields to these).
+    /// A reader waits for it: what it fetches is decoded and verified at
+    /// once, not left in the disk cache for later.
     pub(crate) foreground: bool,
     /// Look in the disk cache first.
     pub(crate) use_disk: bool,
@@ -480,7 +483,7 @@ impl Fetcher {
     /// One range request, counted and timed.
     fn fetch_run(&self, run: &Run, plan: Plan) -> Result<Vec<u8>, String> {
         let m = &self.metrics;
-        let _in_flight = InFlight::new(m, plan.foreground);
+        let _in_flight = InFlight::new(m);
         let t = Instant::now();
         let store = &self.backend.store;
         let r = match plan.deadline {
@@ -636,29 +639,17 @@ impl RecentFrames {
 /// Counts a request in flight until dropped.
 struct InFlight<'a> {
     m: &'a Metrics,
-    foreground: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn new(m: &'a Metrics, foreground: bool) -> Self {
+    fn new(m: &'a Metrics) -> Self {
         Metrics::add(&m.fetch_in_flight, 1);
-        if foreground {
-            Metrics::add(&m.foreground_in_flight, 1);
-        }
-        InFlight { m, foreground }
+        InFlight { m }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         Metrics::sub(&self.m.fetch_in_flight, 1);
-        if self.foreground {
-            Metrics::sub(&self.m.foreground_in_flight, 1);
-        }
     }
-}
-
-/// Whether foreground fetches are in flight (prefetch waits for them).
-pub(crate) fn foreground_busy(m: &Metrics) -> bool {
-    m.foreground_in_flight.load(Ordering::Relaxed) > 0
 }

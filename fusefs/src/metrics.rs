@@ -91,8 +91,6 @@ pub struct Metrics {
     pub fetch_errors: AtomicU64,
     /// Range requests in progress now.
     pub fetch_in_flight: AtomicU64,
-    /// Of those, foreground ones (a reader waits for them); prefetch yields to them.
-    pub foreground_in_flight: AtomicU64,
     /// Latency of range requests.
     pub fetch_latency: Histogram,
     /// Chunk lookups answered by the memory cache (including waits on a
