@@ -14,7 +14,8 @@
 //! the chunks it needs (one call per read, a lock and a few comparisons).
 //! A blob whose reads keep landing at or just past the furthest point read
 //! so far (up to [`SLACK`] behind it: directory order and blob order differ
-//! a little; at most [`GAP`] past it) is a *stream*. Once a
+//! a little; at most [`GAP`] past it, or anywhere in what is already read
+//! ahead) is a *stream*. Once a
 //! stream is confirmed ([`CONFIRM`] reads in a row), the chunks of the next
 //! `window` stored bytes are fetched in the background. The window grows
 //! with what the stream has shown: the stored bytes its reads needed, from
@@ -47,10 +48,11 @@ use crate::metrics::Metrics;
 use crate::source::ChunkSource;
 use crate::workers::{lock, Pool};
 
-/// How far before the furthest point read so far, or after the end of what
-/// is read ahead, a read may land and still continue its blob's stream.
+/// How far before the furthest point read so far a read may land and still
+/// continue its blob's stream.
 pub const SLACK: u64 = 1 << 20;
-/// How far past the furthest point read so far a read may start and still
+/// How far past the furthest point read so far (or past what is read ahead,
+/// if that is further) a read may start and still
 /// continue the stream: a reader that skips more (page faults of a mapped
 /// library, a few modules of a large package) is not walking the blob.
 pub const GAP: u64 = 64 << 10;
@@ -136,9 +138,13 @@ impl Readahead {
     ) -> Option<(u64, u64)> {
         let mut map = lock(&self.streams);
         let s = map.entry(blob).or_default();
+        // Within what is read ahead, a read continues the stream wherever
+        // it lands: the reader skipped a file or two (stored elsewhere by
+        // deduplication, or met later in directory order), and what it
+        // reads next was fetched for it. Beyond, only a small step does.
         let continues = s.streak > 0
             && start.saturating_add(SLACK) >= s.next
-            && start <= s.next.saturating_add(GAP);
+            && start <= s.next.saturating_add(GAP).max(s.ahead);
         if !continues && !missed {
             // Only a miss starts a stream: a workload served from what
             // prefetch or an earlier run brought needs no readahead.
@@ -325,10 +331,40 @@ mod tests {
             let got = ra.observe(4, k * 100_000, (k + 1) * 100_000, 400, true);
             assert_eq!(got, None, "read {k}");
         }
-        // A jump elsewhere ends a stream: the next reads start over.
+        // A jump beyond what is read ahead ends a stream: the next reads
+        // start over.
         for k in 0..CONFIRM as u64 {
             read(&ra, 3, k * 1000, (k + 1) * 1000, true);
         }
         assert_eq!(read(&ra, 3, 100 * MIB, 100 * MIB + 1000, true), None);
+    }
+
+    #[test]
+    fn a_reader_that_skips_within_what_is_read_ahead_keeps_its_stream() {
+        let ra = ra();
+        let mut at = 0;
+        let mut window = None;
+        for k in 0..CONFIRM {
+            window = read(&ra, 0, at, at + 100_000, k == 0).or(window);
+            at += 100_000;
+        }
+        let (_, ahead) = window.expect("a stream");
+        // A skip of more than GAP, but within what was read ahead: the
+        // stream goes on (the reads after it are local, and they still
+        // move the readahead forward).
+        let skip = at + 2 * GAP;
+        assert!(skip + 100_000 < ahead, "{skip} in {ahead}");
+        let mut at = skip;
+        let mut more = None;
+        for _ in 0..20 {
+            more = more.or(read(&ra, 0, at, at + 100_000, false));
+            at += 100_000;
+        }
+        let (from, _) = more.expect("readahead went on after the skip");
+        assert_eq!(from, ahead, "contiguous with what was read ahead");
+        // Beyond what is read ahead, the same skip ends it.
+        let far = 100 * MIB;
+        assert_eq!(read(&ra, 0, far, far + 100_000, false), None);
+        assert_eq!(read(&ra, 0, far + 100_000, far + 200_000, false), None);
     }
 }
