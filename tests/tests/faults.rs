@@ -246,7 +246,8 @@ fn network_fault(name: &str, transient: &str, lasting: &str) {
     let o = read_all(&rig.mount, &b);
     assert!(
         matches!(o, Outcome::Correct),
-        "{name}: the read of {b} still fails after the fault cleared: {o:?}"
+        "{name}: the read of {b} still fails after the fault cleared: {o:?}\n{}",
+        rig.mount.logs()
     );
     report(
         name,
@@ -456,8 +457,12 @@ fn stalled_registry_leaves_metadata_and_local_reads_alone() {
     /// The read budget the mount gets (`--read-budget-secs`).
     const BUDGET: Duration = Duration::from_secs(3);
     /// What a failing read may take beyond the budget: the kernel retries
-    /// a failed page once with a read of its own, which has a budget too.
-    const SLACK: Duration = Duration::from_secs(7);
+    /// a failed page once with a read of its own, which has a budget too,
+    /// and the time a request waits in the kernel before the daemon reads
+    /// it is nobody's budget (a loaded CI machine once took 15.8 s). The
+    /// bound tells "within the budget, give or take the kernel" from "as
+    /// long as the stall" (300 s); the report line shows the slowest.
+    const SLACK: Duration = Duration::from_secs(27);
     let dir = work_dir("stalled-registry");
     let net = FaultyRegistry::start(&dir);
     let budget = BUDGET.as_secs().to_string();
@@ -522,6 +527,7 @@ fn stalled_registry_leaves_metadata_and_local_reads_alone() {
 
     // The readers of data that is not local: EIO within the budget.
     let mut failed = 0;
+    let mut slowest = Duration::ZERO;
     for (f, r) in cold.iter().zip(readers) {
         let (r, took) = r
             .join()
@@ -531,8 +537,10 @@ fn stalled_registry_leaves_metadata_and_local_reads_alone() {
                 assert_eq!(e.raw_os_error(), Some(libc::EIO), "reading {f}: {e}");
                 assert!(
                     took <= BUDGET + SLACK,
-                    "reading {f} failed after {took:?}, budget {BUDGET:?}"
+                    "reading {f} failed after {took:?}, budget {BUDGET:?}\n{}",
+                    mount.logs()
                 );
+                slowest = slowest.max(took);
                 failed += 1;
             }
             // Its data was fetched alongside an earlier file's: fine, if right.
@@ -550,9 +558,10 @@ fn stalled_registry_leaves_metadata_and_local_reads_alone() {
         "stalled-registry",
         &format!(
             "survived: {entries} entries listed and {} local files read while {} readers waited; \
-             {failed} failed with EIO within the {} s budget; recovered ({:.1} s to list)",
+             {failed} failed with EIO (the slowest after {:.1} s, budget {} s); recovered ({:.1} s to list)",
             local.len(),
             cold.len(),
+            slowest.as_secs_f64(),
             BUDGET.as_secs(),
             listed_in.as_secs_f64()
         ),
