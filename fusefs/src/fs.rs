@@ -58,6 +58,7 @@ use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::readahead::Readahead;
 use crate::source::ChunkSource;
+use crate::window::FetchWindow;
 use crate::workers::Pool;
 
 /// How long the kernel may cache entries and attributes: the image is
@@ -87,8 +88,8 @@ pub struct SkiffFs {
     image: Arc<Image>,
     source: Arc<ChunkSource>,
     metrics: Arc<Metrics>,
-    /// Read-ahead window in stored bytes (see [`ChunkSource::get_with_read_ahead`]).
-    fetch_window: u64,
+    /// What a miss brings along from its blob.
+    fetch_window: FetchWindow,
     /// Readahead in blob order.
     readahead: Option<Arc<Readahead>>,
     /// Records the files read, for a prefetch list.
@@ -110,7 +111,7 @@ impl SkiffFs {
             image,
             source,
             metrics,
-            fetch_window: 0,
+            fetch_window: FetchWindow::new(0, false),
             readahead: None,
             access: None,
             read_pool: None,
@@ -141,47 +142,13 @@ impl SkiffFs {
     }
 
     /// On a miss, also fetch up to `bytes` of stored data that follows the
-    /// needed chunks in their blob (0 turns read-ahead off).
+    /// needed chunks in their blob (0 turns it off); from a local store
+    /// only for misses that continue their blob's last one (see
+    /// [`crate::window`]).
     pub fn with_fetch_window(mut self, bytes: u64) -> SkiffFs {
-        self.fetch_window = bytes;
+        let local = self.source.backend().store.is_local();
+        self.fetch_window = FetchWindow::new(bytes, local);
         self
-    }
-
-    /// The chunks that follow `last` in its blob, back to back (or in the
-    /// same shared frame), within the fetch window counted from
-    /// `first_offset`.
-    fn chunks_ahead(&self, last: &ChunkRequest, first_offset: u64) -> Vec<ChunkRequest> {
-        let mut ahead = Vec::new();
-        let mut prev = *last;
-        let mut index = last.index;
-        while let Some(next) = index.checked_add(1) {
-            let Ok(info) = self.b().chunk(next) else {
-                break;
-            };
-            let end = info.compressed_offset + u64::from(info.compressed_size);
-            // Next in the blob, or the next member of the same shared frame
-            // (its bytes come with the frame).
-            let same_frame = info.frame.is_some()
-                && info.compressed_offset == prev.info.compressed_offset
-                && info.compressed_size == prev.info.compressed_size;
-            if info.blob_index != prev.info.blob_index
-                || (!same_frame
-                    && info.compressed_offset
-                        != prev.info.compressed_offset + u64::from(prev.info.compressed_size))
-                || end.saturating_sub(first_offset) > self.fetch_window
-            {
-                break;
-            }
-            let req = ChunkRequest {
-                index: next,
-                info,
-                blob: prev.blob,
-            };
-            ahead.push(req);
-            prev = req;
-            index = next;
-        }
-        ahead
     }
 
     /// Makes dropping this filesystem disconnect `alive`'s receiver.
@@ -354,18 +321,11 @@ impl SkiffFs {
     /// Answers a read that needs the network from the read pool (or here,
     /// when there is none or its queue is full), by `deadline`.
     fn fetch_later(&self, plan: ReadPlan, deadline: Instant, reply: ReplyData) {
-        // The rest of any shared frame the read needs (its bytes come
-        // anyway), then what follows in the fetch window.
-        let mut ahead = crate::chunk::frame_siblings(self.b(), &plan.reqs);
-        if let (Some(first), Some(last), true) =
-            (plan.reqs.first(), plan.reqs.last(), self.fetch_window > 0)
-        {
-            ahead.extend(self.chunks_ahead(last, first.info.compressed_offset));
-        }
+        let ahead = self.fetch_window.ahead(self.b(), &plan.reqs);
         let job = ReadJob {
             image: self.image.clone(),
             source: self.source.clone(),
-            max_request: self.fetch_window.max(1 << 20),
+            max_request: self.fetch_window.bytes().max(1 << 20),
             plan,
             ahead,
             deadline,

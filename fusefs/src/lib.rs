@@ -80,6 +80,7 @@
 //! - [`readahead`]: streams in blob order and their background fetches.
 //! - [`access`]: the files read, for a prefetch list.
 //! - [`prefetch`]: the PREFETCH list after mounting.
+//! - [`window`]: what a read's miss fetches besides its own chunks.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
 //!   the hand-off of reads to the read pool.
 //! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
@@ -105,6 +106,7 @@ pub mod readahead;
 pub mod reclaim;
 pub mod session;
 pub mod source;
+pub mod window;
 pub mod workers;
 
 pub use cache::{ChunkData, MemoryCache};

@@ -217,6 +217,9 @@ struct Faulty {
     bytes: AtomicU64,
     delay_ms: AtomicU64,
     fail: AtomicBool,
+    /// Claims to be a local store ([`BlobStore::is_local`]), as the
+    /// `LocalBlobStore` it wraps is; by default it stands for a network.
+    local: AtomicBool,
     /// Damage in transit: blob offsets whose byte is flipped in the first
     /// answer that covers them.
     flip_once: std::sync::Mutex<std::collections::BTreeSet<u64>>,
@@ -230,6 +233,7 @@ impl Faulty {
             bytes: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            local: AtomicBool::new(false),
             flip_once: Default::default(),
         })
     }
@@ -259,6 +263,10 @@ impl BlobStore for Faulty {
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
         self.inner.blob_size(digest)
+    }
+
+    fn is_local(&self) -> bool {
+        self.local.load(Ordering::SeqCst)
     }
 }
 
@@ -418,6 +426,42 @@ fn a_sequential_read_is_a_few_merged_requests() {
     assert!(metrics.readahead_chunks > 0, "{metrics}");
     assert!(metrics.disk_hits > 0, "{metrics}");
     assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
+}
+
+#[test]
+fn from_a_local_store_the_fetch_window_serves_readers_that_walk_not_those_that_jump() {
+    // 64 files of one chunk each, in one blob, read from a local store
+    // with a 256 KiB window: in path order the window brings the next
+    // files along; interleaved halves (f00, f32, f01, f33...: every miss
+    // about a megabyte away from the last) fetch each file on its own, so
+    // that nothing is decoded that no one reads.
+    let img = Image::of_files(64, |_| CHUNK, 40);
+    let run = |order: &[&String]| {
+        let store = Faulty::new(img.layout.path());
+        store.local.store(true, Ordering::SeqCst);
+        let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
+            o.fetch_window = 256 << 10;
+            o.cache_bytes = 64 << 20;
+        });
+        for name in order {
+            let got = fs::read(m.p(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(got == img.files[*name], "{name}: contents differ");
+        }
+        let metrics = m.finish();
+        (store.reads(), metrics)
+    };
+    let names: Vec<&String> = img.files.keys().collect();
+    let (walk_reads, walk) = run(&names);
+    let jumps: Vec<&String> = (0..32).flat_map(|i| [names[i], names[i + 32]]).collect();
+    let (jump_reads, jump) = run(&jumps);
+    eprintln!("in path order: {walk_reads} requests ({walk}); interleaved: {jump_reads} ({jump})");
+    assert!(
+        walk_reads <= 64 / 4,
+        "the window served the walker: {walk_reads} requests"
+    );
+    assert_eq!(walk.chunks_fetched, 64, "each chunk once: {walk}");
+    assert_eq!(jump_reads, 64, "one request per file: {jump}");
+    assert_eq!(jump.chunks_fetched, 64, "nothing brought along: {jump}");
 }
 
 #[test]

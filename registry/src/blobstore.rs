@@ -47,6 +47,15 @@ pub trait BlobStore: Send + Sync {
 
     /// The size of blob `digest`.
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError>;
+
+    /// A read costs a system call, not a round trip (files on this node).
+    /// Readers use it to size what they read ahead: bringing neighbours
+    /// along saves round trips, so it pays over a network whatever the
+    /// access pattern, and from a local file only for a sequential reader.
+    /// The default is `false`.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
@@ -66,6 +75,10 @@ impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
         (**self).blob_size(digest)
+    }
+
+    fn is_local(&self) -> bool {
+        (**self).is_local()
     }
 }
 
@@ -169,6 +182,10 @@ impl BlobStore for LocalBlobStore {
             }
         })?;
         Ok(buf)
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
