@@ -476,7 +476,8 @@ def section_cluster(cluster_md, quick):
     if not cluster_md:
         return (f"## {CLUSTER}\n\n**PENDING**: measured by `scripts/bench-cluster` (N nodes start one image at once "
                 "through a pull-through mirror over a shaped origin), "
-                + ("skipped in --quick mode.\n" if quick else "not in this run.\n"))
+                + ("skipped in --quick mode.\n" if quick
+                   else "not in this run; the last run's figures are in [cluster.md](cluster.md).\n"))
     body = "\n".join(line for line in cluster_md.splitlines() if not line.startswith("# "))
     return f"## {CLUSTER}\n\nMeasured by `scripts/bench-cluster` (bench/cluster.md).\n" + body.replace("\n## ", "\n### ") + "\n"
 
@@ -556,7 +557,8 @@ def write(raw, out, sections):
                   + ("skipped in --quick mode. " if quick else "skipped (`--no-coldstart`). ")
                   + "The full run measures it through `scripts/bench-coldstart` (local registry, replies "
                   "shaped with tc htb on lo, added RTT through a delay proxy; five workloads, two links, "
-                  "pull + extract, containerd and Nydus side by side).\n")
+                  "pull + extract, containerd and Nydus side by side)"
+                  + (".\n" if quick else "; the last run's figures are in [coldstart.md](coldstart.md).\n"))
     md.append(section_cluster(d.v.get("cluster_md"), quick))
     md.append("## Daemon memory\n\n" + section_memory(d))
     md.append("## Dedup across two image versions\n\n" + section_dedup(d))
