@@ -560,15 +560,16 @@ fn a_recorded_import_prefetches_and_a_restart_reuses_the_cache() {
         after["millis"]
     );
     // The list is coalesced: requests of up to 2 MiB across gaps of up to
-    // 64 KiB take about half the cold import's (104 of 201 here; the
-    // import's own reads ask only for what they need). Its bytes are the
-    // import's, give or take the bridged gaps.
+    // 64 KiB take far fewer than the cold import's (104 of 346 here; the
+    // import's own reads ask only for what they need: from a local store
+    // its fetch window opens only for reads that walk on). Its bytes are
+    // the import's plus the bridged gaps (36.0 MB against 29.4 MB).
     assert!(
         prefetch_requests * 10 < cold["fetch_requests"] * 6,
         "prefetch should take far fewer requests than the cold import"
     );
     assert!(
-        prefetch_bytes * 10 < cold["bytes_fetched"] * 12,
+        prefetch_bytes * 10 < cold["bytes_fetched"] * 14,
         "prefetch fetched {prefetch_bytes} bytes, the cold import {}",
         cold["bytes_fetched"]
     );
