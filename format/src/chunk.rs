@@ -103,8 +103,19 @@ pub fn decode_chunk_into(
 /// [`decode_chunk_into`] apply.
 pub fn decode_frame(info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
     let mut out = Vec::new();
-    decode_unverified(info, stored, &mut out)?;
+    decode_frame_into(info, stored, &mut out)?;
     Ok(out)
+}
+
+/// [`decode_frame`] into `out` (replacing its contents, reusing its
+/// allocation: a caller that recycles buffers spares the allocator). On
+/// error `out` is left empty.
+pub fn decode_frame_into(
+    info: &ChunkInfo,
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    decode_unverified(info, stored, out)
 }
 
 fn decode_unverified(

@@ -21,8 +21,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quick_cache::sync::{Cache, DefaultLifecycle, GuardResult, PlaceholderGuard};
-use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
+use quick_cache::sync::{Cache, GuardResult, PlaceholderGuard};
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 use skiff_format::Digest;
 
 /// Decompressed, verified chunk data, shared by the cache and readers.
@@ -39,14 +39,28 @@ impl Weighter<Digest, ChunkData> for ByteWeighter {
     }
 }
 
-type Guard<'a> = PlaceholderGuard<
-    'a,
-    Digest,
-    ChunkData,
-    ByteWeighter,
-    DefaultHashBuilder,
-    DefaultLifecycle<Digest, ChunkData>,
->;
+/// Hands the buffers of evicted chunks to [`crate::buffers`] (those no
+/// reader still holds), after the cache's lock is released.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recycle;
+
+impl Lifecycle<Digest, ChunkData> for Recycle {
+    type RequestState = Vec<ChunkData>;
+
+    fn begin_request(&self) -> Self::RequestState {
+        Vec::new()
+    }
+
+    fn on_evict(&self, state: &mut Self::RequestState, _key: Digest, val: ChunkData) {
+        state.push(val);
+    }
+
+    fn end_request(&self, state: Self::RequestState) {
+        state.into_iter().for_each(crate::buffers::recycle);
+    }
+}
+
+type Guard<'a> = PlaceholderGuard<'a, Digest, ChunkData, ByteWeighter, DefaultHashBuilder, Recycle>;
 
 /// A chunk this thread has to produce (at position `pos` of the caller's
 /// request list), and its guard in the memory cache (`None` when the cache
@@ -86,7 +100,7 @@ pub(crate) enum Lookup<'a> {
 /// Byte-bounded memory cache of decompressed chunks; see the module
 /// documentation.
 pub struct MemoryCache {
-    cache: Cache<Digest, ChunkData, ByteWeighter>,
+    cache: Cache<Digest, ChunkData, ByteWeighter, DefaultHashBuilder, Recycle>,
 }
 
 impl MemoryCache {
@@ -112,15 +126,16 @@ impl MemoryCache {
             .hot_allocation(0.5)
             .shards(shards)
             .build()
-            .map(|o| {
-                Cache::with_options(
-                    o,
+            .map(|o| Cache::with_options(o, ByteWeighter, DefaultHashBuilder::default(), Recycle))
+            .unwrap_or_else(|_| {
+                Cache::with(
+                    items,
+                    bytes.max(1),
                     ByteWeighter,
                     DefaultHashBuilder::default(),
-                    DefaultLifecycle::default(),
+                    Recycle,
                 )
-            })
-            .unwrap_or_else(|_| Cache::with_weighter(items, bytes.max(1), ByteWeighter));
+            });
         MemoryCache { cache }
     }
 

@@ -41,8 +41,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use skiff_format::chunk::{decode_chunk_owned, decode_frame, slice_of_frame};
-use skiff_format::{ChunkInfo, Digest, FormatError};
+use skiff_format::chunk::{
+    decode_chunk_into, decode_chunk_owned, decode_frame, decode_frame_into, slice_of_frame,
+};
+use skiff_format::{ChunkInfo, Digest, FormatError, MAX_CHUNK_SIZE};
 
 use crate::cache::{ChunkData, Owned};
 use crate::chunk::{plan_runs, Backend, ChunkRequest, Run};
@@ -427,23 +429,26 @@ impl Fetcher {
         if group.is_empty() {
             return Vec::new();
         }
-        let frame = match decode_frame(&first.info, stored) {
-            Ok(frame) => frame,
-            Err(e) => {
-                Metrics::add(&self.metrics.chunk_errors, group.len() as u64);
-                let message = e.to_string();
-                let mut error = Some(e);
-                return group
-                    .into_iter()
-                    .map(|o| {
-                        let e = error
-                            .take()
-                            .unwrap_or_else(|| FormatError::Corrupt(message.clone()));
-                        (o.pos, Err((ChunkError::Decode(e), o)))
-                    })
-                    .collect();
-            }
-        };
+        // Sizes are checked by the decode: until then, no more than a chunk.
+        let size = first
+            .info
+            .frame
+            .map_or(first.info.uncompressed_size, |f| f.size);
+        let mut frame = crate::buffers::take(size.min(MAX_CHUNK_SIZE) as usize);
+        if let Err(e) = decode_frame_into(&first.info, stored, &mut frame) {
+            Metrics::add(&self.metrics.chunk_errors, group.len() as u64);
+            let message = e.to_string();
+            let mut error = Some(e);
+            return group
+                .into_iter()
+                .map(|o| {
+                    let e = error
+                        .take()
+                        .unwrap_or_else(|| FormatError::Corrupt(message.clone()));
+                    (o.pos, Err((ChunkError::Decode(e), o)))
+                })
+                .collect();
+        }
         let shared = first.info.frame.is_some();
         let mut frame = Some(frame);
         let mut out = Vec::with_capacity(group.len());
@@ -476,6 +481,10 @@ impl Fetcher {
                 disk.insert(req.info.digest, part.clone());
             }
             out.push((pos, Ok(Some(data))));
+        }
+        // A shared frame's members were copied out of it.
+        if let Some(frame) = frame {
+            crate::buffers::give(frame);
         }
         out
     }
@@ -536,7 +545,16 @@ impl Fetcher {
             frame: None,
             ..req.info
         };
-        match decode_chunk_owned(&info, bytes) {
+        let decoded = if info.compressed {
+            // Into a recycled buffer; the file's bytes are done with.
+            let mut out = crate::buffers::take(raw.min(u64::from(MAX_CHUNK_SIZE)) as usize);
+            let r = decode_chunk_into(&info, &bytes, &mut out).map(|()| out);
+            crate::buffers::give(bytes);
+            r
+        } else {
+            decode_chunk_owned(&info, bytes)
+        };
+        match decoded {
             Ok(data) => {
                 Metrics::add(&self.metrics.disk_hits, 1);
                 Some(Arc::new(data))

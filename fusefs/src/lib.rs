@@ -54,7 +54,8 @@
 //!
 //! Memory is bounded by design: the memory cache (`cache_bytes`, 4 MiB by
 //! default), the bytes in flight (`in_flight_bytes`, 8 MiB), the disk
-//! cache's write queue (16 stored chunks), the queues of the pools (jobs of
+//! cache's write queue (16 stored chunks), the recycled chunk buffers (1 MiB,
+//! [`buffers`]), the queues of the pools (jobs of
 //! a few hundred bytes). Everything else a mount holds is its bootstrap.
 //!
 //! # Layout
@@ -73,6 +74,7 @@
 //!   `skiff cache` helpers.
 //! - [`reclaim`]: what one image holds in the node's cache directory
 //!   (`Usage` of its snapshot) and deleting it when the image is removed.
+//! - [`buffers`]: decoded-chunk buffers recycled from the memory cache.
 //! - [`cache`]: [`MemoryCache`]: decoded chunks in memory, single flight.
 //! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
 //!   budget, decode, verification, one refetch.
@@ -91,6 +93,7 @@
 //!   death or upgrade of the one serving it.
 
 pub mod access;
+pub mod buffers;
 pub mod cache;
 pub mod chunk;
 pub mod daemon;
