@@ -42,7 +42,7 @@ impl Weighter<Digest, ChunkData> for ByteWeighter {
 /// Hands the buffers of evicted chunks to [`crate::buffers`] (those no
 /// reader still holds), after the cache's lock is released.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Recycle;
+pub(crate) struct Recycle;
 
 impl Lifecycle<Digest, ChunkData> for Recycle {
     type RequestState = Vec<ChunkData>;

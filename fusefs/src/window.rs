@@ -80,11 +80,9 @@ impl FetchWindow {
         if let Some(streams) = &self.streams {
             let end = ahead
                 .iter()
-                .chain(std::iter::once(last))
                 .filter(|r| r.info.blob_index == blob)
                 .map(ChunkRequest::end)
-                .max()
-                .unwrap_or_else(|| last.end());
+                .fold(last.end(), u64::max);
             streams.ended(blob, end);
         }
         ahead
@@ -144,23 +142,22 @@ fn chunks_after(
         let Ok(info) = b.chunk(next) else {
             break;
         };
-        let end = info.compressed_offset + u64::from(info.compressed_size);
+        let req = ChunkRequest {
+            index: next,
+            info,
+            blob: prev.blob,
+        };
         // Next in the blob, or the next member of the same shared frame
         // (its bytes come with the frame).
         let same_frame = info.frame.is_some()
             && info.compressed_offset == prev.info.compressed_offset
             && info.compressed_size == prev.info.compressed_size;
         if info.blob_index != prev.info.blob_index
-            || (!same_frame && info.compressed_offset != prev.end())
-            || end.saturating_sub(first_offset) > window
+            || (!same_frame && req.start() != prev.end())
+            || req.end().saturating_sub(first_offset) > window
         {
             break;
         }
-        let req = ChunkRequest {
-            index: next,
-            info,
-            blob: prev.blob,
-        };
         ahead.push(req);
         prev = req;
         index = next;
