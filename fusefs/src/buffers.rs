@@ -1,31 +1,46 @@
-//! Decoded-chunk buffers, recycled.
+//! Large buffers of the read path, recycled: decoded chunks, stored runs
+//! read from local blobs, and replies assembled from several chunks.
 //!
 //! The daemon runs with a fixed 64 KiB mmap threshold (see `skiff mount`'s
-//! malloc tunables): a decoded chunk (32 KiB to 512 KiB) is then a fresh
-//! mapping, and its memory goes back to the system when it is freed,
-//! which keeps a daemon's memory at what it holds. The price was paid on
-//! every chunk: a page fault and a zeroed page per 4 KiB written, and an
-//! unmap that interrupts the other CPUs. A chunk's buffer now goes back
-//! here when the memory cache evicts it with no reader still holding it,
-//! and the next decode takes it: at most [`MAX_POOLED`] bytes wait here.
-//! A reader walking through an image needs only a few: one chunk leaves
-//! the cache for each that enters it. Measured at 1 MiB against no pool,
-//! 3 runs each: 1.5 GB of the 2 GiB file of a local image, daemon CPU
-//! 5.8-8.0 s -> 4.6-6.5 s, VmHWM 18.2 -> 20.0-20.6 MiB; every file of the
-//! fixture image from a registry, CPU 5.8-5.9 s -> 5.6 s, VmHWM 31.5-32.9 ->
-//! 33.5-34.6 MiB (a 4 MiB pool held 5 MiB more there for no more gain).
+//! malloc tunables): each such buffer is then a fresh mapping, and its
+//! memory goes back to the system when it is freed, which keeps a daemon's
+//! memory at what it holds. The price was paid on every buffer: a page
+//! fault and a zeroed page per 4 KiB written, and an unmap that interrupts
+//! the other CPUs. Buffers now come back here: a chunk's when the memory
+//! cache evicts it with no reader still holding it, a run's once its
+//! chunks are decoded (unless the disk queue shares it), a reply's once it
+//! is sent. A take gets the smallest buffer that fits, else the largest,
+//! grown (a grown mapping keeps its pages), so that a buffer too small for
+//! anything is not held for nothing.
+//!
+//! The bound: [`MAX_POOLED`] (1 MiB) for blobs that come over a network,
+//! where the buffers of the HTTP client dominate and a larger pool only
+//! held more; [`MAX_POOLED_LOCAL`] (4 MiB) for blobs on this node, where
+//! every read is a run, decodes and usually an assembled 1 MiB reply.
+//! Measured against the previous read path (1 MiB of decoded chunks only),
+//! 3 runs each: the 2 GiB file of a local image read cold, 5.5-6.0 ->
+//! 4.0-4.2 s, daemon CPU 8.6-9.3 -> 6.2-6.7 s, minor faults 1.13 million
+//! -> 0.27 million, VmHWM 21-22 -> 30 MiB; every file of the fixture
+//! image, local, CPU 2.0-2.1 -> 1.55-1.75 s, VmHWM 24 -> 29-30 MiB; every
+//! file of it from a registry, CPU 2.9-3.2 -> 2.6-2.9 s, VmHWM 31-33 MiB
+//! both (a 4 MiB pool there: VmHWM +6 MiB, no gain).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Bytes of buffers kept for reuse, at most (in capacity).
+/// Bytes of buffers kept for reuse, at most (in capacity), by a daemon
+/// whose blobs come over a network.
 pub const MAX_POOLED: usize = 1 << 20;
+/// The bound when the blobs are files on this node (see the module
+/// documentation for why it is larger).
+pub const MAX_POOLED_LOCAL: usize = 4 << 20;
 /// Buffers smaller than this come from the heap anyway: not kept.
 pub const MIN_POOLED: usize = 64 << 10;
 
 /// Buffers kept for reuse, bounded in bytes of capacity.
 pub(crate) struct BufferPool {
     bufs: Mutex<Vec<Vec<u8>>>,
-    max_bytes: usize,
+    max_bytes: AtomicUsize,
 }
 
 /// The process's pool: the memory cache gives to it, decodes take from it.
@@ -36,8 +51,13 @@ impl BufferPool {
     pub(crate) const fn new(max_bytes: usize) -> BufferPool {
         BufferPool {
             bufs: Mutex::new(Vec::new()),
-            max_bytes,
+            max_bytes: AtomicUsize::new(max_bytes),
         }
+    }
+
+    /// Raises the bound to `max_bytes` (never lowers it).
+    pub(crate) fn raise_bound(&self, max_bytes: usize) {
+        self.max_bytes.fetch_max(max_bytes, Ordering::Relaxed);
     }
 
     /// An empty buffer that can hold `len` bytes without growing: a
@@ -45,8 +65,21 @@ impl BufferPool {
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
         if len >= MIN_POOLED {
             let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = bufs.iter().position(|b| b.capacity() >= len) {
-                return bufs.swap_remove(i);
+            // The smallest that fits; else the largest, grown: growing a
+            // mapping keeps its pages, and a buffer too small to fit
+            // anything left here would be held for nothing.
+            let fit = bufs
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .or_else(|| bufs.iter().enumerate().max_by_key(|(_, b)| b.capacity()))
+                .map(|(i, _)| i);
+            if let Some(i) = fit {
+                let mut buf = bufs.swap_remove(i);
+                drop(bufs);
+                buf.reserve_exact(len);
+                return buf;
             }
         }
         Vec::with_capacity(len)
@@ -61,7 +94,7 @@ impl BufferPool {
         buf.clear();
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         let held: usize = bufs.iter().map(Vec::capacity).sum();
-        if held + buf.capacity() <= self.max_bytes {
+        if held + buf.capacity() <= self.max_bytes.load(Ordering::Relaxed) {
             bufs.push(buf);
         }
     }
@@ -89,6 +122,11 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
 /// [`BufferPool::give`] to the process's pool.
 pub(crate) fn give(buf: Vec<u8>) {
     POOL.give(buf)
+}
+
+/// [`BufferPool::raise_bound`] of the process's pool.
+pub(crate) fn raise_bound(max_bytes: usize) {
+    POOL.raise_bound(max_bytes)
 }
 
 /// [`BufferPool::recycle`] into the process's pool.
@@ -124,5 +162,35 @@ mod tests {
         }
         assert!(pool.held() <= MAX_POOLED, "{} bytes pooled", pool.held());
         assert!(pool.held() > MAX_POOLED - MIN_POOLED, "filled to the bound");
+    }
+
+    #[test]
+    fn a_buffer_too_small_is_grown_rather_than_kept_and_the_bound_only_rises() {
+        let pool = BufferPool::new(MAX_POOLED);
+        pool.give(Vec::with_capacity(MIN_POOLED));
+        pool.give(Vec::with_capacity(MIN_POOLED * 2));
+        // Nothing fits 4x: the largest is taken and grown.
+        let grown = pool.take(MIN_POOLED * 4);
+        assert!(grown.capacity() >= MIN_POOLED * 4);
+        assert_eq!(pool.held(), MIN_POOLED, "the smaller one stays");
+        // The smallest that fits is taken.
+        pool.give(grown);
+        let fit = pool.take(MIN_POOLED);
+        assert_eq!(fit.capacity(), MIN_POOLED);
+        pool.raise_bound(MAX_POOLED_LOCAL);
+        pool.raise_bound(MIN_POOLED);
+        for _ in 0..(MAX_POOLED_LOCAL / MIN_POOLED) + 4 {
+            pool.give(Vec::with_capacity(MIN_POOLED));
+        }
+        assert!(
+            pool.held() > MAX_POOLED,
+            "raised: {} bytes pooled",
+            pool.held()
+        );
+        assert!(
+            pool.held() <= MAX_POOLED_LOCAL,
+            "{} bytes pooled",
+            pool.held()
+        );
     }
 }

@@ -266,10 +266,12 @@ impl Fetcher {
         // Decode tasks: the members of one stored frame (one chunk, or the
         // chunks of a shared frame, decoded once for all of them).
         let mut decode: Vec<(Arc<Vec<u8>>, u64, Vec<Owned<'a>>)> = Vec::new();
+        let mut bufs = Vec::new();
         for (res, run, members) in fetched.into_iter().flatten() {
             match res {
                 Ok(buf) => {
                     let buf = Arc::new(buf);
+                    bufs.push(buf.clone());
                     let mut last: Option<(u64, u32)> = None;
                     for o in members {
                         let frame = reqs
@@ -296,6 +298,8 @@ impl Fetcher {
         let decoded = run_parallel(decode, self.opts.decode_threads, |(buf, base, group)| {
             self.finish_fetched(reqs, &buf, base, group, plan)
         });
+        // Runs that no disk-queue entry shares go back to the pool.
+        bufs.into_iter().for_each(crate::buffers::recycle);
         let mut again = Vec::new();
         for (pos, r) in decoded.into_iter().flatten().flatten() {
             match r {
@@ -496,6 +500,14 @@ impl Fetcher {
         let t = Instant::now();
         let store = &self.backend.store;
         let r = match plan.deadline {
+            // A local read never waits long: into a recycled buffer, given
+            // back once the run is decoded (see `load_owned`).
+            _ if store.is_local() => {
+                let mut buf = crate::buffers::take(run.len as usize);
+                store
+                    .read_range_into(&run.blob, run.offset, run.len, &mut buf)
+                    .map(|()| buf)
+            }
             Some(d) => store.read_range_until(&run.blob, run.offset, run.len, d),
             None => store.read_range(&run.blob, run.offset, run.len),
         };

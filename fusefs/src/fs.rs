@@ -524,6 +524,15 @@ impl ReplyBytes {
             ReplyBytes::Chunk(data, range) => data.get(range.clone()).unwrap_or_default(),
         }
     }
+
+    /// Replies with the data; an assembled buffer then goes back to the
+    /// pool (see `buffers`) for the next reply or decode.
+    fn send(self, reply: ReplyData) {
+        reply.data(self.as_slice());
+        if let ReplyBytes::Owned(buf) = self {
+            crate::buffers::give(buf);
+        }
+    }
 }
 
 impl ReadPlan {
@@ -542,7 +551,10 @@ impl ReadPlan {
                 return Err(FsError::Invalid);
             }
         }
-        let mut out = vec![0u8; (end - offset) as usize];
+        // A recycled buffer when one is free: a fresh one is a mapping of
+        // its own (page faults, zeroing, an unmap after the reply).
+        let mut out = crate::buffers::take((end - offset) as usize);
+        out.resize((end - offset) as usize, 0);
         for (start, data) in self.starts.iter().copied().zip(datas) {
             let chunk_end = start.saturating_add(data.len() as u64);
             let from = start.max(offset);
@@ -580,7 +592,7 @@ impl ReadJob {
         match self.fetch() {
             Ok(data) => {
                 Metrics::add(&metrics.bytes_read, data.as_slice().len() as u64);
-                reply.data(data.as_slice());
+                data.send(reply);
             }
             Err(e) => {
                 Metrics::add(&metrics.read_errors, 1);
@@ -783,7 +795,7 @@ impl Filesystem for SkiffFs {
         // The budget counts from here: time spent queued counts.
         let arrived = Instant::now();
         match self.do_read(ino, offset, size) {
-            Ok(ReadStep::Done(data)) => reply.data(data.as_slice()),
+            Ok(ReadStep::Done(data)) => data.send(reply),
             Ok(ReadStep::Fetch(plan)) => self.fetch_later(plan, arrived + self.read_budget, reply),
             Err(e) => {
                 Metrics::add(&self.metrics.read_errors, 1);

@@ -56,6 +56,9 @@ impl ChunkSource {
         opts: SourceOptions,
         metrics: Arc<Metrics>,
     ) -> Self {
+        if backend.store.is_local() {
+            crate::buffers::raise_bound(crate::buffers::MAX_POOLED_LOCAL);
+        }
         ChunkSource {
             memory: MemoryCache::new(opts.memory_bytes),
             fetcher: Fetcher {

@@ -45,6 +45,22 @@ pub trait BlobStore: Send + Sync {
         self.read_range(digest, offset, len)
     }
 
+    /// [`read_range`](Self::read_range) into `buf`, which is cleared
+    /// first: a caller that recycles its buffers spares an allocation, and
+    /// the page faults of fresh memory, per read. The default reads a new
+    /// buffer and puts it in `buf`'s place; [`LocalBlobStore`] reads into
+    /// `buf` itself.
+    fn read_range_into(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RegistryError> {
+        *buf = self.read_range(digest, offset, len)?;
+        Ok(())
+    }
+
     /// The size of blob `digest`.
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError>;
 
@@ -71,6 +87,16 @@ impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
         deadline: Instant,
     ) -> Result<Vec<u8>, RegistryError> {
         (**self).read_range_until(digest, offset, len, deadline)
+    }
+
+    fn read_range_into(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RegistryError> {
+        (**self).read_range_into(digest, offset, len, buf)
     }
 
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
@@ -152,6 +178,18 @@ impl LocalBlobStore {
 
 impl BlobStore for LocalBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+        let mut buf = Vec::new();
+        self.read_range_into(digest, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_range_into(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RegistryError> {
         let path = || self.dir.join(digest.to_hex());
         if len > MAX_READ_RANGE {
             return Err(RegistryError::Invalid(format!(
@@ -170,8 +208,10 @@ impl BlobStore for LocalBlobStore {
         let len = usize::try_from(len).map_err(|_| {
             RegistryError::Invalid(format!("blob {digest}: range length {len} too large"))
         })?;
-        let mut buf = vec![0u8; len];
-        blob.file.read_exact_at(&mut buf, offset).map_err(|e| {
+        buf.clear();
+        buf.resize(len, 0);
+        blob.file.read_exact_at(buf, offset).map_err(|e| {
+            buf.clear();
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 RegistryError::Invalid(format!(
                     "blob {digest} ({}) ended before {len} bytes at offset {offset} could be read",
@@ -180,8 +220,7 @@ impl BlobStore for LocalBlobStore {
             } else {
                 RegistryError::io(path(), e)
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     fn is_local(&self) -> bool {

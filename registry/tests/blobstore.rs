@@ -50,3 +50,30 @@ fn reads_ranges() -> TestResult {
     assert!(LocalBlobStore::new(tmp.path().join("nope")).is_err());
     Ok(())
 }
+
+#[test]
+fn reads_ranges_into_a_callers_buffer() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let w = OciLayoutWriter::open_or_create(tmp.path())?;
+    let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let (d, n) = w.put_blob_bytes(&data)?;
+    let store: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(tmp.path())?);
+    // A used buffer, larger than the range: cleared, filled, its memory kept.
+    let mut buf = vec![7u8; 4096];
+    let ptr = buf.as_ptr();
+    store.read_range_into(&d, 200, 300, &mut buf)?;
+    assert_eq!(buf, data[200..500]);
+    assert_eq!(
+        buf.as_ptr(),
+        ptr,
+        "read into the buffer given, not a new one"
+    );
+    // A buffer smaller than the range grows.
+    let mut small = vec![1u8; 10];
+    store.read_range_into(&d, 0, n, &mut small)?;
+    assert_eq!(small, data);
+    // Past the end: an error, and no bytes that look like a range.
+    let e = store.read_range_into(&d, n - 10, 11, &mut buf).err();
+    assert!(e.is_some_and(|e| e.to_string().contains("too short")));
+    Ok(())
+}
