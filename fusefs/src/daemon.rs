@@ -48,7 +48,8 @@ use crate::workers::Pool;
 pub struct MountOptions {
     /// Where to mount.
     pub mountpoint: PathBuf,
-    /// FUSE worker threads.
+    /// FUSE worker threads; also the read pool's threads over a network
+    /// (from local blobs, at most one per CPU).
     pub threads: usize,
     /// Bound of the memory cache of decompressed chunks, in bytes.
     pub cache_bytes: u64,
@@ -255,8 +256,19 @@ impl Daemon {
             None => None,
         };
         // As many reads wait on the network at once as there are FUSE
-        // threads; READ_QUEUE more wait for one of them.
-        let read_pool = Arc::new(Pool::new("skiff-read", opts.threads.max(1), READ_QUEUE));
+        // threads; READ_QUEUE more wait for one of them. From blobs on
+        // this node a read is CPU work (a pread the page cache mostly
+        // answers, a decode, a hash): more at once than CPUs only
+        // interleaves them, each holding its buffers. Measured on 2 CPUs,
+        // the 2 GiB file of a local image read cold with 8 against 2 read
+        // threads: 3.9 -> 2.8 s, daemon CPU 6.4 -> 4.4 s, VmHWM 29 -> 22 MiB.
+        let read_threads = if source.backend().store.is_local() {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            opts.threads.min(cpus)
+        } else {
+            opts.threads
+        };
+        let read_pool = Arc::new(Pool::new("skiff-read", read_threads.max(1), READ_QUEUE));
         let (alive, fs_gone) = std::sync::mpsc::channel();
         let fs = SkiffFs::new(image.clone(), source.clone())
             .with_fetch_window(opts.fetch_window)
