@@ -429,26 +429,21 @@ impl DiskCache {
     /// Unverified: decode before use, and [`discard`](Self::discard) what
     /// fails.
     pub fn get(&self, digest: &Digest, max_len: u64) -> Option<Vec<u8>> {
+        // The queue first: the writer renames a file into place before it
+        // drops the pending entry, so a chunk that is not pending now is
+        // in its file if anywhere, and one open answers (a miss costs one
+        // failed path walk, not two).
+        if let Some(bytes) = lock(&self.inner.pending).get(digest) {
+            return (bytes.len() as u64 <= max_len).then(|| bytes.to_vec());
+        }
         let path = chunk_path(&self.inner.chunks, digest);
         let mut file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if let Some(bytes) = lock(&self.inner.pending).get(digest) {
-                    return (bytes.len() as u64 <= max_len).then(|| bytes.to_vec());
-                }
-                // The writer renames the file into place before it drops
-                // the pending entry: look once more.
-                match File::open(&path) {
-                    Ok(f) => f,
-                    Err(_) => {
-                        // Evicted by another daemon, or never here.
-                        self.inner.forget(digest);
-                        return None;
-                    }
-                }
-            }
             Err(e) => {
-                tracing::debug!("disk cache: opening {}: {e}", path.display());
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::debug!("disk cache: opening {}: {e}", path.display());
+                }
+                // Evicted by another daemon, or never here.
                 self.inner.forget(digest);
                 return None;
             }
@@ -471,8 +466,9 @@ impl DiskCache {
     /// Whether the cache has a file for `digest` (one `stat`), or has it
     /// queued for writing.
     pub fn contains(&self, digest: &Digest) -> bool {
-        chunk_path(&self.inner.chunks, digest).is_file()
-            || lock(&self.inner.pending).contains_key(digest)
+        // The queue first: a map lookup, where the file is a path walk.
+        lock(&self.inner.pending).contains_key(digest)
+            || chunk_path(&self.inner.chunks, digest).is_file()
     }
 
     /// Queues the stored bytes of chunk `digest` for writing (they need not

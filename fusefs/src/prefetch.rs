@@ -237,6 +237,8 @@ fn plan_prefetch(
             tx.send(reqs).is_ok()
         })
     };
+    // Frames looked up once per window (see `LocalCheck`).
+    let mut local = source.local_check();
     for &id in ids {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -248,7 +250,7 @@ fn plan_prefetch(
         // A shared frame comes whole: keep all of its members.
         reqs.extend(crate::chunk::frame_siblings(b, &reqs));
         for r in reqs {
-            if seen.insert(r.info.digest) && !source.is_local(&r) {
+            if seen.insert(r.info.digest) && !local.is_local(&r) {
                 bytes += u64::from(r.info.compressed_size);
                 window.push(r);
             }
@@ -258,6 +260,7 @@ fn plan_prefetch(
                 return;
             }
             bytes = 0;
+            local = source.local_check();
         }
     }
     if !window.is_empty() {
@@ -293,6 +296,7 @@ fn fetch_rest(
         let mut at = 0u64;
         while at < info.size {
             let to = at.saturating_add(BACKGROUND_REQUEST).min(info.size);
+            let mut local = source.local_check();
             let reqs: Vec<ChunkRequest> = image
                 .chunks_in_blob(blob, at, to)
                 .into_iter()
@@ -301,8 +305,9 @@ fn fetch_rest(
                     info: c,
                     blob: info.digest,
                 })
-                .filter(|r| !source.is_local(r))
+                .filter(|r| !local.is_local(r))
                 .collect();
+            drop(local);
             at = to;
             if reqs.is_empty() {
                 continue;

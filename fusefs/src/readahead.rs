@@ -230,6 +230,7 @@ impl Readahead {
             let job = move || {
                 // The first call builds the index (a pass over the chunk
                 // table): here, not at mount and not on a FUSE thread.
+                let mut local = source.local_check();
                 let reqs: Vec<ChunkRequest> = image
                     .chunks_in_blob(blob, piece.0, piece.1)
                     .into_iter()
@@ -238,8 +239,9 @@ impl Readahead {
                         info,
                         blob: digest,
                     })
-                    .filter(|r| !source.is_local(r))
+                    .filter(|r| !local.is_local(r))
                     .collect();
+                drop(local);
                 if reqs.is_empty() {
                     return;
                 }

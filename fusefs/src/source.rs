@@ -41,6 +41,39 @@ use crate::fetch::{
 use crate::metrics::Metrics;
 use crate::workers::ByteBudget;
 
+/// Which chunks of a batch (a readahead window, a prefetch window) are
+/// already on this node, for those who fetch ahead: a request that is
+/// local is not fetched again. Cheaper than [`ChunkSource::is_local`] per
+/// request, which costs a file lookup or two each: a shared frame's file is
+/// looked up once for all of its members in the batch, and a member counts
+/// as local only through its frame or the memory cache (the file of a
+/// member that another image stored as a chunk of its own is not looked
+/// for: at worst the frame, at most a pack size, is fetched again; a
+/// reader still finds that file first).
+pub struct LocalCheck<'s> {
+    source: &'s ChunkSource,
+    frames: HashMap<Digest, bool>,
+}
+
+impl LocalCheck<'_> {
+    /// Whether `req` is in memory or on disk, as above.
+    pub fn is_local(&mut self, req: &ChunkRequest) -> bool {
+        if self.source.memory.contains(&req.info.digest) {
+            return true;
+        }
+        let Some(disk) = self.source.disk() else {
+            return false;
+        };
+        match req.frame_key() {
+            Some(key) => *self
+                .frames
+                .entry(key)
+                .or_insert_with(|| disk.contains(&key)),
+            None => disk.contains(&req.info.digest),
+        }
+    }
+}
+
 /// Chunks on demand: memory cache, disk cache, coalesced verified fetches.
 pub struct ChunkSource {
     memory: MemoryCache,
@@ -112,13 +145,18 @@ impl ChunkSource {
     /// Whether chunk `req` is in memory or on disk (its own file, or the
     /// file of the shared frame that holds it).
     pub fn is_local(&self, req: &ChunkRequest) -> bool {
-        self.memory.contains(&req.info.digest) || self.on_disk(req)
+        self.memory.contains(&req.info.digest)
+            || self.disk().is_some_and(|d| {
+                d.contains(&req.info.digest) || req.frame_key().is_some_and(|k| d.contains(&k))
+            })
     }
 
-    fn on_disk(&self, req: &ChunkRequest) -> bool {
-        self.disk().is_some_and(|d| {
-            d.contains(&req.info.digest) || req.frame_key().is_some_and(|k| d.contains(&k))
-        })
+    /// A [`LocalCheck`] for one batch of requests.
+    pub fn local_check(&self) -> LocalCheck<'_> {
+        LocalCheck {
+            source: self,
+            frames: HashMap::new(),
+        }
     }
 
     fn read_plan(&self, deadline: Option<Instant>) -> Plan {
@@ -164,9 +202,6 @@ impl ChunkSource {
                 }
                 None => {
                     let disk = self.disk()?;
-                    if !self.on_disk(req) {
-                        return None;
-                    }
                     let v = self.fetcher.load_from_disk(disk, req)?;
                     self.memory.insert(*d, v.clone());
                     v
@@ -223,8 +258,9 @@ impl ChunkSource {
         let mut all: Vec<ChunkRequest> = Vec::new();
         if !owned.is_empty() && !ahead.is_empty() {
             all.extend_from_slice(reqs);
+            let mut local = self.local_check();
             for r in ahead {
-                if first.contains_key(&r.info.digest) || self.is_local(r) {
+                if first.contains_key(&r.info.digest) || local.is_local(r) {
                     continue;
                 }
                 first.insert(r.info.digest, usize::MAX);
@@ -330,8 +366,9 @@ impl ChunkSource {
     pub fn prefetch(&self, reqs: &[ChunkRequest]) -> (u64, u64) {
         let mut owned = Vec::new();
         let mut seen = HashMap::new();
+        let mut local = self.local_check();
         for (i, req) in reqs.iter().enumerate() {
-            if seen.insert(req.info.digest, ()).is_some() || self.is_local(req) {
+            if seen.insert(req.info.digest, ()).is_some() || local.is_local(req) {
                 continue;
             }
             // Skip what another thread is loading or has loaded meanwhile.
@@ -703,6 +740,83 @@ mod tests {
             f.datas[2].as_slice()
         );
         assert!(source.metrics().snapshot().chunk_errors >= 2);
+    }
+
+    /// A blob holding one shared zstd frame of `n` small chunks of `size`
+    /// bytes each (packed small files).
+    fn frame_fixture(n: usize, size: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let datas: Vec<Vec<u8>> = (0..n)
+            .map(|i| (0..size).map(|j| ((j % 13) * (i + 1)) as u8).collect())
+            .collect();
+        let (stored, compressed) = encode_chunk(&datas.concat(), 3).unwrap();
+        assert!(compressed);
+        std::fs::write(blobs.join(Digest::of(&stored).to_hex()), &stored).unwrap();
+        let reqs = datas
+            .iter()
+            .enumerate()
+            .map(|(i, data)| ChunkRequest {
+                index: i as u32,
+                info: ChunkInfo {
+                    digest: Digest::of(data),
+                    blob_index: 0,
+                    compressed: true,
+                    compressed_offset: 0,
+                    compressed_size: stored.len() as u32,
+                    uncompressed_size: size as u32,
+                    frame: Some(skiff_format::SharedFrame {
+                        offset: (i * size) as u32,
+                        size: (n * size) as u32,
+                    }),
+                },
+                blob: Digest::of(&stored),
+            })
+            .collect();
+        let store = Arc::new(CountingStore {
+            inner: LocalBlobStore::new(dir.path()).unwrap(),
+            reads: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            delay: Duration::ZERO,
+        });
+        let blob_path = blobs.join(Digest::of(&stored).to_hex());
+        Fixture {
+            dir,
+            reqs,
+            datas,
+            store,
+            blob_path,
+        }
+    }
+
+    #[test]
+    fn a_shared_frames_file_makes_all_its_members_local() {
+        let f = frame_fixture(6, 3000);
+        let disk = Arc::new(DiskCache::open(&f.dir.path().join("cache"), 1 << 30).unwrap());
+        let source = f.source(0, Some(disk.clone()));
+        let mut check = source.local_check();
+        assert!(
+            f.reqs.iter().all(|r| !check.is_local(r)),
+            "nothing local yet"
+        );
+        // Fetched ahead of any reader: the frame's file, unverified.
+        assert_eq!(source.prefetch(&f.reqs), (6, 0));
+        disk.flush();
+        assert_eq!(f.reads(), 1, "one frame, one request");
+        let mut check = source.local_check();
+        assert!(
+            f.reqs.iter().all(|r| check.is_local(r)),
+            "local through the frame"
+        );
+        assert!(f.reqs.iter().all(|r| source.is_local(r)));
+        assert_eq!(source.prefetch(&f.reqs), (0, 0), "nothing fetched again");
+        // Readers get the members from the frame's file, verified.
+        let got = source.get_many(&f.reqs).unwrap();
+        for (g, d) in got.iter().zip(&f.datas) {
+            assert_eq!(g.as_slice(), d.as_slice());
+        }
+        assert_eq!(f.reads(), 1);
     }
 
     #[test]
