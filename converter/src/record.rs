@@ -216,7 +216,11 @@ impl LayerRecord {
             }
         }
         let mut out = RECORD_MAGIC.to_vec();
-        let frame = zstd::bulk::compress(&w, 6).map_err(|e| ConvertError::Io {
+        // Level 1: records are read by conversions, never pulled by nodes,
+        // and on their repetitive encoding it is both the fastest level and
+        // no larger (the record of 100,000 small files, 17.1 MB: level 1
+        // 8.09 MB in 0.07 s, level 6 8.16 MB in 0.29 s).
+        let frame = zstd::bulk::compress(&w, 1).map_err(|e| ConvertError::Io {
             context: "compressing a layer record".into(),
             source: e,
         })?;

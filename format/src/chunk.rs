@@ -30,14 +30,21 @@ pub fn encode_chunk(data: &[u8], level: i32) -> Result<(Vec<u8>, bool), FormatEr
             data.len()
         )));
     }
-    let mut compressor = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
-    compressor
-        .set_parameter(zstd_safe::CParameter::ContentSizeFlag(true))
+    let frame = ENCODER
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                let mut c = zstd::bulk::Compressor::new(level)?;
+                c.set_parameter(zstd_safe::CParameter::ContentSizeFlag(true))?;
+                c.set_parameter(zstd_safe::CParameter::ChecksumFlag(false))?;
+                *slot = Some((level, c));
+            }
+            match slot.as_mut() {
+                Some((_, c)) => c.compress(data),
+                None => Err(std::io::Error::other("no zstd encoder")),
+            }
+        })
         .map_err(zstd_error)?;
-    compressor
-        .set_parameter(zstd_safe::CParameter::ChecksumFlag(false))
-        .map_err(zstd_error)?;
-    let frame = compressor.compress(data).map_err(zstd_error)?;
     let saved = data.len().saturating_sub(frame.len());
     if saved.saturating_mul(32) >= data.len() {
         Ok((frame, true))
@@ -257,6 +264,15 @@ fn check_sizes(info: &ChunkInfo, stored: &[u8]) -> Result<(), FormatError> {
 }
 
 thread_local! {
+    /// One zstd encoding context per thread and level, made on first use and
+    /// reused for every chunk, as the decoder below: making one costs its
+    /// tables' allocation and initialisation per chunk otherwise (thousands
+    /// of packed frames and small chunks in a tree of small files). Its
+    /// parameters are sticky and each `compress` is a new frame, so the
+    /// output is what a fresh context gives.
+    static ENCODER: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+
     /// One zstd decoding context per thread, made on first use and reused
     /// for every chunk: making one costs an allocation of about 100 KiB and
     /// its initialisation, per chunk otherwise. A context keeps no state

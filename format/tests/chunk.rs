@@ -354,3 +354,34 @@ fn shared_frame_lies_are_errors() {
     assert!(!last.holds(&elsewhere));
     assert!(last.chunk(&elsewhere).is_err());
 }
+
+#[test]
+fn encoding_reuses_a_context_without_changing_a_byte() {
+    // The thread's encoder is reused across chunks and levels: each frame
+    // must be what a fresh context gives (a conversion must give the same
+    // bytes wherever and in whatever order it runs).
+    let text: Vec<u8> = b"skiff chunk "
+        .iter()
+        .copied()
+        .cycle()
+        .take(200_000)
+        .collect();
+    let mixed: Vec<u8> = noise(50_000, 7)
+        .into_iter()
+        .chain(text.iter().copied().take(80_000))
+        .collect();
+    for (data, level) in [
+        (&text, 4),
+        (&mixed, 4),
+        (&text, 19),
+        (&mixed, 1),
+        (&text, 4),
+    ] {
+        let (stored, compressed) = encode_chunk(data, level).unwrap();
+        assert!(compressed);
+        let fresh = zstd::bulk::compress(data, level).unwrap();
+        assert_eq!(stored, fresh, "level {level}, {} bytes", data.len());
+        let info = info_for(data, &stored, true);
+        assert_eq!(decode_chunk(&info, &stored).unwrap(), *data);
+    }
+}
