@@ -450,6 +450,30 @@ mod tests {
     }
 
     impl Fixture {
+        /// The fixture of the blob at `blob_path` in the layout `dir`, read
+        /// through a [`CountingStore`] that waits `delay` per read.
+        fn new(
+            dir: tempfile::TempDir,
+            reqs: Vec<ChunkRequest>,
+            datas: Vec<Vec<u8>>,
+            blob_path: std::path::PathBuf,
+            delay: Duration,
+        ) -> Fixture {
+            let store = Arc::new(CountingStore {
+                inner: LocalBlobStore::new(dir.path()).unwrap(),
+                reads: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                delay,
+            });
+            Fixture {
+                dir,
+                reqs,
+                datas,
+                store,
+                blob_path,
+            }
+        }
+
         fn reads(&self) -> u64 {
             self.store.reads.load(Ordering::SeqCst)
         }
@@ -502,12 +526,6 @@ mod tests {
         let blob_digest = Digest::of(&blob);
         let blob_path = blobs.join(blob_digest.to_hex());
         std::fs::write(&blob_path, &blob).unwrap();
-        let store = Arc::new(CountingStore {
-            inner: LocalBlobStore::new(dir.path()).unwrap(),
-            reads: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            delay,
-        });
         let reqs = infos
             .into_iter()
             .enumerate()
@@ -517,13 +535,7 @@ mod tests {
                 blob: blob_digest,
             })
             .collect();
-        Fixture {
-            dir,
-            reqs,
-            datas,
-            store,
-            blob_path,
-        }
+        Fixture::new(dir, reqs, datas, blob_path, delay)
     }
 
     #[test]
@@ -774,20 +786,8 @@ mod tests {
                 blob: Digest::of(&stored),
             })
             .collect();
-        let store = Arc::new(CountingStore {
-            inner: LocalBlobStore::new(dir.path()).unwrap(),
-            reads: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            delay: Duration::ZERO,
-        });
         let blob_path = blobs.join(Digest::of(&stored).to_hex());
-        Fixture {
-            dir,
-            reqs,
-            datas,
-            store,
-            blob_path,
-        }
+        Fixture::new(dir, reqs, datas, blob_path, Duration::ZERO)
     }
 
     #[test]
