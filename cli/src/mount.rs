@@ -267,21 +267,32 @@ fn read_budget(secs: f64) -> anyhow::Result<Duration> {
 const MALLOC_TUNABLES: &str =
     "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072";
 
-/// Makes the daemon run with [`MALLOC_TUNABLES`]: glibc reads tunables
-/// only at start-up, so the process executes itself again (same PID, same
-/// arguments) with them added to `GLIBC_TUNABLES`, unless that already
-/// names malloc tunables (the operator's, or ours after the re-exec). No
-/// `unsafe` (`mallopt`) needed. Returns only when it did not re-execute.
-fn with_malloc_tunables() {
-    use std::os::unix::process::CommandExt as _;
+/// The value of `GLIBC_TUNABLES` that adds [`MALLOC_TUNABLES`] to this
+/// process's, or `None` when that already names malloc tunables (the
+/// operator's, or ours after a re-exec).
+fn malloc_tunables_env() -> Option<String> {
     let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     if current.contains("glibc.malloc.") {
-        return;
+        return None;
     }
-    let value = if current.is_empty() {
+    Some(if current.is_empty() {
         MALLOC_TUNABLES.to_owned()
     } else {
         format!("{current}:{MALLOC_TUNABLES}")
+    })
+}
+
+/// Makes the daemon run with [`MALLOC_TUNABLES`]: glibc reads tunables
+/// only at start-up, so the process executes itself again (same PID, same
+/// arguments) with them added to `GLIBC_TUNABLES`, unless they are there
+/// already (see [`malloc_tunables_env`]). No `unsafe` (`mallopt`) needed.
+/// Returns only when it did not re-execute. A keeper does not call it: it
+/// starts its workers with the tunables instead, which spares the start of
+/// a mount one execution of this binary.
+fn with_malloc_tunables() {
+    use std::os::unix::process::CommandExt as _;
+    let Some(value) = malloc_tunables_env() else {
+        return;
     };
     let mut argv = std::env::args_os();
     let mut cmd = std::process::Command::new("/proc/self/exe");
@@ -296,13 +307,13 @@ fn with_malloc_tunables() {
 
 /// Runs `skiff mount`: returns once the mount is gone.
 pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
-    with_malloc_tunables();
     if args.serve_fd.is_none() && !args.no_failover {
         if is_root() {
             return run_keeper(&args);
         }
         tracing::info!("not root: serving in this process (no failover)");
     }
+    with_malloc_tunables();
     serve(args)
 }
 
@@ -351,6 +362,10 @@ fn run_keeper(args: &MountArgs) -> anyhow::Result<ExitCode> {
         mountpoint: args.mountpoint.clone(),
         args: keeper_args,
         worker_args,
+        worker_env: malloc_tunables_env()
+            .map(|v| ("GLIBC_TUNABLES".to_owned(), v))
+            .into_iter()
+            .collect(),
         pid_file: args.pid_file.clone(),
         resume_fd: args.keeper_fd,
     };

@@ -181,6 +181,10 @@ pub struct KeeperOptions {
     /// The worker's arguments after the binary (`mount ...`); the keeper
     /// adds `--serve-fd N --ready-fd N [--takeover]`.
     pub worker_args: Vec<String>,
+    /// Environment variables set for the workers only (the daemon's malloc
+    /// tunables: the keeper itself holds little memory and need not
+    /// execute itself again to get them).
+    pub worker_env: Vec<(String, String)>,
     /// Written with the keeper's PID once the mount serves.
     pub pid_file: Option<PathBuf>,
     /// Resume with this descriptor (after an upgrade's `execve`).
@@ -490,6 +494,7 @@ fn spawn_worker(
     })?;
     let mut cmd = Command::new(binary);
     cmd.args(&opts.worker_args)
+        .envs(opts.worker_env.iter().map(|(k, v)| (k, v)))
         .arg("--serve-fd")
         .arg(fuse_fd.to_string())
         .arg("--ready-fd")
