@@ -20,7 +20,8 @@
 //! Measured against the previous read path (1 MiB of decoded chunks only),
 //! 3 runs each: the 2 GiB file of a local image read cold, 5.5-6.0 ->
 //! 4.0-4.2 s, daemon CPU 8.6-9.3 -> 6.2-6.7 s, minor faults 1.13 million
-//! -> 0.27 million, VmHWM 21-22 -> 30 MiB; every file of the fixture
+//! -> 0.27 million, VmHWM 21-22 -> 30 MiB (back to 21 MiB since the read
+//! pool has one thread per CPU for local blobs, see `daemon`); every file of the fixture
 //! image, local, CPU 2.0-2.1 -> 1.55-1.75 s, VmHWM 24 -> 29-30 MiB; every
 //! file of it from a registry, CPU 2.9-3.2 -> 2.6-2.9 s, VmHWM 31-33 MiB
 //! both (a 4 MiB pool there: VmHWM +6 MiB, no gain).

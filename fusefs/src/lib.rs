@@ -54,8 +54,8 @@
 //!
 //! Memory is bounded by design: the memory cache (`cache_bytes`, 4 MiB by
 //! default), the bytes in flight (`in_flight_bytes`, 8 MiB), the disk
-//! cache's write queue (16 stored chunks), the recycled chunk buffers (1 MiB,
-//! [`buffers`]), the queues of the pools (jobs of
+//! cache's write queue (16 stored chunks), the recycled large buffers (1 MiB,
+//! 4 MiB for local blobs, [`buffers`]), the queues of the pools (jobs of
 //! a few hundred bytes). Everything else a mount holds is its bootstrap.
 //!
 //! # Layout
@@ -74,7 +74,8 @@
 //!   `skiff cache` helpers.
 //! - [`reclaim`]: what one image holds in the node's cache directory
 //!   (`Usage` of its snapshot) and deleting it when the image is removed.
-//! - [`buffers`]: decoded-chunk buffers recycled from the memory cache.
+//! - [`buffers`]: large buffers of the read path recycled (decoded chunks,
+//!   runs read from local blobs, assembled replies).
 //! - [`cache`]: [`MemoryCache`]: decoded chunks in memory, single flight.
 //! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
 //!   budget, decode, verification, one refetch.

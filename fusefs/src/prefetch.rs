@@ -307,7 +307,6 @@ fn fetch_rest(
                 })
                 .filter(|r| !local.is_local(r))
                 .collect();
-            drop(local);
             at = to;
             if reqs.is_empty() {
                 continue;

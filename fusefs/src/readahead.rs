@@ -241,7 +241,6 @@ impl Readahead {
                     })
                     .filter(|r| !local.is_local(r))
                     .collect();
-                drop(local);
                 if reqs.is_empty() {
                     return;
                 }

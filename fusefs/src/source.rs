@@ -43,10 +43,9 @@ use crate::workers::ByteBudget;
 
 /// Which chunks of a batch (a readahead window, a prefetch window) are
 /// already on this node, for those who fetch ahead: a request that is
-/// local is not fetched again. Cheaper than [`ChunkSource::is_local`] per
-/// request, which costs a file lookup or two each: a shared frame's file is
-/// looked up once for all of its members in the batch, and a member counts
-/// as local only through its frame or the memory cache (the file of a
+/// local is not fetched again. A shared frame's file is looked up once for
+/// all of its members in the batch, and a member counts as local only
+/// through its frame or the memory cache (the file of a
 /// member that another image stored as a chunk of its own is not looked
 /// for: at worst the frame, at most a pack size, is fetched again; a
 /// reader still finds that file first).
@@ -142,13 +141,10 @@ impl ChunkSource {
         self.memory.contains(digest)
     }
 
-    /// Whether chunk `req` is in memory or on disk (its own file, or the
-    /// file of the shared frame that holds it).
+    /// Whether chunk `req` is in memory or on disk: a [`LocalCheck`] of
+    /// one request.
     pub fn is_local(&self, req: &ChunkRequest) -> bool {
-        self.memory.contains(&req.info.digest)
-            || self.disk().is_some_and(|d| {
-                d.contains(&req.info.digest) || req.frame_key().is_some_and(|k| d.contains(&k))
-            })
+        self.local_check().is_local(req)
     }
 
     /// A [`LocalCheck`] for one batch of requests.
