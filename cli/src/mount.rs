@@ -435,6 +435,16 @@ fn open(
     Ok(image)
 }
 
+/// The bootstrap the daemon reads, shared with the code that starts its
+/// read-ahead once the mount serves.
+struct SharedBootstrap(Arc<skiff_registry::BootstrapBytes>);
+
+impl AsRef<[u8]> for SharedBootstrap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// `image.json` in a keeper's state directory.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedImage {
@@ -539,8 +549,14 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         }
         None => Connection::Mount,
     };
-    let daemon = Daemon::start_on(&opts, Box::new(image.bootstrap), backend, conn)
-        .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
+    let bootstrap = Arc::new(image.bootstrap);
+    let daemon = Daemon::start_on(
+        &opts,
+        Box::new(SharedBootstrap(Arc::clone(&bootstrap))),
+        backend,
+        conn,
+    )
+    .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     if let Some(fd) = args.ready_fd {
         signal_ready(fd);
     }
@@ -564,6 +580,10 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
+    // The mount serves, having read a few pages of the bootstrap: the rest
+    // may now stream in from disk for the tree walks to come.
+    bootstrap.read_ahead();
+    drop(bootstrap);
     let (why, metrics) = daemon.wait().context("serving the mount")?;
     if why == Stopped::HandedOver {
         // The mount stays; the keeper's next worker serves it. Exit at

@@ -45,6 +45,17 @@ pub enum FormatError {
         /// The CRC of the bytes as they are.
         actual: u32,
     },
+    /// A block CRC (format 1.2, BLOCK_CRCS) does not match the 64 KiB block
+    /// at `offset`: the bootstrap was damaged after it was written.
+    #[error("bootstrap block at offset {offset} checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
+    BlockChecksumMismatch {
+        /// Offset of the block in the bootstrap.
+        offset: u64,
+        /// The CRC stored in BLOCK_CRCS.
+        expected: u32,
+        /// The CRC of the bytes as they are.
+        actual: u32,
+    },
     /// An index, offset or range points outside the data it refers to.
     #[error("out of bounds: {what}")]
     OutOfBounds {

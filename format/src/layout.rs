@@ -17,7 +17,7 @@ pub const MAGIC: [u8; 8] = *b"\x89SKF\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor version written. Readers accept any minor of their major; a
 /// feature an older reader must not ignore sets a [`Superblock`] flag.
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Superblock flag (1.1): some chunks are slices of shared zstd frames
 /// ([`CHUNK_FLAG_SHARED_FRAME`]). A 1.0 reader refuses the bootstrap at open.
 pub const FEATURE_SHARED_FRAMES: u32 = 1;
@@ -48,6 +48,10 @@ pub const SECTION_STRINGS: u32 = 6;
 pub const SECTION_BLOBS: u32 = 7;
 /// Section kind: little-endian `u32` inode indices.
 pub const SECTION_PREFETCH: u32 = 8;
+/// Section kind (1.2): little-endian `u32` CRC-32s of the bootstrap in
+/// 64 KiB blocks, for verification on first read (see [`crate::blocks`]).
+/// Optional; when present, the last section.
+pub const SECTION_BLOCK_CRCS: u32 = 9;
 /// The kinds a 1.x bootstrap must contain, each exactly once, in the order
 /// the writer lays them out.
 pub const SECTION_KINDS: [u32; 8] = [
@@ -72,6 +76,7 @@ pub fn section_name(kind: u32) -> &'static str {
         SECTION_STRINGS => "STRINGS",
         SECTION_BLOBS => "BLOBS",
         SECTION_PREFETCH => "PREFETCH",
+        SECTION_BLOCK_CRCS => "BLOCK_CRCS",
         _ => "unknown",
     }
 }
@@ -87,7 +92,7 @@ pub fn section_record_size(kind: u32) -> Option<u32> {
         SECTION_XATTRS => size_of::<XattrRecord>(),
         SECTION_STRINGS => 0,
         SECTION_BLOBS => size_of::<BlobRecord>(),
-        SECTION_PREFETCH => size_of::<U32>(),
+        SECTION_PREFETCH | SECTION_BLOCK_CRCS => size_of::<U32>(),
         _ => return None,
     };
     // All sizes above are small constants.
@@ -363,6 +368,8 @@ mod tests {
             assert!(section_record_size(kind).is_some());
             assert_ne!(section_name(kind), "unknown");
         }
-        assert_eq!(section_record_size(9), None);
+        assert_eq!(section_record_size(SECTION_BLOCK_CRCS), Some(4));
+        assert_eq!(section_name(SECTION_BLOCK_CRCS), "BLOCK_CRCS");
+        assert_eq!(section_record_size(10), None);
     }
 }

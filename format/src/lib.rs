@@ -45,6 +45,7 @@
 //! - [`digest`]: [`Digest`], a SHA-256 written `sha256:<hex>`.
 //! - [`error`]: [`FormatError`], the one error type.
 
+pub mod blocks;
 pub mod chunk;
 pub mod digest;
 pub mod dump;
@@ -54,6 +55,7 @@ pub mod reader;
 pub mod tree;
 pub mod writer;
 
+pub use blocks::BlockMarks;
 pub use chunk::{
     decode_chunk, decode_chunk_into, decode_chunk_owned, decode_frame, encode_chunk,
     slice_of_frame, MAX_CHUNK_SIZE,

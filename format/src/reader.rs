@@ -15,13 +15,14 @@ use std::fmt;
 use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::blocks::{block_count, BlockMarks, LazyBlocks};
 use crate::layout::{
     section_name, section_record_size, BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord,
     InodeRecord, SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD,
     FEATURE_SHARED_FRAMES, KNOWN_FEATURES, MAGIC, PERM_MASK, SECTION_ALIGN, SECTION_BLOBS,
-    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
-    SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, S_IFMT,
-    VERSION_MAJOR,
+    SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
+    SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS,
+    SUPERBLOCK_SIZE, S_IFMT, VERSION_MAJOR,
 };
 use crate::tree::{
     check_attrs, check_chunk, check_chunk_map, check_name, check_symlink, check_xattr, Attrs,
@@ -187,6 +188,9 @@ pub struct Bootstrap<'a> {
     strings: &'a [u8],
     blobs: &'a [BlobRecord],
     prefetch: &'a [U32],
+    /// Set when the bootstrap was opened lazily: blocks are checked on
+    /// first read instead of at open.
+    lazy: Option<LazyBlocks<'a>>,
 }
 
 // Readers are shared between FUSE worker threads and copied freely.
@@ -249,10 +253,33 @@ impl<'a> Bootstrap<'a> {
     /// Opens a bootstrap: checks magic, version, flags, `total_size`, the
     /// header CRC, the section table (each known kind once, aligned, in
     /// bounds, no overlap, zero padding, whole records), the record counts,
-    /// every section CRC, and that the root is a directory.
+    /// every section CRC, every block CRC (1.2), and that the root is a
+    /// directory.
     ///
     /// Works on any alignment of `buf`.
     pub fn parse(buf: &'a [u8]) -> Result<Self> {
+        Self::open(buf, None)
+    }
+
+    /// Opens a bootstrap for reading in place, checking each 64 KiB block
+    /// the first time a record in it is read (format 1.2, see
+    /// [`crate::blocks`]) instead of every byte at open: the header, the
+    /// section table, the BLOCK_CRCS section and the root inode's block are
+    /// checked here, so opening reads a few KB whatever the image's size.
+    /// `marks` come from [`BlockMarks::for_len`] of `buf`'s length and
+    /// outlive the reader. A bootstrap without block CRCs (1.0, 1.1), or
+    /// marks too small for it, is checked whole at open as by
+    /// [`Bootstrap::parse`].
+    ///
+    /// Every accessor then returns only checked bytes (a damaged block is
+    /// [`FormatError::BlockChecksumMismatch`] on every read of it); only
+    /// [`Bootstrap::as_bytes`] and [`Bootstrap::section_bytes`] hand out
+    /// raw bytes: call [`Bootstrap::check_all_blocks`] first.
+    pub fn parse_lazy(buf: &'a [u8], marks: &'a BlockMarks) -> Result<Self> {
+        Self::open(buf, Some(marks))
+    }
+
+    fn open(buf: &'a [u8], marks: Option<&'a BlockMarks>) -> Result<Self> {
         let len = buf.len() as u64;
         let (superblock, _) =
             Superblock::ref_from_prefix(buf).map_err(|_| FormatError::Truncated {
@@ -306,6 +333,10 @@ impl<'a> Bootstrap<'a> {
         }
 
         let mut found: [Option<&'a [u8]>; SECTION_KINDS.len()] = [None; SECTION_KINDS.len()];
+        let mut block_crcs: Option<(usize, &'a [u8])> = None;
+        let has_blocks = table.iter().any(|e| e.kind.get() == SECTION_BLOCK_CRCS);
+        // Lazily: only the BLOCK_CRCS section's own CRC now, the rest by block.
+        let lazy = has_blocks && marks.is_some_and(|m| m.capacity() >= block_count(buf.len()));
         let mut spans = Vec::with_capacity(table.len());
         for (i, entry) in table.iter().enumerate() {
             let kind = entry.kind.get();
@@ -321,7 +352,11 @@ impl<'a> Bootstrap<'a> {
             })?;
             // Both fit in the buffer length, hence in usize.
             let bytes = buf.get(offset as usize..end as usize).unwrap_or_default();
-            let crc = crc32fast::hash(bytes);
+            let crc = if lazy && kind != SECTION_BLOCK_CRCS {
+                entry.crc.get()
+            } else {
+                crc32fast::hash(bytes)
+            };
             if crc != entry.crc.get() {
                 return Err(FormatError::ChecksumMismatch {
                     section: name,
@@ -341,6 +376,13 @@ impl<'a> Bootstrap<'a> {
                         "section {i} ({name}): length {length} is not a multiple of record_size {size}"
                     )));
                 }
+                if kind == SECTION_BLOCK_CRCS {
+                    if block_crcs.is_some() {
+                        return Err(corrupt(format!("section {i}: a second {name} section")));
+                    }
+                    // Both fit in the buffer length, hence in usize.
+                    block_crcs = Some((offset as usize, bytes));
+                }
                 // Known kinds are 1..=8.
                 if let Some(slot) = found.get_mut(kind as usize - 1) {
                     if slot.is_some() {
@@ -355,6 +397,12 @@ impl<'a> Bootstrap<'a> {
         // the gaps zero, so that every byte of the file is covered by a CRC
         // or by this check and no flipped bit goes unnoticed.
         spans.sort_unstable();
+        // Lazily, the gaps inside the covered range are checked with their
+        // blocks (against the writer's CRC, not for zero).
+        let gaps_from = match block_crcs {
+            Some((offset, _)) if lazy => offset as u64,
+            _ => 0,
+        };
         let mut cursor = table_end;
         for &(offset, end, i) in spans.iter().chain(std::iter::once(&(len, len, usize::MAX))) {
             if offset < cursor {
@@ -363,9 +411,12 @@ impl<'a> Bootstrap<'a> {
                     table.get(i).map_or("unknown", |e| section_name(e.kind.get()))
                 )));
             }
-            let gap = buf
-                .get(cursor as usize..offset as usize)
-                .unwrap_or_default();
+            let gap = if cursor < gaps_from {
+                &[]
+            } else {
+                buf.get(cursor as usize..offset as usize)
+                    .unwrap_or_default()
+            };
             if let Some(pos) = gap.iter().position(|&b| b != 0) {
                 return Err(corrupt(format!(
                     "nonzero padding byte at offset {}",
@@ -382,7 +433,23 @@ impl<'a> Bootstrap<'a> {
                 .flatten()
                 .ok_or_else(|| corrupt(format!("no {} section", section_name(kind))))
         };
+        let blocks = match block_crcs {
+            Some((offset, bytes)) => Some(Self::blocks(
+                buf,
+                table_end,
+                offset,
+                bytes,
+                marks.filter(|_| lazy),
+            )?),
+            None => None,
+        };
+        if let Some(blocks) = &blocks {
+            if !lazy {
+                blocks.check_all()?;
+            }
+        }
         let this = Bootstrap {
+            lazy: blocks.filter(|_| lazy),
             buf,
             superblock,
             table,
@@ -438,7 +505,66 @@ impl<'a> Bootstrap<'a> {
         Ok(this)
     }
 
-    /// The whole bootstrap.
+    /// The lazy verifier of the BLOCK_CRCS section at `offset`: it must be
+    /// the last section and hold one CRC per block of the bytes from
+    /// `table_end` to it. Without marks (an eager open) or with marks too
+    /// small, the verifier gets marks of its own.
+    fn blocks(
+        buf: &'a [u8],
+        table_end: u64,
+        offset: usize,
+        bytes: &'a [u8],
+        marks: Option<&'a BlockMarks>,
+    ) -> Result<LazyBlocks<'a>> {
+        let start = table_end as usize;
+        let covered = offset.saturating_sub(start);
+        let count = block_count(covered);
+        if bytes.len() != count * 4 {
+            return Err(corrupt(format!(
+                "BLOCK_CRCS holds {} bytes but the {covered} bytes before it need {count} CRCs",
+                bytes.len()
+            )));
+        }
+        if buf.len().saturating_sub(offset + bytes.len()) >= SECTION_ALIGN as usize {
+            return Err(corrupt(format!(
+                "BLOCK_CRCS at offset {offset} is not the last section"
+            )));
+        }
+        let crcs = records(bytes, SECTION_BLOCK_CRCS)?;
+        // An eager open checks each block once, so it needs no marks.
+        static NO_MARKS: std::sync::OnceLock<BlockMarks> = std::sync::OnceLock::new();
+        let marks = marks.unwrap_or_else(|| NO_MARKS.get_or_init(|| BlockMarks::for_len(0)));
+        Ok(LazyBlocks {
+            buf,
+            start,
+            end: offset,
+            crcs,
+            marks,
+        })
+    }
+
+    /// `s` (a sub-slice of the bootstrap) after its blocks are checked.
+    fn checked<T>(&self, s: &'a [T]) -> Result<&'a [T]> {
+        if let Some(lazy) = &self.lazy {
+            let offset = (s.as_ptr() as usize).wrapping_sub(self.buf.as_ptr() as usize);
+            lazy.check(offset, std::mem::size_of_val(s))?;
+        }
+        Ok(s)
+    }
+
+    /// Checks every block of a lazily opened bootstrap now (no-op
+    /// otherwise: [`Bootstrap::parse`] checked them at open).
+    pub fn check_all_blocks(&self) -> Result<()> {
+        self.lazy.as_ref().map_or(Ok(()), LazyBlocks::check_all)
+    }
+
+    /// Whether blocks are checked on first read ([`Bootstrap::parse_lazy`]
+    /// of a 1.2 bootstrap).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
+    }
+
+    /// The whole bootstrap, as stored (see [`Bootstrap::parse_lazy`]).
     pub fn as_bytes(&self) -> &'a [u8] {
         self.buf
     }
@@ -485,10 +611,12 @@ impl<'a> Bootstrap<'a> {
             .inodes
             .get(id.index())
             .ok_or_else(|| oob(format!("inode {id} >= inode count {}", self.inodes.len())))?;
+        self.checked(std::slice::from_ref(rec))?;
         Ok(Inode { id, rec })
     }
 
     fn range<T>(
+        &self,
         slice: &'a [T],
         start: u32,
         count: u32,
@@ -496,7 +624,8 @@ impl<'a> Bootstrap<'a> {
         who: impl FnOnce() -> String,
     ) -> Result<&'a [T]> {
         let s = start as usize;
-        s.checked_add(count as usize)
+        let recs = s
+            .checked_add(count as usize)
             .and_then(|e| slice.get(s..e))
             .ok_or_else(|| {
                 oob(format!(
@@ -504,12 +633,14 @@ impl<'a> Bootstrap<'a> {
                     who(),
                     slice.len()
                 ))
-            })
+            })?;
+        self.checked(recs)
     }
 
     fn string(&self, offset: u32, len: u32, who: impl FnOnce() -> String) -> Result<&'a [u8]> {
         let s = offset as usize;
-        s.checked_add(len as usize)
+        let bytes = s
+            .checked_add(len as usize)
             .and_then(|e| self.strings.get(s..e))
             .ok_or_else(|| {
                 oob(format!(
@@ -517,7 +648,8 @@ impl<'a> Bootstrap<'a> {
                     who(),
                     self.strings.len()
                 ))
-            })
+            })?;
+        self.checked(bytes)
     }
 
     fn inode_of_kind(&self, id: InodeId, kind: FileKind) -> Result<Inode<'a>> {
@@ -536,7 +668,7 @@ impl<'a> Bootstrap<'a> {
     fn dir_records(&self, dir: InodeId) -> Result<(&'a [DirentRecord], u32)> {
         let inode = self.inode_of_kind(dir, FileKind::Directory)?;
         let start = inode.data_start();
-        let recs = Self::range(self.dirents, start, inode.data_count(), "DIRENTS", || {
+        let recs = self.range(self.dirents, start, inode.data_count(), "DIRENTS", || {
             format!("inode {dir} entries")
         })?;
         Ok((recs, start))
@@ -637,7 +769,7 @@ impl<'a> Bootstrap<'a> {
     fn xattr_records(&self, id: InodeId) -> Result<(&'a [XattrRecord], u32)> {
         let inode = self.inode(id)?;
         let start = inode.rec.xattr_start.get();
-        let recs = Self::range(self.xattrs, start, inode.xattr_count(), "XATTRS", || {
+        let recs = self.range(self.xattrs, start, inode.xattr_count(), "XATTRS", || {
             format!("inode {id} xattrs")
         })?;
         Ok((recs, start))
@@ -694,7 +826,7 @@ impl<'a> Bootstrap<'a> {
     /// The chunk map of regular file `id`, sorted by file offset.
     pub fn file_chunks(&self, id: InodeId) -> Result<&'a [FileChunkRecord]> {
         let inode = self.inode_of_kind(id, FileKind::Regular)?;
-        Self::range(
+        self.range(
             self.file_chunks,
             inode.data_start(),
             inode.data_count(),
@@ -721,11 +853,11 @@ impl<'a> Bootstrap<'a> {
                 .get(i)
                 .ok_or_else(|| oob(format!("chunk map entry {i} of inode {id}")))?;
             let index = rec.chunk_index();
-            let chunk = self.chunks.get(index as usize).ok_or_else(|| {
-                oob(format!(
-                    "inode {id} chunk map entry {i}: chunk_index {index} >= chunk count {}",
-                    self.chunks.len()
-                ))
+            let chunk = self.chunk_record(index).map_err(|e| match e {
+                FormatError::OutOfBounds { what } => {
+                    oob(format!("inode {id} chunk map entry {i}: {what}"))
+                }
+                e => e,
             })?;
             Ok(rec
                 .file_offset()
@@ -738,14 +870,21 @@ impl<'a> Bootstrap<'a> {
         Ok(recs.get(lo..hi).unwrap_or_default())
     }
 
-    /// Chunk `index`, with its fields checked (flags, sizes, blob index).
-    pub fn chunk(&self, index: u32) -> Result<ChunkInfo> {
+    /// The CHUNKS record `index`, its block checked.
+    fn chunk_record(&self, index: u32) -> Result<&'a ChunkRecord> {
         let rec = self.chunks.get(index as usize).ok_or_else(|| {
             oob(format!(
                 "chunk {index} >= chunk count {}",
                 self.chunks.len()
             ))
         })?;
+        self.checked(std::slice::from_ref(rec))?;
+        Ok(rec)
+    }
+
+    /// Chunk `index`, with its fields checked (flags, sizes, blob index).
+    pub fn chunk(&self, index: u32) -> Result<ChunkInfo> {
+        let rec = self.chunk_record(index)?;
         let flags = rec.flags.get();
         let known = if self.superblock.flags.get() & FEATURE_SHARED_FRAMES != 0 {
             CHUNK_FLAG_ZSTD | CHUNK_FLAG_SHARED_FRAME
@@ -789,6 +928,7 @@ impl<'a> Bootstrap<'a> {
             .blobs
             .get(index as usize)
             .ok_or_else(|| oob(format!("blob {index} >= blob count {}", self.blobs.len())))?;
+        self.checked(std::slice::from_ref(rec))?;
         Ok(BlobInfo {
             digest: Digest(rec.digest),
             size: rec.size.get(),
@@ -799,7 +939,7 @@ impl<'a> Bootstrap<'a> {
 
     /// The prefetch list, each entry checked to be an inode.
     pub fn prefetch(&self) -> Result<Vec<InodeId>> {
-        self.prefetch
+        self.checked(self.prefetch)?
             .iter()
             .enumerate()
             .map(|(i, p)| {
@@ -1201,7 +1341,8 @@ impl<'a> Bootstrap<'a> {
         })
     }
 
-    /// The bytes of the first section of `kind`, if present.
+    /// The bytes of the first section of `kind`, if present, as stored (see
+    /// [`Bootstrap::parse_lazy`]).
     pub fn section_bytes(&self, kind: u32) -> Option<&'a [u8]> {
         let entry = self.table.iter().find(|e| e.kind.get() == kind)?;
         let offset = to_usize(entry.offset.get(), String::new).ok()?;

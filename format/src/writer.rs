@@ -11,12 +11,14 @@ use std::collections::HashMap;
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::blocks::block_crcs;
 use crate::layout::{
     BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, Superblock,
     XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_SHARED_FRAMES,
-    HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS, SECTION_CHUNKS, SECTION_DIRENTS,
-    SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH,
-    SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR, VERSION_MINOR,
+    HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS,
+    SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS,
+    SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR,
+    VERSION_MINOR,
 };
 use crate::tree::{
     bfs_order, canonicalize, check_attrs, check_chunk, check_chunk_map, check_name, check_symlink,
@@ -301,9 +303,9 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
     ];
     debug_assert!(sections.iter().map(|s| s.0).eq(SECTION_KINDS));
 
-    let table_end = SUPERBLOCK_SIZE + sections.len() * SECTION_ENTRY_SIZE;
+    let table_end = SUPERBLOCK_SIZE + (sections.len() + 1) * SECTION_ENTRY_SIZE;
     let mut out = vec![0u8; table_end];
-    let mut table = Vec::with_capacity(sections.len());
+    let mut table = Vec::with_capacity(sections.len() + 1);
     for (kind, bytes) in sections {
         pad_to_align(&mut out);
         table.push(SectionEntry {
@@ -316,6 +318,19 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         });
         out.extend_from_slice(bytes);
     }
+    // Block CRCs (1.2) of everything from the table's end to here, as the
+    // last section.
+    pad_to_align(&mut out);
+    let crcs = block_crcs(out.get(table_end..).unwrap_or_default());
+    table.push(SectionEntry {
+        kind: U32::new(SECTION_BLOCK_CRCS),
+        record_size: U32::new(crate::layout::section_record_size(SECTION_BLOCK_CRCS).unwrap_or(0)),
+        offset: U64::new(out.len() as u64),
+        length: U64::new(crcs.as_bytes().len() as u64),
+        crc: U32::new(crc32fast::hash(crcs.as_bytes())),
+        reserved: U32::ZERO,
+    });
+    out.extend_from_slice(crcs.as_bytes());
     // A whole number of 8-byte units keeps a concatenation aligned.
     pad_to_align(&mut out);
 
@@ -405,6 +420,7 @@ pub fn reseal(buf: &mut [u8]) -> Result<(), FormatError> {
     let mut table = <[SectionEntry]>::ref_from_bytes(table_bytes)
         .map_err(|_| truncated("section table", table_end, len))?
         .to_vec();
+    reseal_blocks(buf, table_end, &table);
     for entry in &mut table {
         let range = usize::try_from(entry.offset.get())
             .ok()
@@ -415,4 +431,31 @@ pub fn reseal(buf: &mut [u8]) -> Result<(), FormatError> {
         }
     }
     write_header(buf, &sb, &table)
+}
+
+/// Recomputes the BLOCK_CRCS section of a bootstrap in place, when the
+/// table has one of the right length within the buffer.
+fn reseal_blocks(buf: &mut [u8], table_end: usize, table: &[SectionEntry]) {
+    let Some(entry) = table.iter().find(|e| e.kind.get() == SECTION_BLOCK_CRCS) else {
+        return;
+    };
+    let Some((offset, length)) = usize::try_from(entry.offset.get())
+        .ok()
+        .zip(usize::try_from(entry.length.get()).ok())
+    else {
+        return;
+    };
+    let Some(covered) = buf.get(table_end..offset) else {
+        return;
+    };
+    let crcs = block_crcs(covered);
+    if crcs.as_bytes().len() != length {
+        return;
+    }
+    if let Some(dst) = offset
+        .checked_add(length)
+        .and_then(|end| buf.get_mut(offset..end))
+    {
+        dst.copy_from_slice(crcs.as_bytes());
+    }
 }

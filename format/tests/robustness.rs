@@ -90,7 +90,7 @@ fn header_errors_are_specific() {
     bad[8] = 2;
     assert!(matches!(
         Bootstrap::parse(&bad),
-        Err(FormatError::UnsupportedVersion { major: 2, minor: 1 })
+        Err(FormatError::UnsupportedVersion { major: 2, minor: 2 })
     ));
     let mut bad = good.clone();
     bad[12] = 4;

@@ -3,9 +3,12 @@
 //!
 //! The owner is anything that derefs to bytes: the `Vec` a registry read
 //! decompressed the bootstrap into, or a memory map of a bootstrap file made
-//! by the caller. Parsing checks the header and section CRCs once (O(size),
-//! a few ms for a large image) and walks nothing; every later access is a
-//! bounds-checked read of a record in place.
+//! by the caller. Opening checks the header and section table and walks
+//! nothing; a format 1.2 bootstrap is then checked block by block (64 KiB,
+//! CRC-32) the first time anything in a block is read
+//! ([`Bootstrap::parse_lazy`]), so a mount reads and checks the pages it
+//! serves, not the whole bootstrap (an older one is checked whole at open).
+//! Every access is a bounds-checked read of a record in place.
 //!
 //! Parsing does not walk the tree, so a bootstrap whose checksums are right
 //! may still lie (a chunk map out of order, entries unsorted, an offset past
@@ -19,7 +22,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use skiff_format::{Bootstrap, ChunkInfo, FormatError, InodeId};
+use skiff_format::{BlockMarks, Bootstrap, ChunkInfo, FormatError, InodeId};
 
 /// [`Image::checked`] states of an inode.
 const UNCHECKED: u8 = 0;
@@ -29,9 +32,15 @@ const BAD: u8 = 2;
 /// Bytes of a bootstrap: a `Vec<u8>`, a `memmap2::Mmap`, ...
 pub type BootstrapBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
 
+/// The bytes and the record of which of their blocks passed their check.
+struct Checked {
+    bytes: BootstrapBytes,
+    marks: BlockMarks,
+}
+
 self_cell::self_cell!(
     struct BootstrapCell {
-        owner: BootstrapBytes,
+        owner: Checked,
         #[covariant]
         dependent: Bootstrap,
     }
@@ -48,10 +57,16 @@ pub struct Image {
 }
 
 impl Image {
-    /// Parses (and checksums) `bytes`.
+    /// Opens `bytes` (checksums as described in the module documentation).
     pub fn new(bytes: BootstrapBytes) -> Result<Image, FormatError> {
         let len = (*bytes).as_ref().len();
-        let cell = BootstrapCell::try_new(bytes, |b| Bootstrap::parse((**b).as_ref()))?;
+        let owner = Checked {
+            bytes,
+            marks: BlockMarks::for_len(len),
+        };
+        let cell = BootstrapCell::try_new(owner, |o| {
+            Bootstrap::parse_lazy((*o.bytes).as_ref(), &o.marks)
+        })?;
         let inodes = cell.borrow_dependent().inode_count() as usize;
         let verdicts = (0..inodes).map(|_| AtomicU8::new(UNCHECKED)).collect();
         Ok(Image {

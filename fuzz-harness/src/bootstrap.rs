@@ -5,8 +5,11 @@
 //! lets the fuzzer reach the structural checks behind them). A bootstrap
 //! that validates must decode to a tree the writer accepts and that survives
 //! another round trip unchanged; every accessor must answer or fail cleanly.
+//! Each is read twice more, opened lazily (blocks checked on first read, as
+//! the mount opens it): what opens eagerly opens lazily, and validates
+//! alike.
 
-use skiff_format::{dump, reseal, write_bootstrap, Bootstrap, InodeId};
+use skiff_format::{dump, reseal, write_bootstrap, BlockMarks, Bootstrap, InodeId};
 
 use crate::Outcome;
 
@@ -14,11 +17,22 @@ use crate::Outcome;
 pub fn bootstrap(data: &[u8]) -> Outcome {
     let mut out = Outcome::default();
     out.push("parse", &exercise(data));
+    out.push("parse-lazy", &exercise_lazy(data));
     let mut sealed = data.to_vec();
     if reseal(&mut sealed).is_ok() {
         out.push("parse-resealed", &exercise(&sealed));
+        out.push("parse-lazy-resealed", &exercise_lazy(&sealed));
     }
     out
+}
+
+/// Opens `data` lazily and calls every accessor; Ok when it validates.
+fn exercise_lazy(data: &[u8]) -> Result<(), String> {
+    let marks = BlockMarks::for_len(data.len());
+    let b = Bootstrap::parse_lazy(data, &marks).map_err(|e| e.to_string())?;
+    let valid = b.validate();
+    walk(&b, valid.is_ok());
+    valid.map_err(|e| e.to_string())
 }
 
 /// Parses and validates `data`, then calls every accessor on what parsed.
@@ -45,6 +59,23 @@ fn exercise(data: &[u8]) -> Result<(), String> {
         }
     }
     let _ = dump(&b);
+    walk(&b, valid.is_ok());
+    let marks = BlockMarks::for_len(data.len());
+    match Bootstrap::parse_lazy(data, &marks) {
+        Ok(lazy) => {
+            let lazy_valid = lazy.validate();
+            if lazy_valid.is_ok() != valid.is_ok() {
+                panic!("eager and lazy opens disagree: {valid:?} against {lazy_valid:?}");
+            }
+            walk(&lazy, valid.is_ok());
+        }
+        Err(e) => panic!("parses eagerly, not lazily: {e}"),
+    }
+    valid.map_err(|e| e.to_string())
+}
+
+/// Every accessor of `b`; `valid` is whether it validated.
+fn walk(b: &Bootstrap<'_>, valid: bool) {
     let _ = b.prefetch();
     for i in 0..b.chunk_count().min(256) {
         let _ = b.chunk(i);
@@ -58,7 +89,7 @@ fn exercise(data: &[u8]) -> Result<(), String> {
         // What the mount checks once per inode before serving it: a valid
         // bootstrap passes it for every inode.
         let checked = b.check_inode(id);
-        if valid.is_ok() {
+        if valid {
             if let Err(e) = checked {
                 panic!("validate passes, check_inode of inode {i} fails: {e}");
             }
@@ -86,5 +117,4 @@ fn exercise(data: &[u8]) -> Result<(), String> {
     for path in [&b"/"[..], b"a/b", b"../x", b"//a/./b/"] {
         let _ = b.resolve_path(path);
     }
-    valid.map_err(|e| e.to_string())
 }

@@ -1,7 +1,7 @@
 //! Verified bootstraps kept uncompressed on local disk and mapped, so that
 //! mounting an image the node has mounted before costs a file open, a
-//! memory map and the section checksums: no fetch, no decompression, no
-//! SHA-256 of the whole bootstrap.
+//! memory map and the checksums of the blocks it reads: no fetch, no
+//! decompression, no SHA-256 of the whole bootstrap.
 //!
 //! # Layout and trust
 //!
@@ -11,10 +11,13 @@
 //! written only after the layer was verified against that digest,
 //! decompressed and checked against the manifest's uncompressed digest; it
 //! goes to a temporary name and is renamed into place, so a visible file is
-//! complete (barring a power cut: there is no fsync). Reading one back, the caller parses it, which checks the
-//! header and every section's CRC32: accidental damage (a torn write, a
-//! flipped bit) is caught there, the file removed and the layer fetched
-//! again. The directory is the node's cache directory (root's
+//! complete (barring a power cut: there is no fsync). Reading one back, the
+//! caller opens it lazily, which checks the header and section table at
+//! once and every 64 KiB block's CRC-32 the first time it is read (format
+//! 1.2; older bootstraps are checked whole): accidental damage (a torn
+//! write, a flipped bit) found at open removes the file and fetches the
+//! layer again; found later, it fails the reads of that block (EIO), never
+//! serves the damaged bytes. The directory is the node's cache directory (root's
 //! `/var/cache/skiff`, mode 0700 like the chunk cache beside it): whoever can
 //! write there already controls what every mount serves.
 //!
@@ -64,6 +67,20 @@ impl Deref for BootstrapBytes {
     }
 }
 
+impl BootstrapBytes {
+    /// Starts reading a mapped bootstrap into the page cache, in the
+    /// background, and lets later faults read ahead again (the map comes
+    /// advised for random access, see [`BootstrapCache::get`]): for a mount
+    /// that serves, after its lazy open read a few pages, so that the tree
+    /// walks to come find the pages in memory. Nothing for owned bytes.
+    pub fn read_ahead(&self) {
+        if let BootstrapBytes::Mapped(m) = self {
+            let _ = m.advise(memmap2::Advice::Normal);
+            let _ = m.advise(memmap2::Advice::WillNeed);
+        }
+    }
+}
+
 impl AsRef<[u8]> for BootstrapBytes {
     fn as_ref(&self) -> &[u8] {
         self
@@ -105,8 +122,8 @@ impl BootstrapCache {
     }
 
     /// A map of the cached bootstrap of the bootstrap layer `layer`, if
-    /// there is one. The caller must parse it (checksums) and
-    /// [`discard`](Self::discard) it when that fails.
+    /// there is one, advised for random access. The caller must parse it
+    /// (checksums) and [`discard`](Self::discard) it when that fails.
     pub fn get(&self, layer: &Digest) -> Option<memmap2::Mmap> {
         let path = self.path(layer);
         let file = match File::open(&path) {
@@ -120,6 +137,11 @@ impl BootstrapCache {
         };
         match map(&file) {
             Ok(m) if !m.is_empty() => {
+                // A fault reads its page, not the device's readahead window
+                // around it (8 MB on some disks): a lazy open touches a few
+                // pages of a file that may be tens of MB. The caller advises
+                // otherwise when it reads the whole file.
+                let _ = m.advise(memmap2::Advice::Random);
                 // Record the use for eviction; failing to is harmless.
                 let _ = file.set_modified(SystemTime::now());
                 Some(m)

@@ -26,7 +26,8 @@ use std::io::Read;
 use std::sync::Arc;
 
 use serde_json::Value;
-use skiff_format::{Bootstrap, Digest};
+use skiff_format::blocks::has_block_crcs;
+use skiff_format::{BlockMarks, Bootstrap, Digest};
 
 use crate::bootcache::{BootstrapBytes, BootstrapCache};
 use crate::client::RegistryClient;
@@ -278,11 +279,20 @@ fn finish_open(
         .get("annotations")
         .and_then(|a| a.get(ANNOTATION_BOOTSTRAP_DIGEST))
         .and_then(Value::as_str);
-    // Parsed once on either path (the parse verifies every checksum): a
-    // cached copy that fails it is damaged, removed and fetched again.
+    // Opened on either path to check the blobs it names against the
+    // manifest. A cached copy is opened lazily (header, table and the
+    // blocks read here; the mount checks the rest as it reads it): one that
+    // fails is damaged, removed and fetched again.
     let cached = cache.and_then(|c| {
         let mapped = c.get(&bootstrap_layer_digest)?;
-        let blobs = match Bootstrap::parse(&mapped) {
+        // The map comes advised for random access (a lazy open reads a few
+        // pages; the mount calls `read_ahead` once it serves); an older
+        // bootstrap is checked whole, so read it in runs.
+        if !has_block_crcs(&mapped) {
+            let _ = mapped.advise(memmap2::Advice::Normal);
+        }
+        let marks = BlockMarks::for_len(mapped.len());
+        let blobs = match Bootstrap::parse_lazy(&mapped, &marks) {
             Ok(parsed) => check_blobs(&name, &parsed, &data_blobs),
             Err(e) => {
                 tracing::warn!("cached bootstrap of {bootstrap_layer_digest}: {e}");
