@@ -10,7 +10,7 @@ use clap::Args;
 use skiff_converter::image::{
     convert_image_with_prefetch, ConvertRequest, ReuseOptions, SourceSpec,
 };
-use skiff_converter::{Chunking, ConvertOptions};
+use skiff_converter::{Chunking, ConvertOptions, LargeFiles};
 use skiff_registry::ImageRef;
 
 use crate::progress::Bar;
@@ -42,6 +42,11 @@ pub struct ConvertArgs {
     /// Chunking: fastcdc:AVG, fastcdc:MIN/AVG/MAX or fixed:SIZE (sizes like 64k, 1m).
     #[arg(long, default_value_t = Chunking::default())]
     chunking: Chunking,
+    /// Files of at least SIZE are cut with CHUNKING instead (random reads
+    /// into large files then decode and verify less); `off` cuts every
+    /// file with --chunking.
+    #[arg(long, value_name = "SIZE:CHUNKING|off", default_value_t = LargeFilesArg(Some(LargeFiles::default())))]
+    large_file_chunking: LargeFilesArg,
     /// zstd compression level of chunks (1-22).
     #[arg(long, default_value_t = ConvertOptions::default().level)]
     level: i32,
@@ -126,6 +131,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut options = ConvertOptions {
         chunking: args.chunking,
+        large_files: args.large_file_chunking.0,
         level: args.level,
         pack_size: args.pack_size,
         ..ConvertOptions::default()
@@ -268,4 +274,28 @@ fn parse_pack_size(s: &str) -> Result<u32, String> {
         return Err(format!("pack size {n} is not 0 or 4 KiB..=4 MiB"));
     }
     u32::try_from(n).map_err(|_| format!("pack size {n} is too large"))
+}
+
+/// `--large-file-chunking`: a policy, or `off`.
+#[derive(Clone, Debug)]
+struct LargeFilesArg(Option<LargeFiles>);
+
+impl std::str::FromStr for LargeFilesArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(LargeFilesArg(None));
+        }
+        s.parse().map(|l| LargeFilesArg(Some(l)))
+    }
+}
+
+impl std::fmt::Display for LargeFilesArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(l) => write!(f, "{l}"),
+            None => f.write_str("off"),
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use serde::Serialize;
 use skiff_format::{BlobInfo, Bootstrap, ChunkInfo, Digest, Node, NodeData};
 
-use crate::chunker::{Chunker, Chunking};
+use crate::chunker::{Chunker, Chunking, LargeFiles};
 use crate::decompress::DecodedLayer;
 use crate::error::ConvertError;
 use crate::pipeline::{BlobPipeline, BlobSink};
@@ -28,6 +28,9 @@ use crate::tree::{split_path, TreeBuilder};
 pub struct ConvertOptions {
     /// How files are cut into chunks.
     pub chunking: Chunking,
+    /// Finer chunks for files of at least a size (`None`: `chunking` for
+    /// every file).
+    pub large_files: Option<LargeFiles>,
     /// zstd level for chunks.
     pub level: i32,
     /// Target size of a pack: chunks smaller than half of it and than the
@@ -50,9 +53,22 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             chunking: Chunking::default(),
+            large_files: Some(LargeFiles::default()),
             level: 4,
             pack_size: DEFAULT_PACK_SIZE,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// The chunking policy as the image's annotation and the layer records'
+    /// settings write it: `fastcdc:32k/128k/512k`, with
+    /// ` large-files 4m:fastcdc:8k/32k/128k` when large files are cut finer.
+    pub fn chunking_text(&self) -> String {
+        match &self.large_files {
+            Some(large) => format!("{} large-files {large}", self.chunking),
+            None => self.chunking.to_string(),
         }
     }
 }
@@ -215,6 +231,9 @@ impl Converter {
         progress: Option<Arc<dyn Progress>>,
     ) -> Result<Self, ConvertError> {
         options.chunking.validate().map_err(ConvertError::Invalid)?;
+        if let Some(large) = &options.large_files {
+            large.chunking.validate().map_err(ConvertError::Invalid)?;
+        }
         if !(1..=22).contains(&options.level) {
             return Err(ConvertError::Invalid(format!(
                 "zstd level {} is out of range 1..=22",

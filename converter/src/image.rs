@@ -458,7 +458,7 @@ pub fn convert_image_with_prefetch(
         });
     }
     let mut run = Run {
-        chunking: req.options.chunking.to_string(),
+        chunking: req.options.chunking_text(),
         settings_text: record::settings_text(&req.options),
         options: req.options,
         progress: req.progress,

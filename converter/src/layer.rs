@@ -368,7 +368,7 @@ impl Converter {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
                 let before = self.stats.file_bytes;
-                let chunks = self.chunk_file(entry)?;
+                let chunks = self.chunk_file(entry, size)?;
                 let read = self.stats.file_bytes - before;
                 if read != size {
                     return Err(ConvertError::Invalid(format!(
@@ -434,9 +434,18 @@ impl Converter {
         )
     }
 
-    /// Cuts a file's content into chunks and registers them; all-zero chunks
-    /// become holes.
-    fn chunk_file<R: Read>(&mut self, entry: &mut R) -> Result<Vec<FileChunk>, ConvertError> {
+    /// Cuts a file's content (`size` bytes by its header) into chunks and
+    /// registers them; all-zero chunks become holes.
+    fn chunk_file<R: Read>(
+        &mut self,
+        entry: &mut R,
+        size: u64,
+    ) -> Result<Vec<FileChunk>, ConvertError> {
+        let policy = crate::chunker::LargeFiles::policy_for(
+            self.options.large_files.as_ref(),
+            self.options.chunking,
+            size,
+        );
         let mut chunks = Vec::new();
         // The chunker's buffer is reused across files; take it out of `self`
         // so the callback may borrow `self` mutably.
@@ -444,8 +453,10 @@ impl Converter {
             .chunker
             .take()
             .unwrap_or_else(|| crate::chunker::Chunker::new(self.options.chunking));
-        let result =
-            chunker.for_each_chunk(entry, |offset, data: &[u8]| -> Result<(), ConvertError> {
+        let result = chunker.for_each_chunk_as(
+            policy,
+            entry,
+            |offset, data: &[u8]| -> Result<(), ConvertError> {
                 self.stats.file_bytes += data.len() as u64;
                 if is_zero(data) {
                     self.stats.hole_bytes += data.len() as u64;
@@ -457,7 +468,8 @@ impl Converter {
                     chunk_index,
                 });
                 Ok(())
-            });
+            },
+        );
         self.chunker = Some(chunker);
         result.map_err(|e| match e {
             ConvertError::Io { source, .. } => ConvertError::Invalid(format!(

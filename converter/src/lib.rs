@@ -45,7 +45,7 @@ pub mod reuse;
 pub mod tree;
 pub mod unpack;
 
-pub use chunker::Chunking;
+pub use chunker::{Chunking, LargeFiles};
 pub use convert::{
     BlobOrigin, ConvertOptions, Converted, Converter, LayerOutcome, Progress, Stats,
     DEFAULT_PACK_SIZE,

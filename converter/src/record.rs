@@ -52,7 +52,7 @@ pub fn settings_text(options: &ConvertOptions) -> String {
         "skiff-layer-record {RECORD_VERSION}\nbootstrap {}.{}\nchunking {}\npack-size {}\nzstd-level {}\nzstd-library {}\n",
         skiff_format::layout::VERSION_MAJOR,
         skiff_format::layout::VERSION_MINOR,
-        options.chunking,
+        options.chunking_text(),
         options.pack_size,
         options.level,
         zstd::zstd_safe::version_number(),

@@ -84,8 +84,8 @@ fn octal_or_binary(field: &[u8]) -> Option<u64> {
     u64::from_str_radix(text, 8).ok()
 }
 
-/// The conversion settings: small chunks (256 B..4 KiB), fast zstd, one
-/// compression thread.
+/// The conversion settings: small chunks (256 B..4 KiB; 64 B..1 KiB in
+/// files of 16 KiB or more), fast zstd, one compression thread.
 pub fn options() -> ConvertOptions {
     ConvertOptions {
         chunking: Chunking::FastCdc {
@@ -93,6 +93,14 @@ pub fn options() -> ConvertOptions {
             avg: 1024,
             max: 4096,
         },
+        large_files: Some(skiff_converter::LargeFiles {
+            from: 16 << 10,
+            chunking: Chunking::FastCdc {
+                min: 64,
+                avg: 256,
+                max: 1024,
+            },
+        }),
         level: 1,
         pack_size: 4096,
         threads: 1,

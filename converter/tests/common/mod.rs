@@ -965,10 +965,15 @@ pub fn reference(layers: &[(Vec<Op>, Comp)]) -> RefTree {
 // Converting, unpacking, checking
 
 /// Conversion settings for tests: small FastCDC chunks (more chunks per
-/// file), zstd level 3, two threads.
+/// file), finer ones (4 KiB) for files of 256 KiB or more, zstd level 3,
+/// two threads.
 pub fn options() -> ConvertOptions {
     ConvertOptions {
         chunking: Chunking::fastcdc(16 << 10).unwrap(),
+        large_files: Some(skiff_converter::LargeFiles {
+            from: 256 << 10,
+            chunking: Chunking::fastcdc(4 << 10).unwrap(),
+        }),
         level: 3,
         pack_size: skiff_converter::DEFAULT_PACK_SIZE,
         threads: 2,
