@@ -11,15 +11,17 @@ use common::*;
 use skiff_converter::{Chunking, ConvertOptions, LargeFiles};
 use skiff_format::Bootstrap;
 
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 24) as u8
-        })
-        .collect()
+/// Incompressible bytes: SHA-256 of a counter, different for each `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i = 0u64;
+    while out.len() < len {
+        let block = [seed.to_le_bytes(), i.to_le_bytes()].concat();
+        out.extend_from_slice(&skiff_format::Digest::of(&block).0);
+        i += 1;
+    }
+    out.truncate(len);
+    out
 }
 
 /// Average chunk size of the file at `path` in the image.
