@@ -84,7 +84,7 @@ fn octal_or_binary(field: &[u8]) -> Option<u64> {
     u64::from_str_radix(text, 8).ok()
 }
 
-/// The conversion settings: small chunks (256 B..4 KiB; 64 B..1 KiB in
+/// The conversion settings: small chunks (256 B..4 KiB; 64 B..4 KiB, 256 B on average, in
 /// files of 16 KiB or more), fast zstd, one compression thread.
 pub fn options() -> ConvertOptions {
     ConvertOptions {
@@ -98,7 +98,7 @@ pub fn options() -> ConvertOptions {
             chunking: Chunking::FastCdc {
                 min: 64,
                 avg: 256,
-                max: 1024,
+                max: 4096,
             },
         }),
         level: 1,
