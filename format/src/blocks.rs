@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use zerocopy::little_endian::U32;
 use zerocopy::FromBytes;
 
-use crate::layout::{SectionEntry, Superblock, SECTION_BLOCK_CRCS, SUPERBLOCK_SIZE};
+use crate::layout::{SectionEntry, Superblock, SECTION_BLOCK_CRCS};
 use crate::FormatError;
 
 /// Bytes covered by one BLOCK_CRCS entry.
@@ -44,7 +44,6 @@ pub fn has_block_crcs(buf: &[u8]) -> bool {
     table
         .and_then(|t| <[SectionEntry]>::ref_from_bytes(t).ok())
         .is_some_and(|t| t.iter().any(|e| e.kind.get() == SECTION_BLOCK_CRCS))
-        && buf.len() > SUPERBLOCK_SIZE
 }
 
 /// The block CRCs of `covered` (the bytes from the end of the section table
