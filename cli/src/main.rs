@@ -8,6 +8,7 @@
 //! # Layout
 //! - `convert`: `skiff convert`, OCI image or layer tars to a Skiff image.
 //! - `mount`: `skiff mount`, the FUSE daemon in the foreground.
+//! - `malloc`: the glibc malloc settings of the mount daemon.
 //! - `cache`: `skiff cache`, the disk cache of fetched chunks.
 //! - `snapshotter`: `skiff snapshotter`, the containerd remote snapshotter.
 //! - `store`: `skiff store`, the Additional Layer Store for podman and CRI-O.
@@ -21,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod cache;
 mod convert;
+mod malloc;
 mod mount;
 mod progress;
 mod snapshotter;

@@ -21,10 +21,8 @@
 //! every mount on the node, bounded by `--cache-size`) and the memory cache
 //! (`--cache-mb`). Memory for chunk data is bounded by `--cache-mb` plus
 //! `--in-flight-mb`; a read waits for the network at most
-//! `--read-budget-secs`. The process first executes itself again with
-//! glibc malloc tunables that return freed chunk buffers to the system
-//! (see `MALLOC_TUNABLES`; `GLIBC_TUNABLES` with malloc settings of one's
-//! own overrides them).
+//! `--read-budget-secs`. The process sets glibc malloc parameters that
+//! return freed chunk buffers to the system first (see `crate::malloc`).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -35,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use skiff_fusefs::disk::{CacheLimit, Watermarks};
-use skiff_fusefs::keeper::{self, KeeperOptions};
+use skiff_fusefs::keeper::{self, FirstWorker, KeeperOptions, WorkerFds};
 use skiff_fusefs::session::{adopt_inherited, Connection};
 use skiff_fusefs::{
     Backend, BackgroundFetch, Daemon, DiskCache, MountOptions, PrefetchMode, Stopped,
@@ -52,7 +50,7 @@ fn parse_background(s: &str) -> Result<BackgroundSetting, String> {
 }
 
 /// Arguments of `skiff mount`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MountArgs {
     /// The image: oci:DIR[:TAG] or docker://REF. An ordinary (not
     /// converted) docker:// image is mounted through the Skiff image
@@ -255,66 +253,18 @@ fn read_budget(secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs).context("--read-budget-secs")
 }
 
-/// glibc malloc settings of the daemon. Measured on the fixture image read
-/// whole from a registry (VmHWM): 59 MiB with glibc's defaults, 27-30 MiB
-/// with these. Two arenas instead of eight per core: each arena keeps the
-/// memory its threads freed, and the pools' threads would each end up
-/// with one. A fixed mmap threshold of 64 KiB: chunk buffers (32 KiB to
-/// 512 KiB) are then mapped and unmapped, their memory returned at once,
-/// where glibc's dynamic threshold rises to 32 MiB after the first free and
-/// then keeps freed buffers in the heap. `trim_threshold` returns the top
-/// of the heap beyond 128 KiB.
-const MALLOC_TUNABLES: &str =
-    "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072";
-
-/// The value of `GLIBC_TUNABLES` that adds [`MALLOC_TUNABLES`] to this
-/// process's, or `None` when that already names malloc tunables (the
-/// operator's, or ours after a re-exec).
-fn malloc_tunables_env() -> Option<String> {
-    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    if current.contains("glibc.malloc.") {
-        return None;
-    }
-    Some(if current.is_empty() {
-        MALLOC_TUNABLES.to_owned()
-    } else {
-        format!("{current}:{MALLOC_TUNABLES}")
-    })
-}
-
-/// Makes the daemon run with [`MALLOC_TUNABLES`]: glibc reads tunables
-/// only at start-up, so the process executes itself again (same PID, same
-/// arguments) with them added to `GLIBC_TUNABLES`, unless they are there
-/// already (see [`malloc_tunables_env`]). No `unsafe` (`mallopt`) needed.
-/// Returns only when it did not re-execute. A keeper does not call it: it
-/// starts its workers with the tunables instead, which spares the start of
-/// a mount one execution of this binary.
-fn with_malloc_tunables() {
-    use std::os::unix::process::CommandExt as _;
-    let Some(value) = malloc_tunables_env() else {
-        return;
-    };
-    let mut argv = std::env::args_os();
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    if let Some(arg0) = argv.next() {
-        cmd.arg0(arg0);
-    }
-    let err = cmd.args(argv).env("GLIBC_TUNABLES", value).exec();
-    tracing::warn!(
-        "cannot re-execute with malloc tunables ({err}): glibc's defaults use more memory"
-    );
-}
-
 /// Runs `skiff mount`: returns once the mount is gone.
 pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread: the keeper's first worker is forked from it.
+    crate::malloc::apply();
     if args.serve_fd.is_none() && !args.no_failover {
         if is_root() {
             return run_keeper(&args);
         }
         tracing::info!("not root: serving in this process (no failover)");
     }
-    with_malloc_tunables();
-    serve(args)
+    serve(args)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The arguments this process got after the binary, with the `--FLAG N`
@@ -357,19 +307,32 @@ fn run_keeper(args: &MountArgs) -> anyhow::Result<ExitCode> {
     let mut worker_args = own_args(&["--keeper-fd", "--pid-file", "--state-dir"])?;
     worker_args.push("--state-dir".into());
     worker_args.push(state_dir.to_string_lossy().into_owned());
+    // The first worker: this process's arguments as a worker's.
+    let mut first = args.clone();
+    first.keeper_fd = None;
+    first.pid_file = None;
+    first.state_dir = Some(state_dir.clone());
+    first.takeover = false;
+    let first_worker: FirstWorker = Box::new(move |fds: WorkerFds| {
+        first.serve_fd = Some(fds.fuse_fd);
+        first.ready_fd = Some(fds.ready_fd);
+        match serve(first) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("skiff: error: {e:#}");
+                1
+            }
+        }
+    });
     let opts = KeeperOptions {
         state_dir,
         mountpoint: args.mountpoint.clone(),
         args: keeper_args,
         worker_args,
-        worker_env: malloc_tunables_env()
-            .map(|v| ("GLIBC_TUNABLES".to_owned(), v))
-            .into_iter()
-            .collect(),
         pid_file: args.pid_file.clone(),
         resume_fd: args.keeper_fd,
     };
-    let code = keeper::run(&opts).context("keeping the mount")?;
+    let code = keeper::run(&opts, Some(first_worker)).context("keeping the mount")?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
@@ -471,7 +434,7 @@ fn signal_ready(fd: i32) {
 }
 
 /// Serves the mount in this process (a worker, or without failover).
-fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+fn serve(args: MountArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let reference: ImageRef = args
         .image
@@ -601,5 +564,5 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         "skiff: unmounted {}: {metrics}",
         args.mountpoint.display()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! read from local blobs, and replies assembled from several chunks.
 //!
 //! The daemon runs with a fixed 64 KiB mmap threshold (see `skiff mount`'s
-//! malloc tunables): each such buffer is then a fresh mapping, and its
+//! malloc settings): each such buffer is then a fresh mapping, and its
 //! memory goes back to the system when it is freed, which keeps a daemon's
 //! memory at what it holds. The price was paid on every buffer: a page
 //! fault and a zeroed page per 4 KiB written, and an unmap that interrupts

@@ -2,9 +2,11 @@
 //! the mount outlives the process serving it.
 //!
 //! `skiff mount` (as root) is a keeper. It opens `/dev/fuse` and starts a
-//! *worker*, a child `skiff mount` that inherits the descriptor, opens the
-//! image, mounts it on that descriptor and serves it (see
-//! [`crate::session`]). The keeper holds the same open file, so when the
+//! *worker*, a child that inherits the descriptor, opens the image, mounts
+//! it on that descriptor and serves it (see [`crate::session`]). The first
+//! worker is forked from the keeper before the keeper starts a thread
+//! ([`FirstWorker`]); the later ones execute the binary again (`skiff
+//! mount --serve-fd N`). The keeper holds the same open file, so when the
 //! worker dies (`kill -9`, OOM, a panic) the connection stays up: the kernel
 //! queues new requests, the keeper starts another worker at once, and that
 //! one takes the connection over and has the kernel send again whatever the
@@ -45,7 +47,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -181,21 +183,34 @@ pub struct KeeperOptions {
     /// The worker's arguments after the binary (`mount ...`); the keeper
     /// adds `--serve-fd N --ready-fd N [--takeover]`.
     pub worker_args: Vec<String>,
-    /// Environment variables set for the workers only (the daemon's malloc
-    /// tunables: the keeper itself holds little memory and need not
-    /// execute itself again to get them).
-    pub worker_env: Vec<(String, String)>,
     /// Written with the keeper's PID once the mount serves.
     pub pid_file: Option<PathBuf>,
     /// Resume with this descriptor (after an upgrade's `execve`).
     pub resume_fd: Option<RawFd>,
 }
 
+/// The descriptors a worker serves with.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerFds {
+    /// The FUSE connection (`--serve-fd`).
+    pub fuse_fd: RawFd,
+    /// The pipe to write one byte to once the mount serves (`--ready-fd`).
+    pub ready_fd: RawFd,
+}
+
+/// The first worker of a new connection, run in a child forked from the
+/// keeper: it serves the mount with the descriptors given and returns the
+/// child's exit status. Forked rather than executed, it starts without a
+/// second execution of the binary (about 3 ms, more when the binary's pages
+/// are not in memory). Later workers are executed, so that a crashed worker
+/// is replaced by a fresh process, and an upgrade by the new binary.
+pub type FirstWorker = Box<dyn FnOnce(WorkerFds) -> i32>;
+
 /// What the keeper waits for.
 enum Event {
     Signal(i32),
     Ready(u64),
-    Exited(u64, std::process::ExitStatus),
+    Exited(u64, ExitStatus),
     /// Worker `generation` was asked to hand over that long ago.
     HandOverTimeout(u64),
 }
@@ -209,7 +224,10 @@ struct Worker {
 }
 
 /// Runs a keeper until its mount is gone; returns the exit code to use.
-pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
+/// `first_worker` serves a new connection in a forked child (see
+/// [`FirstWorker`]); without it, or when the process already runs threads
+/// (a fork copies only the calling one), every worker is executed.
+pub fn run(opts: &KeeperOptions, first_worker: Option<FirstWorker>) -> Result<i32, DaemonError> {
     let io = |context: String| move |e: std::io::Error| DaemonError::Io { context, source: e };
     std::fs::create_dir_all(&opts.state_dir)
         .map_err(io(format!("creating {}", opts.state_dir.display())))?;
@@ -234,6 +252,11 @@ pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
         context: "keeping the FUSE descriptor across exec".into(),
         source: e.into(),
     })?;
+    // Before the keeper starts any thread of its own.
+    let mut forked = match first_worker {
+        Some(start) if !resumed && single_threaded() => Some(fork_worker(raw, start)?),
+        _ => None,
+    };
     let mut state = match (resumed, KeeperState::load(&opts.state_dir)) {
         (true, Ok(s)) => s,
         (true, Err(e)) => return Err(e),
@@ -298,7 +321,10 @@ pub fn run(opts: &KeeperOptions) -> Result<i32, DaemonError> {
     let mut gap_since: Option<Instant> = resumed.then(Instant::now);
     loop {
         generation += 1;
-        let worker = spawn_worker(&binary, opts, raw, takeover, generation, &tx)?;
+        let worker = match forked.take() {
+            Some(child) => watch_worker(generation, child.pid, child.ready, child.exit, &tx)?,
+            None => spawn_worker(&binary, opts, raw, takeover, generation, &tx)?,
+        };
         state.worker_pid = Some(worker.pid);
         state.workers_started += 1;
         state.save(&opts.state_dir)?;
@@ -465,8 +491,86 @@ fn signal(pid: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(pid), sig);
 }
 
-/// Starts worker `generation`, with threads that report its readiness and
-/// its exit on `tx`.
+/// A worker's "ready" pipe: (read end, write end), both close-on-exec.
+fn ready_pipe() -> Result<(OwnedFd, OwnedFd), DaemonError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DaemonError::Io {
+        context: "creating the ready pipe".into(),
+        source: e.into(),
+    })
+}
+
+/// How the keeper learns that a worker has exited.
+type WaitExit = Box<dyn FnOnce() -> std::io::Result<ExitStatus> + Send>;
+
+/// A worker forked from the keeper, not yet watched.
+struct ForkedWorker {
+    pid: i32,
+    ready: OwnedFd,
+    exit: WaitExit,
+}
+
+/// Whether this process runs one thread only (`/proc/self/task`).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
+}
+
+/// Forks the first worker, which runs `start` and exits with its status.
+/// Call it only while the process has a single thread.
+fn fork_worker(fuse_fd: RawFd, start: FirstWorker) -> Result<ForkedWorker, DaemonError> {
+    let (ready_r, ready_w) = ready_pipe()?;
+    // What the keeper buffered must not be written twice.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: the caller runs a single thread (`single_threaded`), so the
+    // child is a whole copy of the process: no lock is held by a thread
+    // that the child lacks. The child never returns into the caller: it
+    // runs `start` and exits.
+    #[allow(unsafe_code)]
+    let forked = unsafe { nix::unistd::fork() };
+    match forked.map_err(|e| DaemonError::Io {
+        context: "forking the first worker".into(),
+        source: e.into(),
+    })? {
+        nix::unistd::ForkResult::Child => {
+            drop(ready_r);
+            let fds = WorkerFds {
+                fuse_fd,
+                ready_fd: std::os::fd::IntoRawFd::into_raw_fd(ready_w),
+            };
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(fds)))
+                .unwrap_or(101);
+            std::process::exit(code)
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(ready_w);
+            Ok(ForkedWorker {
+                pid: child.as_raw(),
+                ready: ready_r,
+                exit: Box::new(move || wait_forked(child)),
+            })
+        }
+    }
+}
+
+/// Waits for the forked worker `pid` to exit.
+fn wait_forked(pid: Pid) -> std::io::Result<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                return Ok(ExitStatus::from_raw((code & 0xff) << 8))
+            }
+            Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, core)) => {
+                return Ok(ExitStatus::from_raw(
+                    sig as i32 | if core { 0x80 } else { 0 },
+                ))
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Executes worker `generation` of `binary` on `fuse_fd` and watches it.
 fn spawn_worker(
     binary: &Path,
     opts: &KeeperOptions,
@@ -475,15 +579,7 @@ fn spawn_worker(
     generation: u64,
     tx: &mpsc::Sender<Event>,
 ) -> Result<Worker, DaemonError> {
-    let io = |context: &str| {
-        let context = context.to_owned();
-        move |e: std::io::Error| DaemonError::Io { context, source: e }
-    };
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DaemonError::Io {
-            context: "creating the ready pipe".into(),
-            source: e.into(),
-        })?;
+    let (ready_r, ready_w) = ready_pipe()?;
     nix::fcntl::fcntl(
         ready_w.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
@@ -494,7 +590,6 @@ fn spawn_worker(
     })?;
     let mut cmd = Command::new(binary);
     cmd.args(&opts.worker_args)
-        .envs(opts.worker_env.iter().map(|(k, v)| (k, v)))
         .arg("--serve-fd")
         .arg(fuse_fd.to_string())
         .arg("--ready-fd")
@@ -502,29 +597,46 @@ fn spawn_worker(
     if takeover {
         cmd.arg("--takeover");
     }
-    let child: Child = cmd.spawn().map_err(io("starting a worker"))?;
+    let mut child: Child = cmd.spawn().map_err(|e| DaemonError::Io {
+        context: "starting a worker".into(),
+        source: e,
+    })?;
     // Our copy of the write end must go, or EOF never comes.
     drop(ready_w);
     let pid = child.id() as i32;
+    watch_worker(generation, pid, ready_r, Box::new(move || child.wait()), tx)
+}
+
+/// Starts the thread that reports worker `generation`'s readiness (a byte
+/// on `ready`, the read end of its pipe) and then its exit on `tx`.
+fn watch_worker(
+    generation: u64,
+    pid: i32,
+    ready: OwnedFd,
+    exit: WaitExit,
+    tx: &mpsc::Sender<Event>,
+) -> Result<Worker, DaemonError> {
     let tx = tx.clone();
     std::thread::Builder::new()
         .name(format!("skiff-keeper-worker-{generation}"))
         .spawn(move || {
-            let mut child = child;
-            let mut ready = std::fs::File::from(ready_r);
+            let mut ready = std::fs::File::from(ready);
             let mut byte = [0u8; 1];
             if matches!(std::io::Read::read(&mut ready, &mut byte), Ok(1)) {
                 let _ = tx.send(Event::Ready(generation));
             }
             drop(ready);
-            match child.wait() {
+            match exit() {
                 Ok(status) => {
                     let _ = tx.send(Event::Exited(generation, status));
                 }
                 Err(e) => tracing::error!("waiting for worker {generation}: {e}"),
             }
         })
-        .map_err(io("starting a worker thread"))?;
+        .map_err(|e| DaemonError::Io {
+            context: "starting a worker thread".into(),
+            source: e,
+        })?;
     Ok(Worker {
         generation,
         pid,
