@@ -90,6 +90,12 @@ pub struct MountArgs {
     /// Trades bytes for round trips, which dominate a cold start.
     #[arg(long, default_value_t = skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW / 1024)]
     pub fetch_window_kb: u64,
+    /// Over a network the fetch window grows, up to this many KiB, while
+    /// the round trips it saves (reads later served by what it brought)
+    /// are worth its bytes on the link; it shrinks back when they are not
+    /// (at --fetch-window-kb or below: fixed).
+    #[arg(long, default_value_t = skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW_MAX / 1024)]
+    pub fetch_window_max_kb: u64,
     /// Let users other than the one mounting access the mount.
     #[arg(long)]
     pub allow_other: bool,
@@ -478,6 +484,7 @@ fn serve(args: MountArgs) -> anyhow::Result<()> {
     opts.read_budget = read_budget(args.read_budget_secs)?;
     opts.readahead_kb = args.readahead_kb;
     opts.fetch_window = args.fetch_window_kb.saturating_mul(1024);
+    opts.fetch_window_max = args.fetch_window_max_kb.saturating_mul(1024);
     opts.allow_other = args.allow_other;
     opts.dev = args.dev;
     opts.suid = args.suid;

@@ -50,6 +50,7 @@ use crate::cache::{ChunkData, Owned};
 use crate::chunk::{plan_runs, Backend, ChunkRequest, Run};
 use crate::disk::{DiskCache, Stored};
 use crate::error::ChunkError;
+use crate::link::LinkEstimate;
 use crate::metrics::Metrics;
 use crate::workers::{run_parallel, ByteBudget};
 
@@ -147,6 +148,8 @@ pub(crate) struct Fetcher {
     pub(crate) budget: ByteBudget,
     /// Shared frames recently decoded from the disk cache.
     pub(crate) frames: RecentFrames,
+    /// The link to a remote store, from the timings of reads' requests.
+    pub(crate) link: Arc<LinkEstimate>,
 }
 
 impl Fetcher {
@@ -511,11 +514,17 @@ impl Fetcher {
             Some(d) => store.read_range_until(&run.blob, run.offset, run.len, d),
             None => store.read_range(&run.blob, run.offset, run.len),
         };
-        m.fetch_latency.observe(t.elapsed());
+        let took = t.elapsed();
+        m.fetch_latency.observe(took);
         Metrics::add(&m.fetch_requests, 1);
         match r {
             Ok(bytes) if bytes.len() as u64 == run.len => {
                 Metrics::add(&m.bytes_fetched, run.len);
+                // Reads' requests only: prefetch and readahead run many
+                // at once and would make the link look slower than it is.
+                if plan.foreground && !store.is_local() {
+                    self.link.record(run.len, took.as_secs_f64());
+                }
                 Ok(bytes)
             }
             Ok(bytes) => {

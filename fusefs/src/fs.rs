@@ -143,11 +143,24 @@ impl SkiffFs {
 
     /// On a miss, also fetch up to `bytes` of stored data that follows the
     /// needed chunks in their blob (0 turns it off); from a local store
-    /// only for misses that continue their blob's last one (see
-    /// [`crate::window`]).
-    pub fn with_fetch_window(mut self, bytes: u64) -> SkiffFs {
+    /// only for misses that continue their blob's last one; from a remote
+    /// one growing up to `max` while that pays (see [`crate::window`]).
+    pub fn with_fetch_window(mut self, bytes: u64, max: u64) -> SkiffFs {
         let local = self.source.backend().store.is_local();
-        self.fetch_window = FetchWindow::new(bytes, local);
+        self.metrics
+            .fetch_window_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.fetch_window = if local {
+            FetchWindow::new(bytes, true)
+        } else {
+            FetchWindow::adaptive(
+                bytes,
+                max,
+                self.source.brought().clone(),
+                self.source.link().clone(),
+                self.metrics.clone(),
+            )
+        };
         self
     }
 

@@ -77,13 +77,16 @@
 //! - [`buffers`]: large buffers of the read path recycled (decoded chunks,
 //!   runs read from local blobs, assembled replies).
 //! - [`cache`]: [`MemoryCache`]: decoded chunks in memory, single flight.
+//! - [`link`]: the link to a remote store (round trip, rate), fitted to
+//!   the timings of reads' requests.
 //! - [`fetch`]: disk lookups, coalesced fetches within a deadline and the
 //!   budget, decode, verification, one refetch.
 //! - [`source`]: [`ChunkSource`]: memory, then the fetcher; local-only reads.
 //! - [`readahead`]: streams in blob order and their background fetches.
 //! - [`access`]: the files read, for a prefetch list.
 //! - [`prefetch`]: the PREFETCH list after mounting.
-//! - [`window`]: what a read's miss fetches besides its own chunks.
+//! - [`window`]: what a read's miss fetches besides its own chunks, and how
+//!   much: over a network, as much as the round trips it saves are worth.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
 //!   the hand-off of reads to the read pool.
 //! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
@@ -104,6 +107,7 @@ pub mod fetch;
 pub mod fs;
 pub mod image;
 pub mod keeper;
+pub mod link;
 pub mod metrics;
 pub mod prefetch;
 pub mod readahead;

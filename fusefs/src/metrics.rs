@@ -93,6 +93,9 @@ pub struct Metrics {
     pub fetch_in_flight: AtomicU64,
     /// Latency of range requests.
     pub fetch_latency: Histogram,
+    /// The fetch window of a read that misses, in stored bytes now (it
+    /// adapts over a network; see `crate::window`).
+    pub fetch_window_bytes: AtomicU64,
     /// Chunk lookups answered by the memory cache (including waits on a
     /// fetch another thread was already doing).
     pub cache_hits: AtomicU64,
@@ -318,6 +321,12 @@ pub fn render_prometheus(m: &Metrics, gauges: &Gauges, store: Option<&FetchStats
         "gauge",
         "Range requests in progress.",
         &[("", get(&m.fetch_in_flight))],
+    );
+    metric(
+        "skiff_fetch_window_bytes",
+        "gauge",
+        "Stored bytes a read that misses fetches from its blob (it adapts to the link).",
+        &[("", get(&m.fetch_window_bytes))],
     );
     metric(
         "skiff_chunk_errors_total",

@@ -38,7 +38,9 @@ use crate::error::ChunkError;
 use crate::fetch::{
     Fetcher, Plan, RecentFrames, SourceOptions, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST,
 };
+use crate::link::LinkEstimate;
 use crate::metrics::Metrics;
+use crate::window::Brought;
 use crate::workers::ByteBudget;
 
 /// Which chunks of a batch (a readahead window, a prefetch window) are
@@ -78,6 +80,8 @@ pub struct ChunkSource {
     memory: MemoryCache,
     fetcher: Fetcher,
     metrics: Arc<Metrics>,
+    /// What fetch windows brought and reads took from disk since.
+    brought: Arc<Brought>,
 }
 
 impl ChunkSource {
@@ -100,9 +104,22 @@ impl ChunkSource {
                 budget: ByteBudget::new(opts.in_flight_bytes),
                 opts,
                 frames: RecentFrames::default(),
+                link: Arc::new(LinkEstimate::default()),
             },
             metrics,
+            brought: Arc::new(Brought::default()),
         }
+    }
+
+    /// What the fetch windows of reads brought, for the window to learn
+    /// from (see [`crate::window`]).
+    pub(crate) fn brought(&self) -> &Arc<Brought> {
+        &self.brought
+    }
+
+    /// The link to the store, fitted to the timings of its range requests.
+    pub(crate) fn link(&self) -> &Arc<LinkEstimate> {
+        &self.fetcher.link
     }
 
     /// The counters this source updates.
@@ -189,6 +206,7 @@ impl ChunkSource {
     /// decode it again.
     pub fn get_local(&self, reqs: &[ChunkRequest]) -> Option<Vec<ChunkData>> {
         let mut out: Vec<ChunkData> = Vec::with_capacity(reqs.len());
+        let mut from_disk = Vec::new();
         for req in reqs {
             let d = &req.info.digest;
             let data = match self.memory.peek(d) {
@@ -200,6 +218,7 @@ impl ChunkSource {
                     let disk = self.disk()?;
                     let v = self.fetcher.load_from_disk(disk, req)?;
                     self.memory.insert(*d, v.clone());
+                    from_disk.push(*req);
                     v
                 }
             };
@@ -211,6 +230,7 @@ impl ChunkSource {
             }
             out.push(data);
         }
+        self.brought.read(&from_disk);
         Some(out)
     }
 
@@ -270,6 +290,9 @@ impl ChunkSource {
             let mut plan = self.read_plan(deadline);
             if !all.is_empty() {
                 plan.max_bytes = plan.max_bytes.max(max_request);
+                if !self.fetcher.backend.store.is_local() {
+                    self.brought.fetched(&all[reqs.len()..]);
+                }
             }
             plan.optional_from = reqs.len();
             let list = if all.is_empty() { reqs } else { &all[..] };

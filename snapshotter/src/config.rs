@@ -14,7 +14,8 @@
 //! cache_mb = 4                            # memory cache of decompressed chunks
 //! read_budget_secs = 30                   # a read waits this long for the network, then EIO
 //! readahead_kb = 1024
-//! fetch_window_kb = 256                   # a miss also fetches what follows in the blob (1024 for a far registry)
+//! fetch_window_kb = 256                   # a miss also fetches what follows in the blob, at first
+//! fetch_window_max_kb = 4096              # ... growing up to this while the round trips it saves pay for it
 //! ready_timeout_secs = 120                # how long a mount may take (bootstrap download)
 //! # cache_dir = "/var/cache/skiff"        # disk cache of chunks, shared by all images
 //! cache_size = "10g"                      # its high watermark: bytes or "20%" of its filesystem
@@ -125,6 +126,9 @@ pub struct MountConfig {
     /// (`skiff mount --fetch-window-kb`): larger trades bytes for round
     /// trips (docs/operations.md has the figures).
     pub fetch_window_kb: u64,
+    /// The fetch window grows up to this many KiB while the round trips
+    /// it saves are worth its bytes (`skiff mount --fetch-window-max-kb`).
+    pub fetch_window_max_kb: u64,
     /// How long a daemon may take to have its mount ready, in seconds.
     pub ready_timeout_secs: u64,
     /// The disk cache of fetched chunks, shared by every image (and by
@@ -169,6 +173,7 @@ impl Default for MountConfig {
             read_budget_secs: 30,
             readahead_kb: 1024,
             fetch_window_kb: skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW / 1024,
+            fetch_window_max_kb: skiff_fusefs::daemon::DEFAULT_FETCH_WINDOW_MAX / 1024,
             ready_timeout_secs: 120,
             cache_dir: None,
             cache_size: "10g".into(),

@@ -283,6 +283,8 @@ impl Daemons {
             .arg(self.options.readahead_kb.to_string())
             .arg("--fetch-window-kb")
             .arg(self.options.fetch_window_kb.to_string())
+            .arg("--fetch-window-max-kb")
+            .arg(self.options.fetch_window_max_kb.to_string())
             .arg("--cache-size")
             .arg(&self.options.cache_size)
             .arg("--background-fetch")

@@ -365,8 +365,11 @@ fn two_platform_index_converts_and_the_original_reference_mounts_lazily() {
         "original reference: python import fetched {fetched} of {bytes_out} bytes ({:.1}%)",
         fetched as f64 * 100.0 / bytes_out as f64
     );
+    // The import reads about 30% of the image; the fetch window brings
+    // some neighbours along when the round trips they save pay for them
+    // (fusefs window.rs). Under 40%: lazy; a mount that fetched all is 100%.
     assert!(
-        fetched > 0 && fetched < bytes_out / 3,
+        fetched > 0 && fetched * 5 < bytes_out * 2,
         "{summary_line} (image {bytes_out} B)"
     );
 }
