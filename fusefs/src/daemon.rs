@@ -141,7 +141,7 @@ impl MountOptions {
 /// 512 KiB 7.66 / 1.72 / 15.70 (35%), 768 KiB 7.83 / 1.81 / 14.92 (40%),
 /// 1 MiB 7.21 / 2.08 / 14.19 (42%). Over a network the window starts
 /// here and grows while what it brings is read (see [`crate::window`]):
-/// adaptive, 6.8 / 1.4 / 16.6 s (34%).
+/// adaptive, 6.2 / 1.5 / 12.4 s (38%).
 pub const DEFAULT_FETCH_WINDOW: u64 = 256 << 10;
 /// Default [`MountOptions::fetch_window_max`]: 4 MiB, where random reads
 /// across the fixture's files stopped gaining (the figures in

@@ -341,6 +341,8 @@ impl SkiffFs {
             max_request: self.fetch_window.bytes().max(1 << 20),
             plan,
             ahead,
+            rest_to: self.readahead.clone().filter(|_| self.fetch_window.grown()),
+            share: self.fetch_window.base(),
             deadline,
         };
         let run: Box<dyn FnOnce() + Send> = Box::new(move || job.run(reply));
@@ -596,6 +598,13 @@ struct ReadJob {
     max_request: u64,
     plan: ReadPlan,
     ahead: Vec<ChunkRequest>,
+    /// Where the parts of `ahead` that local chunks cut off from the
+    /// read's request are fetched in the background, when they are worth
+    /// it (a window that grew).
+    rest_to: Option<Arc<Readahead>>,
+    /// Stored bytes of the window a read fetches itself on either side of
+    /// its chunks when there is a `rest_to`.
+    share: u64,
     deadline: Instant,
 }
 
@@ -612,6 +621,69 @@ impl ReadJob {
                 reply.error(errno(&e));
             }
         }
+    }
+
+    /// The part of the window that this read fetches with its own chunks:
+    /// the chunks next to them, up to the first local chunk on each side.
+    /// What lies beyond goes to `rest_to` if there is one, so that a
+    /// window with holes (a reader jumping around a blob it has partly
+    /// fetched) is fetched whole without the read waiting for it.
+    fn split_ahead(&self) -> Vec<ChunkRequest> {
+        let (Some(lo), Some(hi)) = (
+            self.plan.reqs.iter().map(ChunkRequest::start).min(),
+            self.plan.reqs.iter().map(ChunkRequest::end).max(),
+        ) else {
+            return self.ahead.clone();
+        };
+        let mut local = self.source.local_check();
+        let (mut before, mut after, mut mine) = (Vec::new(), Vec::new(), Vec::new());
+        for r in &self.ahead {
+            if r.end() <= lo {
+                before.push(*r);
+            } else if r.start() >= hi {
+                after.push(*r);
+            } else {
+                mine.push(*r);
+            }
+        }
+        let mut rests: Vec<(u64, u64, &ChunkRequest)> = Vec::new();
+        // Nearest first on each side; a local chunk ends the read's share.
+        before.sort_by_key(|r| std::cmp::Reverse(r.start()));
+        after.sort_by_key(ChunkRequest::start);
+        // With a background to hand the rest to, the read fetches at most
+        // the window it started with on either side: it waits for what it
+        // fetches, a grown window would make each miss wait for MiBs.
+        let share = self.rest_to.as_ref().map_or(u64::MAX, |_| self.share);
+        for side in [&before, &after] {
+            let mut taken = 0u64;
+            match side.iter().position(|r| {
+                taken = taken.saturating_add(u64::from(r.info.compressed_size));
+                taken > share || local.is_local(r)
+            }) {
+                None => mine.extend_from_slice(side),
+                Some(cut) => {
+                    mine.extend_from_slice(&side[..cut]);
+                    let rest = &side[cut..];
+                    let from = rest.iter().map(ChunkRequest::start).min();
+                    let to = rest.iter().map(ChunkRequest::end).max();
+                    if let (Some(from), Some(to), Some(r)) = (from, to, rest.first()) {
+                        rests.push((from, to, r));
+                    }
+                }
+            }
+        }
+        if let Some(ra) = &self.rest_to {
+            for (from, to, r) in rests {
+                ra.fetch_window_rest(
+                    &self.image,
+                    &self.source,
+                    r.info.blob_index,
+                    r.blob,
+                    (from, to),
+                );
+            }
+        }
+        mine
     }
 
     fn fetch(&self) -> Result<ReplyBytes> {
@@ -631,7 +703,7 @@ impl ReadJob {
             .source
             .get_with_read_ahead(
                 &plan.reqs,
-                &self.ahead,
+                &self.split_ahead(),
                 self.max_request,
                 Some(self.deadline),
             )

@@ -42,6 +42,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use skiff_format::Digest;
+
 use crate::chunk::ChunkRequest;
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -221,12 +223,53 @@ impl Readahead {
         let Some((from, to)) = self.observe(blob, first.start(), end, used, missed) else {
             return;
         };
+        self.submit(
+            image,
+            source,
+            blob,
+            first.blob,
+            (from, to),
+            |source, reqs| {
+                Metrics::add(&source.metrics().readahead_chunks, reqs.len() as u64);
+            },
+        );
+    }
+
+    /// Fetches in the background the chunks of stored range `range` of
+    /// blob `blob` (`digest`) that are not local: the parts of a read's
+    /// fetch window that chunks this node has already cut off from the
+    /// read's own request (the read does not wait for them). They count
+    /// as brought by the window (see [`crate::window`]).
+    pub(crate) fn fetch_window_rest(
+        &self,
+        image: &Arc<Image>,
+        source: &Arc<ChunkSource>,
+        blob: u32,
+        digest: Digest,
+        range: (u64, u64),
+    ) {
+        self.submit(image, source, blob, digest, range, |source, reqs| {
+            source.brought().fetched(reqs);
+        });
+    }
+
+    /// Queues the fetch of the non-local chunks of `range` of `blob`, in
+    /// requests of the configured size; `counted` sees each request's
+    /// chunks first. Stops at a full queue.
+    fn submit(
+        &self,
+        image: &Arc<Image>,
+        source: &Arc<ChunkSource>,
+        blob: u32,
+        digest: Digest,
+        (from, to): (u64, u64),
+        counted: fn(&ChunkSource, &[ChunkRequest]),
+    ) {
         let mut at = from;
         while at < to {
             let piece = (at, to.min(at.saturating_add(self.opts.request)));
             at = piece.1;
             let (image, source) = (image.clone(), source.clone());
-            let digest = first.blob;
             let job = move || {
                 // The first call builds the index (a pass over the chunk
                 // table): here, not at mount and not on a FUSE thread.
@@ -244,7 +287,7 @@ impl Readahead {
                 if reqs.is_empty() {
                     return;
                 }
-                Metrics::add(&source.metrics().readahead_chunks, reqs.len() as u64);
+                counted(&source, &reqs);
                 // Failures surface to the reader when it gets there.
                 let _ = source.prefetch(&reqs);
             };

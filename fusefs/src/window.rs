@@ -34,10 +34,26 @@
 //! the configured window and its maximum. A tiny start (`python3 -c pass`)
 //! misses too few times to grow it; random reads across many files of a
 //! package grow it, because the files beside each one are read later.
+//!
+//! An adaptive window is the aligned block of the blob around the miss
+//! (both sides of the needed chunks), so that the windows of later misses
+//! fall on whole blocks, fetched or not; windows that start where the last
+//! one ended are cut short by every chunk fetched before, and a reader
+//! that jumps around a blob it has partly fetched then makes a round trip
+//! for a few KiB at a time. Once the window has grown, the read fetches
+//! only the starting window on either side of its chunks (it waits for
+//! what its request brings: MiBs would make every miss wait for the link),
+//! and the rest of the block, and whatever chunks that are local already
+//! cut off, goes to the readahead pool in the background
+//! (`fs.rs` `split_ahead`).
+//!
 //! Measured over 100 Mbit/s with 20 ms RTT (`scripts/bench-coldstart`,
-//! one run each, fixed windows of 256 KiB / 1 / 2 / 4 MiB): random reads
-//! across 1,500 files 17.2 / 14.0 / 13.4 / 12.3 s, `python3 -c pass` 1.6 /
-//! 2.1 / 3.0 / 4.5 s.
+//! one run each; random reads across 1,500 files / `python3 -c pass` /
+//! `import numpy, pandas`): fixed windows of 256 KiB 17.2 / 1.6 / 8.4 s,
+//! 1 MiB 14.0 / 2.1 / 8.0 s, 4 MiB 12.3 / 4.5 / 8.6 s; adaptive, forward
+//! only 16.6 / 1.4 / 6.8 s; adaptive in aligned blocks with the rest in
+//! the background 12.4 / 1.5 / 6.2 s (Nydus 2.4.4 in an earlier run of the
+//! same bench: 14.5 / 2.2 / 8.3 s).
 //!
 //! [`BlobStore::is_local`]: skiff_registry::BlobStore::is_local
 //! [`Link`]: crate::link::Link
@@ -105,6 +121,20 @@ impl FetchWindow {
         }
     }
 
+    /// Whether the window has grown past where it started: what it brings
+    /// is being read, so the parts of it that local chunks cut off from a
+    /// read's request are worth fetching too (in the background: `fs.rs`).
+    pub(crate) fn grown(&self) -> bool {
+        self.adaptive
+            .as_ref()
+            .is_some_and(|a| a.current.load(Ordering::Relaxed) > a.min)
+    }
+
+    /// The window it starts with (and never goes below), in stored bytes.
+    pub(crate) fn base(&self) -> u64 {
+        self.bytes
+    }
+
     /// The window's bound in stored bytes now.
     pub(crate) fn bytes(&self) -> u64 {
         self.adaptive
@@ -131,7 +161,15 @@ impl FetchWindow {
         if open {
             ahead = frame_siblings(b, reqs);
             let bytes = self.bytes();
-            if bytes > 0 {
+            if bytes > 0 && self.adaptive.is_some() && first.info.blob_index == blob {
+                // The aligned block of the blob around the miss: windows
+                // of later misses then fall on whole blocks, fetched or
+                // not, instead of being cut short by what earlier windows
+                // brought.
+                let block = first.start() / bytes * bytes;
+                ahead.extend(chunks_before(b, first, block));
+                ahead.extend(chunks_after(b, last, block, bytes));
+            } else if bytes > 0 {
                 ahead.extend(chunks_after(b, last, first.start(), bytes));
             }
         }
@@ -320,6 +358,38 @@ impl Streams {
         let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
         ends.insert(blob, end);
     }
+}
+
+/// The chunks that precede `first` in its blob, back to back (or in the
+/// same shared frame), starting at `from` or later; in blob order.
+fn chunks_before(b: &Bootstrap<'_>, first: &ChunkRequest, from: u64) -> Vec<ChunkRequest> {
+    let mut before = Vec::new();
+    let mut next = *first;
+    let mut index = first.index;
+    while let Some(i) = index.checked_sub(1) {
+        let Ok(info) = b.chunk(i) else {
+            break;
+        };
+        let req = ChunkRequest {
+            index: i,
+            info,
+            blob: next.blob,
+        };
+        let same_frame = info.frame.is_some()
+            && info.compressed_offset == next.info.compressed_offset
+            && info.compressed_size == next.info.compressed_size;
+        if info.blob_index != next.info.blob_index
+            || (!same_frame && req.end() != next.start())
+            || req.start() < from
+        {
+            break;
+        }
+        before.push(req);
+        next = req;
+        index = i;
+    }
+    before.reverse();
+    before
 }
 
 /// The chunks that follow `last` in its blob, back to back (or in the same
