@@ -58,7 +58,7 @@ use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::readahead::Readahead;
 use crate::source::ChunkSource;
-use crate::window::FetchWindow;
+use crate::window::{split_window, FetchWindow};
 use crate::workers::Pool;
 
 /// How long the kernel may cache entries and attributes: the image is
@@ -623,67 +623,27 @@ impl ReadJob {
         }
     }
 
-    /// The part of the window that this read fetches with its own chunks:
-    /// the chunks next to them, up to the first local chunk on each side.
-    /// What lies beyond goes to `rest_to` if there is one, so that a
-    /// window with holes (a reader jumping around a blob it has partly
-    /// fetched) is fetched whole without the read waiting for it.
+    /// The part of the window that this read fetches with its own chunks
+    /// (see [`split_window`]); what it leaves goes to `rest_to` if there is
+    /// one, so that a window with holes (a reader jumping around a blob it
+    /// has partly fetched) is fetched whole without the read waiting.
     fn split_ahead(&self) -> Vec<ChunkRequest> {
-        let (Some(lo), Some(hi)) = (
-            self.plan.reqs.iter().map(ChunkRequest::start).min(),
-            self.plan.reqs.iter().map(ChunkRequest::end).max(),
-        ) else {
-            return self.ahead.clone();
-        };
-        let mut local = self.source.local_check();
-        let (mut before, mut after, mut mine) = (Vec::new(), Vec::new(), Vec::new());
-        for r in &self.ahead {
-            if r.end() <= lo {
-                before.push(*r);
-            } else if r.start() >= hi {
-                after.push(*r);
-            } else {
-                mine.push(*r);
-            }
-        }
-        let mut rests: Vec<(u64, u64, &ChunkRequest)> = Vec::new();
-        // Nearest first on each side; a local chunk ends the read's share.
-        before.sort_by_key(|r| std::cmp::Reverse(r.start()));
-        after.sort_by_key(ChunkRequest::start);
         // With a background to hand the rest to, the read fetches at most
         // the window it started with on either side: it waits for what it
         // fetches, a grown window would make each miss wait for MiBs.
-        let share = self.rest_to.as_ref().map_or(u64::MAX, |_| self.share);
-        for side in [&before, &after] {
-            let mut taken = 0u64;
-            match side.iter().position(|r| {
-                taken = taken.saturating_add(u64::from(r.info.compressed_size));
-                taken > share || local.is_local(r)
-            }) {
-                None => mine.extend_from_slice(side),
-                Some(cut) => {
-                    mine.extend_from_slice(&side[..cut]);
-                    let rest = &side[cut..];
-                    let from = rest.iter().map(ChunkRequest::start).min();
-                    let to = rest.iter().map(ChunkRequest::end).max();
-                    if let (Some(from), Some(to), Some(r)) = (from, to, rest.first()) {
-                        rests.push((from, to, r));
-                    }
-                }
-            }
-        }
+        let share = if self.rest_to.is_some() {
+            self.share
+        } else {
+            u64::MAX
+        };
+        let mut local = self.source.local_check();
+        let split = split_window(&self.plan.reqs, &self.ahead, share, |r| local.is_local(r));
         if let Some(ra) = &self.rest_to {
-            for (from, to, r) in rests {
-                ra.fetch_window_rest(
-                    &self.image,
-                    &self.source,
-                    r.info.blob_index,
-                    r.blob,
-                    (from, to),
-                );
+            for r in split.rest {
+                ra.fetch_window_rest(&self.image, &self.source, r.blob, r.digest, (r.from, r.to));
             }
         }
-        mine
+        split.mine
     }
 
     fn fetch(&self) -> Result<ReplyBytes> {

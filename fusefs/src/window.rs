@@ -62,7 +62,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use skiff_format::Bootstrap;
+use skiff_format::{Bootstrap, Digest};
 
 use crate::chunk::{frame_siblings, ChunkRequest};
 use crate::link::LinkEstimate;
@@ -186,6 +186,88 @@ impl FetchWindow {
         }
         ahead
     }
+}
+
+/// A read's window, split: what the read fetches with its own chunks, and
+/// the stored ranges it leaves to the background.
+pub(crate) struct Split {
+    /// Chunks of the window fetched in the read's own request(s).
+    pub(crate) mine: Vec<ChunkRequest>,
+    /// What lies beyond, on either side (local chunks included: whoever
+    /// fetches it skips them).
+    pub(crate) rest: Vec<RestRange>,
+}
+
+/// A stored range of a blob left to the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RestRange {
+    /// The blob's index in the bootstrap.
+    pub(crate) blob: u32,
+    /// The blob's digest.
+    pub(crate) digest: Digest,
+    /// First stored byte.
+    pub(crate) from: u64,
+    /// One past the last stored byte.
+    pub(crate) to: u64,
+}
+
+/// Splits the window `ahead` of a read that needs `needed`: the chunks
+/// among or overlapping the needed ones are the read's; on each side the
+/// read takes the nearest chunks, up to the first one that `is_local` or
+/// past `share` stored bytes, and leaves the rest of that side.
+pub(crate) fn split_window(
+    needed: &[ChunkRequest],
+    ahead: &[ChunkRequest],
+    share: u64,
+    mut is_local: impl FnMut(&ChunkRequest) -> bool,
+) -> Split {
+    let (Some(lo), Some(hi)) = (
+        needed.iter().map(ChunkRequest::start).min(),
+        needed.iter().map(ChunkRequest::end).max(),
+    ) else {
+        return Split {
+            mine: ahead.to_vec(),
+            rest: Vec::new(),
+        };
+    };
+    let (mut before, mut after, mut mine) = (Vec::new(), Vec::new(), Vec::new());
+    for r in ahead {
+        if r.end() <= lo {
+            before.push(*r);
+        } else if r.start() >= hi {
+            after.push(*r);
+        } else {
+            mine.push(*r);
+        }
+    }
+    // Nearest first on each side.
+    before.sort_by_key(|r| std::cmp::Reverse(r.start()));
+    after.sort_by_key(ChunkRequest::start);
+    let mut rest = Vec::new();
+    for side in [&before, &after] {
+        let mut taken = 0u64;
+        let cut = side.iter().position(|r| {
+            taken = taken.saturating_add(u64::from(r.info.compressed_size));
+            taken > share || is_local(r)
+        });
+        let Some(cut) = cut else {
+            mine.extend_from_slice(side);
+            continue;
+        };
+        mine.extend_from_slice(&side[..cut]);
+        let left = &side[cut..];
+        let from = left.iter().map(ChunkRequest::start).min();
+        let to = left.iter().map(ChunkRequest::end).max();
+        if let (Some(from), Some(to), Some(r)) = (from, to, left.first()) {
+            rest.push(RestRange {
+                blob: r.info.blob_index,
+                digest: r.blob,
+                from,
+                to,
+            });
+        }
+    }
+    Split { mine, rest }
 }
 
 /// The chunks that fetch windows brought and no read has taken yet, and
@@ -455,12 +537,11 @@ mod tests {
         assert_eq!(next_window(1 << 20, min, max, 100_000, 0, rt), 1 << 20);
     }
 
-    #[test]
-    fn brought_chunks_count_once_when_read_and_a_read_saves_one_miss() {
-        use skiff_format::{ChunkInfo, Digest};
-        let req = |index: u32, offset: u64| ChunkRequest {
+    /// Chunk `index` of blob 0, 1000 stored bytes at `offset`.
+    fn req(index: u32, offset: u64) -> ChunkRequest {
+        ChunkRequest {
             index,
-            info: ChunkInfo {
+            info: skiff_format::ChunkInfo {
                 digest: Digest::of(&index.to_le_bytes()),
                 blob_index: 0,
                 compressed: true,
@@ -470,7 +551,44 @@ mod tests {
                 frame: None,
             },
             blob: Digest::of(b"blob"),
+        }
+    }
+
+    #[test]
+    fn a_read_takes_its_windows_nearest_chunks_up_to_a_local_one_or_its_share() {
+        // Needed: chunk 3 at 3000; the window: chunks 0-2 before, 4-8 after.
+        let needed = [req(3, 3000)];
+        let ahead: Vec<ChunkRequest> = [0, 1, 2, 4, 5, 6, 7, 8]
+            .into_iter()
+            .map(|i| req(i, u64::from(i) * 1000))
+            .collect();
+        let indexes = |v: &[ChunkRequest]| {
+            let mut i: Vec<u32> = v.iter().map(|r| r.index).collect();
+            i.sort_unstable();
+            i
         };
+        let all = split_window(&needed, &ahead, u64::MAX, |_| false);
+        assert_eq!(indexes(&all.mine), [0, 1, 2, 4, 5, 6, 7, 8]);
+        assert!(all.rest.is_empty());
+
+        // Chunk 6 is on disk: the read stops before it; 6-8 are left.
+        let holed = split_window(&needed, &ahead, u64::MAX, |r| r.index == 6);
+        assert_eq!(indexes(&holed.mine), [0, 1, 2, 4, 5]);
+        assert_eq!(holed.rest.len(), 1);
+        assert_eq!((holed.rest[0].from, holed.rest[0].to), (6000, 9000));
+
+        // A share of 2000 bytes a side: 1-2 and 4-5; 0 and 6-8 are left.
+        let shared = split_window(&needed, &ahead, 2000, |_| false);
+        assert_eq!(indexes(&shared.mine), [1, 2, 4, 5]);
+        let ranges: Vec<(u64, u64)> = shared.rest.iter().map(|r| (r.from, r.to)).collect();
+        assert_eq!(ranges, [(0, 1000), (6000, 9000)]);
+
+        // No needed chunk: the window is the read's.
+        assert_eq!(split_window(&[], &ahead, 0, |_| true).mine.len(), 8);
+    }
+
+    #[test]
+    fn brought_chunks_count_once_when_read_and_a_read_saves_one_miss() {
         let b = Brought::default();
         b.fetched(&[req(1, 0), req(2, 1000), req(3, 2000)]);
         b.read(&[req(1, 0), req(2, 1000)]);
