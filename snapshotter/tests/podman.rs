@@ -1,7 +1,7 @@
 //! `skiff store` under Debian's podman (4.3, containers/storage 1.43), as
 //! root with the overlay driver and a private storage.conf whose
 //! `additionallayerstores` names the store: the Skiff fixture image runs
-//! its python workload while the registry serves less than 40% of it,
+//! its python workload while the registry serves less than half of it,
 //! a plain OCI image still runs (containers/storage downloads it), and
 //! `podman rmi` and a restart of the store leave nothing broken.
 
@@ -276,9 +276,9 @@ fn podman_runs_skiff_images_lazily_through_the_additional_layer_store() {
     );
     // The import reads about 30% of the image; the fetch window brings some
     // neighbours along when the round trips they save pay for them (fusefs
-    // window.rs). Under 40%: lazy; a store that fetched all is 100%.
+    // window.rs). Under half: lazy; a store that fetched all is 100%.
     assert!(
-        served > 0 && served * 5 < image_bytes * 2,
+        served > 0 && served * 2 < image_bytes,
         "the registry served {served} of the image's {image_bytes} bytes: not lazy\n{}",
         tail_of(&store.log, 20)
     );

@@ -6,7 +6,7 @@
 //!   (which attaches the Skiff image to the original as an OCI referrer) is
 //!   pulled by its ORIGINAL reference with `ctr-remote image rpull`: none of
 //!   the original's layers is downloaded, the snapshotter mounts the Skiff
-//!   image and the python workload runs, fetching less than 40% of it.
+//!   image and the python workload runs, fetching less than half of it.
 //! - An original without a Skiff referrer, pulled the same way, is
 //!   downloaded and unpacked by containerd as usual and runs.
 //!
@@ -108,9 +108,9 @@ fn the_original_reference_is_pulled_lazily_through_its_skiff_referrer() {
     );
     // The import reads about 30% of the image; the fetch window brings
     // some neighbours along when the round trips they save pay for them
-    // (fusefs window.rs). Under 40%: lazy; a mount that fetched all is 100%.
+    // (fusefs window.rs). Under half: lazy; a mount that fetched all is 100%.
     assert!(
-        total > 0.0 && total < bytes_out as f64 * 0.4,
+        total > 0.0 && total < bytes_out as f64 * 0.5,
         "fetched {total} of {bytes_out}"
     );
 }
