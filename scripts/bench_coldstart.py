@@ -257,12 +257,15 @@ def main():
     if not meta.get("nydus"):
         md.append("> **Nydus not measured**: NYDUSD and NYDUS_IMAGE were not set to the binaries.\n")
     md.append("## Workloads and images\n")
-    md.append("| workload | what | command | files in its prefetch list |\n|---|---|---|---|")
+    md.append("| workload | what | command | files in its prefetch list | entries (whole files or stretches) |\n"
+              "|---|---|---|---|---|")
     for wl in workloads:
         cmd = meta["commands"][wl].strip().replace("\n", " ").replace("|", "\\|")
         if len(cmd) > 90:
             cmd = cmd[:87] + "..."
-        md.append(f"| {wl} | {WORKLOADS[wl]} | `{cmd}` | {meta['commands'].get(wl + '-listed', 0):,} |")
+        listed = meta["commands"].get(wl + "-listed", 0)
+        stretches = meta["commands"].get(wl + "-stretches", listed)
+        md.append(f"| {wl} | {WORKLOADS[wl]} | `{cmd}` | {listed:,} | {stretches:,} |")
     md.append("\n| image | OCI gzip layers | Skiff (blobs + bootstrap layer) | Nydus (blobs + bootstrap layer) |"
               "\n|---|---|---|---|")
     for iname, im in meta["images"].items():

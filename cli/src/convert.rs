@@ -82,9 +82,11 @@ pub struct ConvertArgs {
     /// referrers (the original image is never changed either way).
     #[arg(long)]
     no_referrer: bool,
-    /// Files to fetch first after mounting: one absolute path per line, in
-    /// order (as `skiff mount --record-access` writes them); stored in the
-    /// image's prefetch table. Paths not in the image are skipped with a warning.
+    /// What to fetch first after mounting, in order, one entry per line: an
+    /// absolute path (the whole file) or PATH<TAB>OFFSET<TAB>LENGTH (that
+    /// stretch of it), as `skiff mount --record-access` writes them; stored
+    /// in the image's prefetch tables. Paths not in the image are skipped
+    /// with a warning.
     #[arg(long, value_name = "FILE")]
     prefetch_list: Option<PathBuf>,
     /// Print a machine-readable summary on stdout.
@@ -153,13 +155,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         referrer: !args.no_referrer,
     };
     let prefetch = match &args.prefetch_list {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading the prefetch list {}", p.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
-            .collect(),
+        Some(p) => skiff_converter::prefetch::parse_prefetch_list(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("reading the prefetch list {}", p.display()))?,
+        ),
         None => Vec::new(),
     };
     let result = convert_image_with_prefetch(request, prefetch)?;

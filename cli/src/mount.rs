@@ -159,8 +159,10 @@ pub struct MountArgs {
     /// Do not prefetch anything.
     #[arg(long)]
     pub no_prefetch: bool,
-    /// Write the paths of the files read, in first-read order, to FILE
-    /// (every few seconds and at unmount); for `skiff convert --prefetch-list`.
+    /// Write what the workload reads, in first-read order, to FILE: one
+    /// line per stretch of a file, PATH<TAB>OFFSET<TAB>LENGTH, or PATH when
+    /// it is the whole file (every few seconds and at unmount); for `skiff
+    /// convert --prefetch-list`.
     #[arg(long, value_name = "FILE")]
     pub record_access: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`) on this unix socket (mode 0600).

@@ -19,6 +19,7 @@ use crate::chunker::{Chunker, Chunking, LargeFiles};
 use crate::decompress::DecodedLayer;
 use crate::error::ConvertError;
 use crate::pipeline::{BlobPipeline, BlobSink};
+use crate::prefetch::PrefetchEntry;
 use crate::record::{LayerFigures, LayerRecord, Op, RecordBlob, Recorder, StoredChunk};
 use crate::tree::{split_path, TreeBuilder};
 
@@ -214,7 +215,7 @@ pub struct Converter {
     origins: Vec<BlobOrigin>,
     current: Option<CurrentBlob>,
     /// Paths for the PREFETCH table, resolved at [`Converter::finish`].
-    prefetch_paths: Vec<String>,
+    prefetch_list: Vec<PrefetchEntry>,
     /// Digest of the output-deciding settings ([`crate::record::settings_key`]).
     settings: Digest,
     /// The current layer's changes, for its record.
@@ -257,7 +258,7 @@ impl Converter {
             dict_count: 0,
             origins: Vec::new(),
             current: None,
-            prefetch_paths: Vec::new(),
+            prefetch_list: Vec::new(),
             settings,
             recorder: Recorder::default(),
             layers: Vec::new(),
@@ -778,32 +779,13 @@ impl Converter {
         }))
     }
 
-    /// Sets the files to fetch first after mounting, in order: absolute
-    /// paths in the merged tree (as `skiff mount --record-access` writes
-    /// them). They are resolved by [`finish`](Self::finish), without
-    /// following symlinks; a path that names nothing is skipped with a
-    /// warning, and repeats are dropped.
-    pub fn set_prefetch_list(&mut self, paths: Vec<String>) {
-        self.prefetch_paths = paths;
-    }
-
-    /// The PREFETCH table for the paths given to `set_prefetch_list`.
-    fn resolve_prefetch(&self) -> Vec<usize> {
-        let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for path in &self.prefetch_paths {
-            let parts: Vec<&[u8]> = path
-                .split('/')
-                .filter(|p| !p.is_empty() && *p != ".")
-                .map(str::as_bytes)
-                .collect();
-            match self.tree.resolve(&parts) {
-                Some(id) if seen.insert(id) => out.push(id),
-                Some(_) => {}
-                None => tracing::warn!("prefetch list: {path}: not in the image; skipped"),
-            }
-        }
-        out
+    /// Sets what to fetch first after mounting, in order: files or stretches
+    /// of files by absolute path in the merged tree (as `skiff mount
+    /// --record-access` writes them; see [`crate::prefetch`]). They are
+    /// resolved by [`finish`](Self::finish); what names nothing is skipped
+    /// with a warning.
+    pub fn set_prefetch_list(&mut self, entries: Vec<PrefetchEntry>) {
+        self.prefetch_list = entries;
     }
 
     /// Writes the bootstrap. Unreachable nodes (whited out, replaced) are dropped.
@@ -813,9 +795,10 @@ impl Converter {
                 "internal error: a layer blob is unfinished".into(),
             ));
         }
-        let prefetch = self.resolve_prefetch();
+        let (prefetch, prefetch_ranges) = crate::prefetch::resolve(&self.tree, &self.prefetch_list);
         let mut tree = self.tree.into_tree();
         tree.prefetch = prefetch;
+        tree.prefetch_ranges = prefetch_ranges;
         in_blob_order(&mut tree);
         let bootstrap = skiff_format::write_bootstrap(&tree)?;
         self.stats.bootstrap_bytes = bootstrap.len() as u64;

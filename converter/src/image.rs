@@ -24,6 +24,7 @@ use skiff_registry::{
 use crate::convert::{BlobOrigin, ConvertOptions, Converter, Progress, Stats};
 use crate::error::{ConvertError, IoContext};
 use crate::pipeline::{BlobOut, BlobSink};
+use crate::prefetch::PrefetchEntry;
 use crate::publish;
 use crate::record::{self, LayerRecord, MAX_RECORD_SIZE};
 use crate::reuse::{self, LayerCache};
@@ -416,8 +417,9 @@ enum OneSource {
     Layers(Vec<PathBuf>, Option<PathBuf>),
 }
 
-/// Converts and publishes an image whose PREFETCH table lists `prefetch`
-/// (absolute paths, in order; see [`Converter::set_prefetch_list`]).
+/// Converts and publishes an image whose prefetch tables hold `prefetch`
+/// (files or stretches of files by absolute path, in order; see
+/// [`crate::prefetch`]).
 ///
 /// A multi-platform source (an index or a manifest list) gives an OCI
 /// index of Skiff images, one per platform (all of them, or those that
@@ -429,7 +431,7 @@ enum OneSource {
 /// referrer in the source's repository (see `skiff_registry::referrers`).
 pub fn convert_image_with_prefetch(
     req: ConvertRequest,
-    prefetch: Vec<String>,
+    prefetch: Vec<PrefetchEntry>,
 ) -> Result<ConvertResult, ConvertError> {
     let registry_config = RegistryConfig::from_env()?;
     let (dest, tag) = Destination::open(&req.dest, &registry_config)?;
@@ -774,7 +776,7 @@ fn attach(
 fn convert_one(
     run: &mut Run,
     source: OneSource,
-    prefetch: &[String],
+    prefetch: &[PrefetchEntry],
     subject: Option<&Value>,
     platform: Option<&str>,
 ) -> Result<Platformed, ConvertError> {

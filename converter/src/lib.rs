@@ -39,6 +39,7 @@ pub mod image;
 pub mod inspect;
 pub mod layer;
 pub mod pipeline;
+pub mod prefetch;
 pub mod publish;
 pub mod record;
 pub mod reuse;

@@ -16,9 +16,9 @@ use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 use crate::layout::{
     section_name, BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord,
-    SectionEntry, Superblock, XattrRecord, SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS,
-    SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_PREFETCH,
-    SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
+    PrefetchRangeRecord, SectionEntry, Superblock, XattrRecord, SECTION_BLOBS, SECTION_BLOCK_CRCS,
+    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
+    SECTION_PREFETCH, SECTION_PREFETCH_RANGES, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
 };
 use crate::{Bootstrap, Digest, FileKind, FormatError};
 
@@ -217,6 +217,12 @@ fn dump_section(
         }),
         SECTION_PREFETCH => each::<U32>(out, name, base, bytes, |i, r| {
             format!("prefetch {i}: inode={r}")
+        }),
+        SECTION_PREFETCH_RANGES => each::<PrefetchRangeRecord>(out, name, base, bytes, |i, r| {
+            format!(
+                "prefetch range {i}: inode={} chunk map entries {}+{}",
+                r.inode, r.first, r.count
+            )
         }),
         SECTION_BLOCK_CRCS => each::<U32>(out, name, base, bytes, |i, r| {
             format!("block {i}: crc={:#010x}", r.get())

@@ -17,7 +17,7 @@ pub const MAGIC: [u8; 8] = *b"\x89SKF\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor version written. Readers accept any minor of their major; a
 /// feature an older reader must not ignore sets a [`Superblock`] flag.
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Superblock flag (1.1): some chunks are slices of shared zstd frames
 /// ([`CHUNK_FLAG_SHARED_FRAME`]). A 1.0 reader refuses the bootstrap at open.
 pub const FEATURE_SHARED_FRAMES: u32 = 1;
@@ -52,6 +52,10 @@ pub const SECTION_PREFETCH: u32 = 8;
 /// 64 KiB blocks, for verification on first read (see [`crate::blocks`]).
 /// Optional; when present, the last section.
 pub const SECTION_BLOCK_CRCS: u32 = 9;
+/// Section kind (1.3): [`PrefetchRangeRecord`]s, the parts of files to
+/// fetch first after mount, in order. Optional; when present, a reader that
+/// knows it fetches these instead of the whole files PREFETCH names.
+pub const SECTION_PREFETCH_RANGES: u32 = 10;
 /// The kinds a 1.x bootstrap must contain, each exactly once, in the order
 /// the writer lays them out.
 pub const SECTION_KINDS: [u32; 8] = [
@@ -77,6 +81,7 @@ pub fn section_name(kind: u32) -> &'static str {
         SECTION_BLOBS => "BLOBS",
         SECTION_PREFETCH => "PREFETCH",
         SECTION_BLOCK_CRCS => "BLOCK_CRCS",
+        SECTION_PREFETCH_RANGES => "PREFETCH_RANGES",
         _ => "unknown",
     }
 }
@@ -93,6 +98,7 @@ pub fn section_record_size(kind: u32) -> Option<u32> {
         SECTION_STRINGS => 0,
         SECTION_BLOBS => size_of::<BlobRecord>(),
         SECTION_PREFETCH | SECTION_BLOCK_CRCS => size_of::<U32>(),
+        SECTION_PREFETCH_RANGES => size_of::<PrefetchRangeRecord>(),
         _ => return None,
     };
     // All sizes above are small constants.
@@ -306,6 +312,19 @@ pub struct BlobRecord {
     pub reserved: [u8; 12],
 }
 
+/// A PREFETCH_RANGES record (12 bytes, 1.3): entries `first..first + count`
+/// of a regular file's chunk map (its FILE_CHUNKS records, in file order).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct PrefetchRangeRecord {
+    /// @0: inode index of the file.
+    pub inode: U32,
+    /// @4: index of the first entry in the file's chunk map.
+    pub first: U32,
+    /// @8: number of entries, at least 1.
+    pub count: U32,
+}
+
 const _: () = assert!(size_of::<Superblock>() == SUPERBLOCK_SIZE);
 const _: () = assert!(size_of::<SectionEntry>() == SECTION_ENTRY_SIZE);
 const _: () = assert!(size_of::<InodeRecord>() == 64);
@@ -314,6 +333,7 @@ const _: () = assert!(size_of::<FileChunkRecord>() == 16);
 const _: () = assert!(size_of::<ChunkRecord>() == 64);
 const _: () = assert!(size_of::<XattrRecord>() == 16);
 const _: () = assert!(size_of::<BlobRecord>() == 64);
+const _: () = assert!(size_of::<PrefetchRangeRecord>() == 12);
 
 #[cfg(test)]
 mod tests {
@@ -360,6 +380,8 @@ mod tests {
         assert_eq!(offset_of!(BlobRecord, size), 32);
         assert_eq!(offset_of!(BlobRecord, uncompressed_size), 40);
         assert_eq!(offset_of!(BlobRecord, chunk_count), 48);
+        assert_eq!(offset_of!(PrefetchRangeRecord, first), 4);
+        assert_eq!(offset_of!(PrefetchRangeRecord, count), 8);
     }
 
     #[test]
@@ -370,6 +392,8 @@ mod tests {
         }
         assert_eq!(section_record_size(SECTION_BLOCK_CRCS), Some(4));
         assert_eq!(section_name(SECTION_BLOCK_CRCS), "BLOCK_CRCS");
-        assert_eq!(section_record_size(10), None);
+        assert_eq!(section_record_size(SECTION_PREFETCH_RANGES), Some(12));
+        assert_eq!(section_name(SECTION_PREFETCH_RANGES), "PREFETCH_RANGES");
+        assert_eq!(section_record_size(11), None);
     }
 }

@@ -67,6 +67,6 @@ pub use layout::FileChunkRecord;
 pub use reader::{Bootstrap, DirEntry, Inode, InodeId};
 pub use tree::{
     canonicalize, check_name, Attrs, BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node,
-    NodeData, NodeId, SharedFrame,
+    NodeData, NodeId, PrefetchRange, SharedFrame,
 };
 pub use writer::{reseal, write_bootstrap};

@@ -18,15 +18,17 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::blocks::{block_count, BlockMarks, LazyBlocks};
 use crate::layout::{
     section_name, section_record_size, BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord,
-    InodeRecord, SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD,
-    FEATURE_SHARED_FRAMES, KNOWN_FEATURES, MAGIC, PERM_MASK, SECTION_ALIGN, SECTION_BLOBS,
-    SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
-    SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS,
-    SUPERBLOCK_SIZE, S_IFMT, VERSION_MAJOR,
+    InodeRecord, PrefetchRangeRecord, SectionEntry, Superblock, XattrRecord,
+    CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_SHARED_FRAMES, KNOWN_FEATURES, MAGIC,
+    PERM_MASK, SECTION_ALIGN, SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS,
+    SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH,
+    SECTION_PREFETCH_RANGES, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, S_IFMT,
+    VERSION_MAJOR,
 };
 use crate::tree::{
     check_attrs, check_chunk, check_chunk_map, check_name, check_symlink, check_xattr, Attrs,
-    BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node, NodeData, SharedFrame,
+    BlobInfo, ChunkInfo, FileChunk, FileKind, ImageTree, Node, NodeData, PrefetchRange,
+    SharedFrame,
 };
 use crate::writer::header_crc;
 use crate::{Digest, FormatError};
@@ -188,6 +190,8 @@ pub struct Bootstrap<'a> {
     strings: &'a [u8],
     blobs: &'a [BlobRecord],
     prefetch: &'a [U32],
+    /// PREFETCH_RANGES (1.3); empty without the section.
+    prefetch_ranges: &'a [PrefetchRangeRecord],
     /// Set when the bootstrap was opened lazily: blocks are checked on
     /// first read instead of at open.
     lazy: Option<LazyBlocks<'a>>,
@@ -212,6 +216,7 @@ impl fmt::Debug for Bootstrap<'_> {
             .field("strings", &self.strings.len())
             .field("blobs", &self.blobs.len())
             .field("prefetch", &self.prefetch.len())
+            .field("prefetch_ranges", &self.prefetch_ranges.len())
             .finish()
     }
 }
@@ -334,6 +339,7 @@ impl<'a> Bootstrap<'a> {
 
         let mut found: [Option<&'a [u8]>; SECTION_KINDS.len()] = [None; SECTION_KINDS.len()];
         let mut block_crcs: Option<(usize, &'a [u8])> = None;
+        let mut prefetch_ranges: Option<&'a [u8]> = None;
         let has_blocks = table.iter().any(|e| e.kind.get() == SECTION_BLOCK_CRCS);
         // Lazily: only the BLOCK_CRCS section's own CRC now, the rest by block.
         let lazy = has_blocks && marks.is_some_and(|m| m.capacity() >= block_count(buf.len()));
@@ -382,6 +388,12 @@ impl<'a> Bootstrap<'a> {
                     }
                     // Both fit in the buffer length, hence in usize.
                     block_crcs = Some((offset as usize, bytes));
+                }
+                if kind == SECTION_PREFETCH_RANGES {
+                    if prefetch_ranges.is_some() {
+                        return Err(corrupt(format!("section {i}: a second {name} section")));
+                    }
+                    prefetch_ranges = Some(bytes);
                 }
                 // Known kinds are 1..=8.
                 if let Some(slot) = found.get_mut(kind as usize - 1) {
@@ -461,6 +473,7 @@ impl<'a> Bootstrap<'a> {
             strings: section(SECTION_STRINGS)?,
             blobs: records(section(SECTION_BLOBS)?, SECTION_BLOBS)?,
             prefetch: records(section(SECTION_PREFETCH)?, SECTION_PREFETCH)?,
+            prefetch_ranges: records(prefetch_ranges.unwrap_or_default(), SECTION_PREFETCH_RANGES)?,
         };
         let counts = [
             (
@@ -955,6 +968,35 @@ impl<'a> Bootstrap<'a> {
             .collect()
     }
 
+    /// The prefetch ranges (1.3, PREFETCH_RANGES) in order: a regular file
+    /// and the entries of its chunk map to fetch, each checked to lie within
+    /// that map. Empty when the bootstrap has no such section.
+    pub fn prefetch_ranges(&self) -> Result<Vec<(InodeId, std::ops::Range<u32>)>> {
+        self.checked(self.prefetch_ranges)?
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let id = InodeId(r.inode.get());
+                if id.index() >= self.inodes.len() {
+                    return Err(oob(format!(
+                        "prefetch range {i}: inode {id} >= inode count {}",
+                        self.inodes.len()
+                    )));
+                }
+                let map_len = self.file_chunks(id)?.len() as u64;
+                let (first, count) = (r.first.get(), r.count.get());
+                let end = u64::from(first) + u64::from(count);
+                if count == 0 || end > map_len {
+                    return Err(corrupt(format!(
+                        "prefetch range {i}: entries {first}..{end} of inode {id}'s chunk map of {map_len}"
+                    )));
+                }
+                // end <= map_len, which came from a u32 count.
+                Ok((id, first..end as u32))
+            })
+            .collect()
+    }
+
     /// The inode at `path` (`/usr/bin/ls` or `usr/bin/ls`; empty components
     /// and `.` are skipped, `..` goes to the parent). Symlinks are not
     /// followed: a path through a symlink or a non-directory gives `None`.
@@ -1142,6 +1184,7 @@ impl<'a> Bootstrap<'a> {
             self.chunk(i)?;
         }
         self.prefetch()?;
+        self.prefetch_ranges()?;
 
         let mut seen = vec![false; n];
         let mut refs = vec![0u32; n];
@@ -1337,6 +1380,15 @@ impl<'a> Bootstrap<'a> {
                 .map(|i| self.blob(i))
                 .collect::<Result<_>>()?,
             prefetch: self.prefetch()?.into_iter().map(InodeId::index).collect(),
+            prefetch_ranges: self
+                .prefetch_ranges()?
+                .into_iter()
+                .map(|(id, r)| PrefetchRange {
+                    node: id.index(),
+                    first: r.start,
+                    count: r.end - r.start,
+                })
+                .collect(),
             chunk_size_hint: self.chunk_size_hint(),
         })
     }

@@ -233,6 +233,18 @@ pub struct BlobInfo {
     pub chunk_count: u32,
 }
 
+/// A part of a regular file to fetch first after mount: entries
+/// `first..first + count` of its chunk map (1.3, PREFETCH_RANGES).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefetchRange {
+    /// The file.
+    pub node: NodeId,
+    /// Index of the first entry in the file's chunk map.
+    pub first: u32,
+    /// Number of entries, at least 1.
+    pub count: u32,
+}
+
 /// A whole image's metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageTree {
@@ -246,6 +258,9 @@ pub struct ImageTree {
     pub blobs: Vec<BlobInfo>,
     /// Nodes to fetch first after mount, in order.
     pub prefetch: Vec<NodeId>,
+    /// Parts of regular files to fetch first after mount, in order (1.3,
+    /// PREFETCH_RANGES; empty: none, and the section is not written).
+    pub prefetch_ranges: Vec<PrefetchRange>,
     /// Stored in the superblock; informational.
     pub chunk_size_hint: u64,
 }
@@ -317,7 +332,7 @@ pub(crate) fn bfs_order(
 
 /// The canonical form of `tree`: only nodes reachable from the root, numbered
 /// breadth-first with entries in name order (the inode order of the format);
-/// prefetch entries naming unreachable or nonexistent nodes dropped; chunks,
+/// prefetch entries and ranges naming unreachable or nonexistent nodes dropped; chunks,
 /// blobs and the chunk size hint unchanged.
 ///
 /// This is total so that tests can call it on anything: dangling directory
@@ -355,6 +370,16 @@ pub fn canonicalize(tree: &ImageTree) -> ImageTree {
         chunks: tree.chunks.clone(),
         blobs: tree.blobs.clone(),
         prefetch: tree.prefetch.iter().filter_map(|&p| remap(p)).collect(),
+        prefetch_ranges: tree
+            .prefetch_ranges
+            .iter()
+            .filter_map(|r| {
+                Some(PrefetchRange {
+                    node: remap(r.node)?,
+                    ..*r
+                })
+            })
+            .collect(),
         chunk_size_hint: tree.chunk_size_hint,
     }
 }

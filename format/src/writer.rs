@@ -13,12 +13,12 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::blocks::block_crcs;
 use crate::layout::{
-    BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, Superblock,
-    XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_SHARED_FRAMES,
-    HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS,
-    SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS,
-    SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR,
-    VERSION_MINOR,
+    BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, PrefetchRangeRecord,
+    SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD,
+    FEATURE_SHARED_FRAMES, HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS,
+    SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
+    SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_PREFETCH_RANGES, SECTION_STRINGS,
+    SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::tree::{
     bfs_order, canonicalize, check_attrs, check_chunk, check_chunk_map, check_name, check_symlink,
@@ -94,7 +94,38 @@ pub fn write_bootstrap(tree: &ImageTree) -> Result<Vec<u8>, FormatError> {
             tree.nodes.len()
         )));
     }
+    check_prefetch_ranges(tree)?;
     serialize(&canonicalize(tree), &order)
+}
+
+/// Every prefetch range names a regular file and lies within its chunk map.
+fn check_prefetch_ranges(tree: &ImageTree) -> Result<(), FormatError> {
+    for (i, r) in tree.prefetch_ranges.iter().enumerate() {
+        let map_len = match tree.nodes.get(r.node).map(|n| &n.data) {
+            Some(NodeData::Regular { chunks, .. }) => chunks.len(),
+            Some(_) => {
+                return Err(invalid(format!(
+                    "prefetch range {i} names node {}, which is not a regular file",
+                    r.node
+                )))
+            }
+            None => {
+                return Err(invalid(format!(
+                    "prefetch range {i} names node {}, but there are only {} nodes",
+                    r.node,
+                    tree.nodes.len()
+                )))
+            }
+        };
+        let end = u64::from(r.first) + u64::from(r.count);
+        if r.count == 0 || end > map_len as u64 {
+            return Err(invalid(format!(
+                "prefetch range {i}: entries {}..{end} of a chunk map of {map_len}",
+                r.first
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Lays out a canonical tree. `order[new] = old` only serves error messages,
@@ -291,7 +322,19 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         .map(|&p| to_u32(p, "prefetch inode").map(U32::new))
         .collect::<Result<Vec<U32>, _>>()?;
 
-    let sections: [(u32, &[u8]); 8] = [
+    let prefetch_ranges = tree
+        .prefetch_ranges
+        .iter()
+        .map(|r| {
+            Ok(PrefetchRangeRecord {
+                inode: U32::new(to_u32(r.node, "prefetch range inode")?),
+                first: U32::new(r.first),
+                count: U32::new(r.count),
+            })
+        })
+        .collect::<Result<Vec<_>, FormatError>>()?;
+
+    let mut sections: Vec<(u32, &[u8])> = vec![
         (SECTION_INODES, inodes.as_bytes()),
         (SECTION_DIRENTS, dirents.as_bytes()),
         (SECTION_FILE_CHUNKS, file_chunks.as_bytes()),
@@ -302,6 +345,11 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         (SECTION_PREFETCH, prefetch.as_bytes()),
     ];
     debug_assert!(sections.iter().map(|s| s.0).eq(SECTION_KINDS));
+    // 1.3: only when there are ranges, so that a tree without them gives
+    // the same sections as before.
+    if !prefetch_ranges.is_empty() {
+        sections.push((SECTION_PREFETCH_RANGES, prefetch_ranges.as_bytes()));
+    }
 
     let table_end = SUPERBLOCK_SIZE + (sections.len() + 1) * SECTION_ENTRY_SIZE;
     let mut out = vec![0u8; table_end];

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use skiff_format::{
     canonicalize, write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkInfo, Digest, FileChunk,
-    ImageTree, Node, NodeData,
+    ImageTree, Node, NodeData, PrefetchRange,
 };
 
 #[derive(Debug, Clone)]
@@ -209,11 +209,30 @@ fn build(
         }
     }
     let n = nodes.len();
+    let prefetch: Vec<usize> = prefetch.into_iter().map(|i| i.index(n)).collect();
+    // A range of each prefetched file with a chunk map.
+    let prefetch_ranges = prefetch
+        .iter()
+        .enumerate()
+        .filter_map(|(k, &p)| match &nodes[p].data {
+            NodeData::Regular { chunks, .. } if !chunks.is_empty() => {
+                let m = chunks.len() as u32;
+                let first = k as u32 % m;
+                Some(PrefetchRange {
+                    node: p,
+                    first,
+                    count: m - first,
+                })
+            }
+            _ => None,
+        })
+        .collect();
     ImageTree {
         nodes,
         chunks,
         blobs,
-        prefetch: prefetch.into_iter().map(|i| i.index(n)).collect(),
+        prefetch,
+        prefetch_ranges,
         chunk_size_hint: hint,
     }
 }

@@ -9,11 +9,11 @@ mod common;
 use common::{exercise, patch, Builder};
 use proptest::prelude::*;
 use skiff_format::layout::{
-    ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, XattrRecord,
-    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_PREFETCH,
-    SECTION_XATTRS, SUPERBLOCK_SIZE,
+    ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, PrefetchRangeRecord, SectionEntry,
+    XattrRecord, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_FILE_CHUNKS, SECTION_INODES,
+    SECTION_PREFETCH, SECTION_PREFETCH_RANGES, SECTION_XATTRS, SUPERBLOCK_SIZE,
 };
-use skiff_format::{reseal, Bootstrap, FormatError, InodeId, NodeData};
+use skiff_format::{reseal, Bootstrap, FormatError, InodeId, NodeData, PrefetchRange};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -39,6 +39,11 @@ fn sample() -> Vec<u8> {
         .xattrs
         .insert(b"user.b".to_vec(), b"2".to_vec());
     b.tree.prefetch = vec![f];
+    b.tree.prefetch_ranges = vec![PrefetchRange {
+        node: f,
+        first: 1,
+        count: 1,
+    }];
     b.write()
 }
 
@@ -90,7 +95,7 @@ fn header_errors_are_specific() {
     bad[8] = 2;
     assert!(matches!(
         Bootstrap::parse(&bad),
-        Err(FormatError::UnsupportedVersion { major: 2, minor: 2 })
+        Err(FormatError::UnsupportedVersion { major: 2, minor: 3 })
     ));
     let mut bad = good.clone();
     bad[12] = 4;
@@ -191,6 +196,31 @@ fn lying_offsets_are_rejected() {
         c.file_offset = U64::new(50)
     });
     assert!(hostile(&buf).to_string().contains("overlapping"));
+
+    // Prefetch ranges past the chunk map, of no length, of a directory,
+    // of no inode: the ranges are refused, never followed.
+    let edits: [(u32, u32, u32, &str); 4] = [
+        (u32::MAX, 1, 2, "chunk map of 2"),
+        (u32::MAX, 0, 0, "entries 0..0"),
+        (0, 0, 1, "not a regular file"),
+        (1000, 0, 1, "inode count"),
+    ];
+    for (inode, first, count, needle) in edits {
+        let mut buf = sample();
+        patch::<PrefetchRangeRecord>(&mut buf, SECTION_PREFETCH_RANGES, 0, |r| {
+            if inode != u32::MAX {
+                r.inode = U32::new(inode);
+            }
+            r.first = U32::new(first);
+            r.count = U32::new(count);
+        });
+        let boot = Bootstrap::parse(&buf).unwrap();
+        let err = boot
+            .prefetch_ranges()
+            .expect_err("a lying range is refused");
+        assert!(err.to_string().contains(needle), "{err} lacks {needle:?}");
+        hostile(&buf);
+    }
 
     let mut buf = sample();
     patch::<XattrRecord>(&mut buf, SECTION_XATTRS, 0, |x| {

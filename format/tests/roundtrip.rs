@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use common::Builder;
 use skiff_format::{
     canonicalize, write_bootstrap, Bootstrap, FileChunk, FileKind, FormatError, InodeId, NodeData,
+    PrefetchRange,
 };
 
 /// A tree with one of everything; returns it with the ids of interesting nodes.
@@ -108,6 +109,19 @@ fn everything() -> (Builder, [usize; 6]) {
         .xattrs
         .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
     b.tree.prefetch = vec![leaf, ls];
+    // The middle of `ls` first, then its head (format 1.3).
+    b.tree.prefetch_ranges = vec![
+        PrefetchRange {
+            node: ls,
+            first: 1,
+            count: 2,
+        },
+        PrefetchRange {
+            node: ls,
+            first: 0,
+            count: 1,
+        },
+    ];
     // An unreferenced chunk stays.
     b.chunk(10);
     (b, [bin, ls, sparse, usr_bin, leaf, ping])
@@ -257,6 +271,10 @@ fn reader_answers() {
 
     let prefetch = boot.prefetch().unwrap();
     assert_eq!(prefetch[1], ls);
+    assert_eq!(
+        boot.prefetch_ranges().unwrap(),
+        vec![(ls, 1..3), (ls, 0..1)]
+    );
     assert_eq!(boot.chunk_size_hint(), (1 << 32) | 65536);
     assert_eq!(boot.blob_count(), 1);
     assert_eq!(boot.chunk_count() as usize, b.tree.chunks.len());
@@ -294,10 +312,20 @@ fn unreachable_nodes_are_dropped_and_strings_shared() {
         entries.remove(&b"gone"[..]);
     }
     b.tree.prefetch = vec![orphan];
+    b.tree.prefetch_ranges = vec![PrefetchRange {
+        node: orphan,
+        first: 0,
+        count: 1,
+    }];
     let bytes = b.write();
     let boot = Bootstrap::parse(&bytes).unwrap();
     assert_eq!(boot.inode_count(), 3);
     assert!(boot.prefetch().unwrap().is_empty());
+    assert!(boot.prefetch_ranges().unwrap().is_empty());
+    // No ranges left: no PREFETCH_RANGES section.
+    assert!(boot
+        .section_bytes(skiff_format::layout::SECTION_PREFETCH_RANGES)
+        .is_none());
     // "same" is stored once.
     let strings = boot
         .section_bytes(skiff_format::layout::SECTION_STRINGS)
@@ -420,6 +448,24 @@ fn writer_refuses_bad_trees() {
     let mut b = Builder::new();
     b.tree.prefetch = vec![5];
     refused(&b, "prefetch");
+
+    for (first, count, needle) in [(0, 3, "entries 0..3"), (1, 0, "entries 1..1")] {
+        let mut b = Builder::new();
+        let f = b.file(0, b"f", &[1, 1]);
+        b.tree.prefetch_ranges = vec![PrefetchRange {
+            node: f,
+            first,
+            count,
+        }];
+        refused(&b, needle);
+    }
+    let mut b = Builder::new();
+    b.tree.prefetch_ranges = vec![PrefetchRange {
+        node: 0,
+        first: 0,
+        count: 1,
+    }];
+    refused(&b, "not a regular file");
 
     let mut b = Builder::new();
     b.tree.nodes[0].data = NodeData::Fifo;

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 
 use common::Builder;
-use skiff_format::{dump, Bootstrap, NodeData, SharedFrame};
+use skiff_format::{dump, Bootstrap, NodeData, PrefetchRange, SharedFrame};
 
 fn small() -> Vec<u8> {
     let mut b = Builder::new();
@@ -37,6 +37,12 @@ fn small() -> Vec<u8> {
     n.xattrs.insert(b"user.note".to_vec(), b"sh".to_vec());
     b.tree.nodes[dev].attrs.mtime_sec = -1;
     b.tree.prefetch = vec![sh];
+    // Only the tail of `sh` first (format 1.3).
+    b.tree.prefetch_ranges = vec![PrefetchRange {
+        node: sh,
+        first: 1,
+        count: 1,
+    }];
     // The 100-byte tail of `sh` lies in a shared frame (format 1.1).
     let tail = &mut b.tree.chunks[1];
     tail.compressed = true;

@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use skiff_format::{Bootstrap, ChunkInfo, Digest, FormatError, InodeId};
+use skiff_format::{Bootstrap, ChunkInfo, Digest, FileChunkRecord, FormatError, InodeId};
 use skiff_registry::{BlobStore, FetchStats};
 
 /// One chunk to produce: its CHUNKS record and the digest of its blob.
@@ -162,6 +162,14 @@ pub fn file_chunk_requests(
     } else {
         b.chunks_in_range(id, from, to.saturating_sub(from))?
     };
+    records_requests(b, records)
+}
+
+/// The chunk requests of chunk-map records (of one file or several).
+pub fn records_requests(
+    b: &Bootstrap<'_>,
+    records: &[FileChunkRecord],
+) -> Result<Vec<ChunkRequest>, FormatError> {
     let mut reqs = Vec::with_capacity(records.len());
     for fc in records {
         let info = b.chunk(fc.chunk_index())?;

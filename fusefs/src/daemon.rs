@@ -259,7 +259,7 @@ impl Daemon {
         let access = opts
             .record_access
             .as_ref()
-            .map(|p| Arc::new(AccessLog::new(p, image.bootstrap().inode_count())));
+            .map(|p| Arc::new(AccessLog::new(p)));
         let metrics_server = match &opts.metrics_socket {
             Some(path) => Some(start_metrics(path, &source)?),
             None => None,

@@ -291,7 +291,7 @@ impl SkiffFs {
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
         if let Some(log) = &self.access {
-            log.record(id);
+            log.record(id, offset, end - offset);
         }
         let records = self.b().chunks_in_range(id, offset, end - offset)?;
         let mut reqs = Vec::with_capacity(records.len());

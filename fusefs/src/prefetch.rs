@@ -1,9 +1,13 @@
 //! Prefetch of the image's PREFETCH list after mounting, and the optional
 //! background fetch of the rest of the image after it.
 //!
-//! After the mount is ready, [`spawn_prefetch`] walks the PREFETCH list (the
-//! files a workload read first, in order; or every regular file with
-//! `--prefetch-all`) on a thread of its own. It takes files in list order
+//! After the mount is ready, [`spawn_prefetch`] walks the image's prefetch
+//! list on a thread of its own: the parts of files a workload read first, in
+//! order (PREFETCH_RANGES, format 1.3: stretches of chunk maps, so that a
+//! workload that maps a few pages of a large library does not wait for all
+//! of it), else the files PREFETCH names, whole; or every regular file with
+//! `--prefetch-all`. A list that fails its checks is not followed (a
+//! warning; the mount serves as usual). It takes the parts in list order
 //! into windows of about 32 MiB of chunks that are neither in memory nor on
 //! disk, sorts each window by blob offset and coalesces it into requests of
 //! up to 2 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
@@ -42,6 +46,7 @@
 //! other memory.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -50,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use skiff_format::{Bootstrap, FileKind, FormatError, InodeId};
 
-use crate::chunk::{file_chunk_requests, plan_runs, ChunkRequest};
+use crate::chunk::{file_chunk_requests, plan_runs, records_requests, ChunkRequest};
 use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -120,7 +125,7 @@ pub(crate) fn spawn_prefetch(
     background: Option<BackgroundFetch>,
     stop: Arc<AtomicBool>,
 ) -> Option<JoinHandle<()>> {
-    let ids = match prefetch_ids(image.bootstrap(), mode) {
+    let ids = match prefetch_parts(image.bootstrap(), mode) {
         Ok(ids) => ids,
         Err(e) => {
             tracing::warn!("prefetch list unusable: {e}");
@@ -139,7 +144,7 @@ pub(crate) fn spawn_prefetch(
             if !ids.is_empty() {
                 prefetch(&image, &source, &ids, threads.max(1), &stop);
                 tracing::info!(
-                    files = ids.len(),
+                    parts = ids.len(),
                     chunks = m.prefetch_done.load(Ordering::Relaxed),
                     failed = m.prefetch_failed.load(Ordering::Relaxed),
                     "prefetch finished in {:.2} s",
@@ -167,10 +172,22 @@ pub(crate) fn spawn_prefetch(
     }
 }
 
-fn prefetch_ids(b: &Bootstrap<'_>, mode: PrefetchMode) -> Result<Vec<InodeId>, FormatError> {
+/// A file to prefetch: the entries `chunks` of its chunk map, or all of it.
+type Part = (InodeId, Option<Range<u32>>);
+
+/// What `mode` prefetches, in order: the image's PREFETCH_RANGES when it
+/// has them (format 1.3), else the files PREFETCH names, whole.
+fn prefetch_parts(b: &Bootstrap<'_>, mode: PrefetchMode) -> Result<Vec<Part>, FormatError> {
     Ok(match mode {
         PrefetchMode::None => Vec::new(),
-        PrefetchMode::List => b.prefetch()?,
+        PrefetchMode::List => {
+            let ranges = b.prefetch_ranges()?;
+            if ranges.is_empty() {
+                b.prefetch()?.into_iter().map(|id| (id, None)).collect()
+            } else {
+                ranges.into_iter().map(|(id, r)| (id, Some(r))).collect()
+            }
+        }
         PrefetchMode::All => (0..b.inode_count())
             .map(InodeId)
             .filter(|&id| {
@@ -178,20 +195,31 @@ fn prefetch_ids(b: &Bootstrap<'_>, mode: PrefetchMode) -> Result<Vec<InodeId>, F
                     .and_then(|i| i.kind())
                     .is_ok_and(|k| k == FileKind::Regular)
             })
+            .map(|id| (id, None))
             .collect(),
     })
 }
 
-/// Prefetches the files `ids`: one thread plans requests in list order
+/// The chunk requests of one part; an error for a directory or other
+/// non-file in a hand-made list (which prefetch skips).
+fn part_requests(b: &Bootstrap<'_>, (id, chunks): &Part) -> Result<Vec<ChunkRequest>, FormatError> {
+    match chunks {
+        None => file_chunk_requests(b, *id, 0, u64::MAX),
+        Some(r) => {
+            let map = b.file_chunks(*id)?;
+            // Checked within the map by `prefetch_ranges`.
+            let records = map
+                .get(r.start as usize..r.end as usize)
+                .unwrap_or_default();
+            records_requests(b, records)
+        }
+    }
+}
+
+/// Prefetches the parts `ids`: one thread plans requests in list order
 /// (see [`plan_prefetch`]) and `threads` threads fetch them as they come,
 /// so that the link never idles between windows.
-fn prefetch(
-    image: &Image,
-    source: &ChunkSource,
-    ids: &[InodeId],
-    threads: usize,
-    stop: &AtomicBool,
-) {
+fn prefetch(image: &Image, source: &ChunkSource, ids: &[Part], threads: usize, stop: &AtomicBool) {
     let (tx, rx) = mpsc::sync_channel::<Vec<ChunkRequest>>(threads);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
@@ -216,7 +244,7 @@ fn prefetch(
 fn plan_prefetch(
     image: &Image,
     source: &ChunkSource,
-    ids: &[InodeId],
+    ids: &[Part],
     stop: &AtomicBool,
     tx: &mpsc::SyncSender<Vec<ChunkRequest>>,
 ) {
@@ -239,12 +267,12 @@ fn plan_prefetch(
     };
     // Frames looked up once per window (see `LocalCheck`).
     let mut local = source.local_check();
-    for &id in ids {
+    for part in ids {
         if stop.load(Ordering::Relaxed) {
             return;
         }
         // Directories and others in a hand-made list are skipped.
-        let Ok(mut reqs) = file_chunk_requests(b, id, 0, u64::MAX) else {
+        let Ok(mut reqs) = part_requests(b, part) else {
             continue;
         };
         // A shared frame comes whole: keep all of its members.

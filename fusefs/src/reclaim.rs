@@ -219,6 +219,7 @@ mod tests {
                 chunk_count: ids.len() as u32,
             }],
             prefetch: Vec::new(),
+            prefetch_ranges: Vec::new(),
             chunk_size_hint: u64::from(CHUNK),
         };
         write_bootstrap(&tree).unwrap()

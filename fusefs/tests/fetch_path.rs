@@ -196,6 +196,7 @@ impl Image {
                 .iter()
                 .filter_map(|p| ids.get(p).copied())
                 .collect(),
+            prefetch_ranges: Vec::new(),
             chunk_size_hint: CHUNK as u64,
         };
         write_bootstrap(&tree).unwrap()

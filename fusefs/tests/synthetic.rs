@@ -296,6 +296,7 @@ fn build() -> Built {
         }],
         chunks,
         prefetch: Vec::new(),
+        prefetch_ranges: Vec::new(),
         chunk_size_hint: CHUNK as u64,
     };
     let bootstrap = write_bootstrap(&tree).expect("write bootstrap");

@@ -77,6 +77,7 @@ fn exercise(data: &[u8]) -> Result<(), String> {
 /// Every accessor of `b`; `valid` is whether it validated.
 fn walk(b: &Bootstrap<'_>, valid: bool) {
     let _ = b.prefetch();
+    let _ = b.prefetch_ranges();
     for i in 0..b.chunk_count().min(256) {
         let _ = b.chunk(i);
     }

@@ -354,6 +354,7 @@ fn skiff_image(
             chunk_count: 1,
         }],
         prefetch: Vec::new(),
+        prefetch_ranges: Vec::new(),
         chunk_size_hint: 65_536,
     };
     let bootstrap = skiff_format::write_bootstrap(&tree)?;

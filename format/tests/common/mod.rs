@@ -42,6 +42,7 @@ impl Builder {
                     chunk_count: 0,
                 }],
                 prefetch: Vec::new(),
+                prefetch_ranges: Vec::new(),
                 chunk_size_hint: (1 << 32) | 65536,
             },
         }
@@ -189,6 +190,7 @@ pub fn exercise(data: &[u8]) -> (bool, bool) {
     }
     let _ = skiff_format::dump(&b);
     let _ = b.prefetch();
+    let _ = b.prefetch_ranges();
     for i in 0..b.chunk_count().min(1000) {
         let _ = b.chunk(i);
     }
