@@ -1,6 +1,7 @@
 //! Where stored chunk bytes come from: the blob store behind a [`Backend`],
-//! the chunks of a file range ([`file_chunk_requests`]) and the planning of
-//! range requests ([`plan_runs`]).
+//! the chunks of a file range ([`file_chunk_requests`]), the planning of
+//! range requests ([`plan_runs`]) and the set of chunks a prefetch list
+//! names ([`ListedChunks`]).
 //!
 //! The seam at the network boundary is [`skiff_registry::BlobStore`]: a
 //! `LocalBlobStore` for a layout on disk, a `RegistryBlobStore` for HTTP
@@ -183,6 +184,44 @@ pub fn records_requests(
     Ok(reqs)
 }
 
+/// The chunks an image's prefetch list names, by chunk-table index: while
+/// a list is being fetched, what a read of listed chunks brings along (its
+/// fetch window, readahead) is limited to listed chunks, since the list
+/// says what the workload reads next (see [`crate::prefetch`]).
+#[derive(Debug, Default)]
+pub struct ListedChunks {
+    bits: Vec<u64>,
+}
+
+impl ListedChunks {
+    /// The set of `indices`.
+    pub fn new(indices: impl IntoIterator<Item = u32>) -> ListedChunks {
+        let mut bits = Vec::new();
+        for i in indices {
+            let word = i as usize / 64;
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
+            }
+            if let Some(w) = bits.get_mut(word) {
+                *w |= 1 << (i % 64);
+            }
+        }
+        ListedChunks { bits }
+    }
+
+    /// Whether chunk `index` is listed.
+    pub fn contains(&self, index: u32) -> bool {
+        self.bits
+            .get(index as usize / 64)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    /// Whether every chunk of `reqs` is listed (and there is one).
+    pub fn all_listed(&self, reqs: &[ChunkRequest]) -> bool {
+        !reqs.is_empty() && reqs.iter().all(|r| self.contains(r.index))
+    }
+}
+
 /// The other members of the shared frames (format 1.1) that `reqs` name:
 /// a fetch of one member downloads the whole frame, so its siblings come
 /// along at no cost in bytes, and left behind they would cost the frame
@@ -243,6 +282,18 @@ mod tests {
             },
             blob: Digest([blob; 32]),
         }
+    }
+
+    #[test]
+    fn listed_chunks_is_a_set_of_indices() {
+        let l = ListedChunks::new([0, 63, 64, 1000]);
+        for i in [0, 63, 64, 1000] {
+            assert!(l.contains(i), "{i}");
+        }
+        for i in [1, 62, 65, 999, 1001, u32::MAX] {
+            assert!(!l.contains(i), "{i}");
+        }
+        assert!(!ListedChunks::default().contains(0));
     }
 
     #[test]

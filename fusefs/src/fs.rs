@@ -52,7 +52,7 @@ use skiff_format::{Bootstrap, FileKind, Inode, InodeId};
 
 use crate::access::AccessLog;
 use crate::cache::ChunkData;
-use crate::chunk::ChunkRequest;
+use crate::chunk::{ChunkRequest, ListedChunks};
 use crate::error::FsError;
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -334,7 +334,13 @@ impl SkiffFs {
     /// Answers a read that needs the network from the read pool (or here,
     /// when there is none or its queue is full), by `deadline`.
     fn fetch_later(&self, plan: ReadPlan, deadline: Instant, reply: ReplyData) {
-        let ahead = self.fetch_window.ahead(self.b(), &plan.reqs);
+        let mut ahead = self.fetch_window.ahead(self.b(), &plan.reqs);
+        // A read the prefetch list foresaw brings along only what the list
+        // names: the list says what the workload reads next.
+        let listed = self.source.listed_for(&plan.reqs);
+        if let Some(l) = &listed {
+            ahead.retain(|r| l.contains(r.index));
+        }
         let job = ReadJob {
             image: self.image.clone(),
             source: self.source.clone(),
@@ -343,6 +349,7 @@ impl SkiffFs {
             ahead,
             rest_to: self.readahead.clone().filter(|_| self.fetch_window.grown()),
             share: self.fetch_window.base(),
+            listed,
             deadline,
         };
         let run: Box<dyn FnOnce() + Send> = Box::new(move || job.run(reply));
@@ -605,6 +612,9 @@ struct ReadJob {
     /// Stored bytes of the window a read fetches itself on either side of
     /// its chunks when there is a `rest_to`.
     share: u64,
+    /// The prefetch list's chunks, when it foresaw this read: the rest of
+    /// the window is limited to them too.
+    listed: Option<Arc<ListedChunks>>,
     deadline: Instant,
 }
 
@@ -640,7 +650,7 @@ impl ReadJob {
         let split = split_window(&self.plan.reqs, &self.ahead, share, |r| local.is_local(r));
         if let Some(ra) = &self.rest_to {
             for r in split.rest {
-                ra.fetch_window_rest(&self.image, &self.source, r.blob, r.digest, (r.from, r.to));
+                ra.fetch_window_rest(&self.image, &self.source, r, self.listed.clone());
             }
         }
         split.mine

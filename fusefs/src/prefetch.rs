@@ -17,6 +17,13 @@
 //! are local early. Three requests of 2 MiB hold 6 MiB of the mount's 8 MiB
 //! in-flight budget, which leaves a reader's request its room.
 //!
+//! While a list is fetched, a reader may get ahead of it and miss. A read
+//! whose chunks are all listed then brings along (fetch window, readahead)
+//! only listed chunks ([`ListedChunks`], set before the first request): the
+//! list says what the workload reads next, and the neighbours it does not
+//! name were 3.2 MB of the import's 33 MB over 100 Mbit/s with 20 ms RTT. A
+//! read of something the list does not name opens its window as usual.
+//!
 //! Prefetch shares single-flight guards with readers, so a chunk is never
 //! fetched twice, but it does not stop for them: the list is what the
 //! workload reads first, so a reader that misses mostly waits for what
@@ -55,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use skiff_format::{Bootstrap, FileKind, FormatError, InodeId};
 
-use crate::chunk::{file_chunk_requests, plan_runs, records_requests, ChunkRequest};
+use crate::chunk::{file_chunk_requests, plan_runs, records_requests, ChunkRequest, ListedChunks};
 use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -141,6 +148,16 @@ pub(crate) fn spawn_prefetch(
         .spawn(move || {
             let t = Instant::now();
             let m = source.metrics();
+            if mode == PrefetchMode::List && !ids.is_empty() {
+                // What reads the list foresaw bring along (see `ListedChunks`).
+                let b = image.bootstrap();
+                let listed = ids
+                    .iter()
+                    .filter_map(|p| part_requests(b, p).ok())
+                    .flatten()
+                    .map(|r| r.index);
+                source.set_listed(ListedChunks::new(listed));
+            }
             if !ids.is_empty() {
                 prefetch(&image, &source, &ids, threads.max(1), &stop);
                 tracing::info!(

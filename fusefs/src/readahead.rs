@@ -39,16 +39,14 @@
 //! A workload that reads a few scattered files (a tiny start, random reads)
 //! never forms a stream and costs no byte of readahead.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use skiff_format::Digest;
-
-use crate::chunk::ChunkRequest;
+use crate::chunk::{ChunkRequest, ListedChunks};
 use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::source::ChunkSource;
+use crate::window::RestRange;
 use crate::workers::{lock, Pool};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// How far before the furthest point read so far a read may land and still
 /// continue its blob's stream.
@@ -223,53 +221,59 @@ impl Readahead {
         let Some((from, to)) = self.observe(blob, first.start(), end, used, missed) else {
             return;
         };
-        self.submit(
-            image,
-            source,
+        // A read the prefetch list foresaw reads ahead only what it lists.
+        let keep = source.listed_for(reqs);
+        let range = RestRange {
             blob,
-            first.blob,
-            (from, to),
-            |source, reqs| {
-                Metrics::add(&source.metrics().readahead_chunks, reqs.len() as u64);
-            },
-        );
+            digest: first.blob,
+            from,
+            to,
+        };
+        self.submit(image, source, range, keep, |source, reqs| {
+            Metrics::add(&source.metrics().readahead_chunks, reqs.len() as u64);
+        });
     }
 
-    /// Fetches in the background the chunks of stored range `range` of
-    /// blob `blob` (`digest`) that are not local: the parts of a read's
+    /// Fetches in the background the chunks of stored range `range` of a
+    /// blob that are not local: the parts of a read's
     /// fetch window that chunks this node has already cut off from the
     /// read's own request (the read does not wait for them). They count
-    /// as brought by the window (see [`crate::window`]).
+    /// as brought by the window (see [`crate::window`]). With `keep`, only
+    /// the chunks it holds (the window of a read the prefetch list foresaw).
     pub(crate) fn fetch_window_rest(
         &self,
         image: &Arc<Image>,
         source: &Arc<ChunkSource>,
-        blob: u32,
-        digest: Digest,
-        range: (u64, u64),
+        range: RestRange,
+        keep: Option<Arc<ListedChunks>>,
     ) {
-        self.submit(image, source, blob, digest, range, |source, reqs| {
+        self.submit(image, source, range, keep, |source, reqs| {
             source.brought().fetched(reqs);
         });
     }
 
-    /// Queues the fetch of the non-local chunks of `range` of `blob`, in
-    /// requests of the configured size; `counted` sees each request's
-    /// chunks first. Stops at a full queue.
+    /// Queues the fetch of the non-local chunks of `range` (of those `keep`
+    /// holds, with one), in requests of the configured size;
+    /// `counted` sees each request's chunks first. Stops at a full queue.
     fn submit(
         &self,
         image: &Arc<Image>,
         source: &Arc<ChunkSource>,
-        blob: u32,
-        digest: Digest,
-        (from, to): (u64, u64),
+        range: RestRange,
+        keep: Option<Arc<ListedChunks>>,
         counted: fn(&ChunkSource, &[ChunkRequest]),
     ) {
+        let RestRange {
+            blob,
+            digest,
+            from,
+            to,
+        } = range;
         let mut at = from;
         while at < to {
             let piece = (at, to.min(at.saturating_add(self.opts.request)));
             at = piece.1;
-            let (image, source) = (image.clone(), source.clone());
+            let (image, source, keep) = (image.clone(), source.clone(), keep.clone());
             let job = move || {
                 // The first call builds the index (a pass over the chunk
                 // table): here, not at mount and not on a FUSE thread.
@@ -282,6 +286,7 @@ impl Readahead {
                         info,
                         blob: digest,
                     })
+                    .filter(|r| keep.as_ref().is_none_or(|k| k.contains(r.index)))
                     .filter(|r| !local.is_local(r))
                     .collect();
                 if reqs.is_empty() {

@@ -26,13 +26,13 @@
 //! [`get_with_read_ahead`]: ChunkSource::get_with_read_ahead
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use skiff_format::Digest;
 
 use crate::cache::{ChunkData, Lookup, MemoryCache, Owned};
-use crate::chunk::{Backend, ChunkRequest};
+use crate::chunk::{Backend, ChunkRequest, ListedChunks};
 use crate::disk::DiskCache;
 use crate::error::ChunkError;
 use crate::fetch::{
@@ -82,6 +82,8 @@ pub struct ChunkSource {
     metrics: Arc<Metrics>,
     /// What fetch windows brought and reads took from disk since.
     brought: Arc<Brought>,
+    /// The chunks of the image's prefetch list, once its prefetch starts.
+    listed: OnceLock<Arc<ListedChunks>>,
 }
 
 impl ChunkSource {
@@ -108,7 +110,23 @@ impl ChunkSource {
             },
             metrics,
             brought: Arc::new(Brought::default()),
+            listed: OnceLock::new(),
         }
+    }
+
+    /// Sets the chunks of the image's prefetch list (once; later calls are
+    /// ignored): what a read of listed chunks brings along is then limited
+    /// to listed chunks (see [`ChunkSource::listed_for`]).
+    pub(crate) fn set_listed(&self, listed: ListedChunks) {
+        let _ = self.listed.set(Arc::new(listed));
+    }
+
+    /// The prefetch list's chunks when every chunk of `reqs` is listed: the
+    /// list foresaw this read, so what it brings along (fetch window,
+    /// readahead) should be what the list names and nothing else. `None`
+    /// without a list or for a read the list did not foresee.
+    pub(crate) fn listed_for(&self, reqs: &[ChunkRequest]) -> Option<Arc<ListedChunks>> {
+        self.listed.get().filter(|l| l.all_listed(reqs)).cloned()
     }
 
     /// What the fetch windows of reads brought, for the window to learn
@@ -900,5 +918,18 @@ mod tests {
         );
         assert_eq!(source.prefetch(&f.reqs), (0, 0));
         assert_eq!(f.reads(), 2);
+    }
+
+    #[test]
+    fn only_reads_the_list_foresaw_are_limited_to_it() {
+        let f = fixture(6, 1000, Duration::ZERO);
+        let source = f.source(0, None);
+        assert!(source.listed_for(&f.reqs[..1]).is_none(), "no list yet");
+        let listed: Vec<u32> = f.reqs[..3].iter().map(|r| r.index).collect();
+        source.set_listed(ListedChunks::new(listed));
+        let l = source.listed_for(&f.reqs[1..3]).expect("all listed");
+        assert!(l.contains(f.reqs[0].index) && !l.contains(f.reqs[3].index));
+        assert!(source.listed_for(&f.reqs[2..4]).is_none(), "one unlisted");
+        assert!(source.listed_for(&[]).is_none());
     }
 }

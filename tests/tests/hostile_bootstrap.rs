@@ -40,9 +40,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use skiff_format::layout::{
-    ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, SectionEntry, XattrRecord,
-    CHUNK_FLAG_ZSTD, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
-    SECTION_INODES, SECTION_PREFETCH, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
+    ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, PrefetchRangeRecord, SectionEntry,
+    XattrRecord, CHUNK_FLAG_ZSTD, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE,
+    SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_PREFETCH, SECTION_PREFETCH_RANGES,
+    SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE,
 };
 use skiff_format::{reseal, Bootstrap, InodeId};
 use skiff_registry::media::{ANNOTATION_BOOTSTRAP_DIGEST, SKIFF_BOOTSTRAP};
@@ -795,6 +796,19 @@ fn cases() -> Vec<Case> {
                 patch::<U32>(buf, SECTION_PREFETCH, 0, |p| *p = U32::new(u32::MAX));
             })
         },
+        Case {
+            mount_args: &[],
+            ..resealed(
+                "prefetch range beyond its file's chunk map",
+                &[],
+                Served,
+                |_, buf| {
+                    patch::<PrefetchRangeRecord>(buf, SECTION_PREFETCH_RANGES, 0, |r| {
+                        r.count = U32::new(u32::MAX)
+                    });
+                },
+            )
+        },
     ]
 }
 
@@ -1180,7 +1194,8 @@ fn hostile_bootstraps_are_refused_or_served_safely() {
     let layer = work.join("layer.tar");
     let original = write_layer(&layer);
     let prefetch = work.join("prefetch.txt");
-    fs::write(&prefetch, "/data/big.bin\n/ctl/intact\n").unwrap();
+    // A stretch of one file, and another whole (format 1.3 ranges).
+    fs::write(&prefetch, "/data/big.bin\t65536\t65536\n/ctl/intact\n").unwrap();
     let base = work.join("base");
     let dest = format!("oci:{}:img", base.display());
     run(&mut skiff_cmd([
