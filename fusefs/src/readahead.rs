@@ -39,14 +39,15 @@
 //! A workload that reads a few scattered files (a tiny start, random reads)
 //! never forms a stream and costs no byte of readahead.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::chunk::{ChunkRequest, ListedChunks};
 use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::source::ChunkSource;
 use crate::window::RestRange;
 use crate::workers::{lock, Pool};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 /// How far before the furthest point read so far a read may land and still
 /// continue its blob's stream.
