@@ -722,10 +722,21 @@ fn recorded_accesses_become_a_prefetch_list_that_is_fetched_unread() {
     drop(f);
     drop(m);
     let recorded = fs::read_to_string(&list).unwrap();
-    assert_eq!(recorded, "/lib\n/app\n/other\n");
+    // Whole files by path; of `other` the stretch the kernel asked for
+    // (the 10 bytes and its readahead), as PATH<TAB>OFFSET<TAB>LENGTH.
+    let lines: Vec<&str> = recorded.lines().collect();
+    assert_eq!(lines.len(), 3, "{recorded:?}");
+    assert_eq!(lines[..2], ["/lib", "/app"], "{recorded:?}");
+    let stretch: Vec<&str> = lines[2].split('\t').collect();
+    assert_eq!(stretch[..2], ["/other", "0"], "{recorded:?}");
+    let len: u64 = stretch[2].parse().unwrap();
+    assert!((10..600_000).contains(&len), "{recorded:?}");
 
-    // The list becomes the PREFETCH table; mount with an empty cache.
-    let paths: Vec<String> = recorded.lines().map(String::from).collect();
+    // The list's files become the PREFETCH table; mount with an empty cache.
+    let paths: Vec<String> = lines
+        .iter()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_string())
+        .collect();
     let bootstrap = img.bootstrap(&paths);
     let b = Bootstrap::parse(&bootstrap).unwrap();
     assert_eq!(b.prefetch().unwrap().len(), 3);
