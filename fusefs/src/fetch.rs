@@ -73,8 +73,9 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 4 << 20;
 
 /// Largest prefetch request: 2 MiB. With a disk cache a prefetch load
 /// holds only its stored bytes of the in-flight budget (it decodes
-/// nothing), so the prefetch's three requests in flight hold at most 6 MiB
-/// of the default 8 MiB and a reader's request still fits. Most requests
+/// nothing), so the prefetch's requests in flight hold at most 6 MiB
+/// ([`crate::prefetch::PREFETCH_IN_FLIGHT`]) of the default 8 MiB and a
+/// reader's request still fits. Most requests
 /// are smaller anyway: a list's files are scattered, and runs end at gaps
 /// of more than [`PREFETCH_MAX_GAP`]. Measured with the import's list over
 /// 100 Mbit/s with 20 ms RTT: one 8 MiB request at a time (the budget let

@@ -11,11 +11,16 @@
 //! into windows of about 32 MiB of chunks that are neither in memory nor on
 //! disk, sorts each window by blob offset and coalesces it into requests of
 //! up to 2 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
-//! than a round trip), and hands the requests, in order, to a few fetching
-//! threads (three by default) through a short queue: planning runs ahead
-//! of fetching, so the link never idles between windows, and early files
-//! are local early. Three requests of 2 MiB hold 6 MiB of the mount's 8 MiB
-//! in-flight budget, which leaves a reader's request its room.
+//! than a round trip), and hands the requests, in order, to fetching
+//! threads (six by default) through a short queue: planning runs ahead of
+//! fetching, so the link never idles between windows, and early files are
+//! local early. At most 6 MiB of requests are in flight between them
+//! ([`PREFETCH_IN_FLIGHT`]): three of 2 MiB, which leaves a reader's
+//! request its room in the mount's 8 MiB in-flight budget, or up to six
+//! smaller ones. A list of stretches makes many small requests (the
+//! import's: 280 KiB on average), and three of them at a time left a link
+//! with 20 ms RTT idle between replies: with six the import with its list
+//! took 2.99 s instead of 3.15 s over 100 Mbit/s + 20 ms (one run each).
 //!
 //! While a list is fetched, a reader may get ahead of it and miss. A read
 //! whose chunks are all listed then brings along (fetch window, readahead)
@@ -67,7 +72,7 @@ use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::source::ChunkSource;
-use crate::workers::lock;
+use crate::workers::{lock, ByteBudget};
 
 /// What to prefetch after mounting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,6 +127,10 @@ const BACKGROUND_QUIET_POLLS: u32 = 10;
 
 /// Prefetch works in windows of about this many stored bytes.
 const PREFETCH_WINDOW: u64 = 32 << 20;
+/// Stored bytes of prefetch requests in flight at once, at most: three
+/// requests of [`PREFETCH_MAX_REQUEST`], or more smaller ones (up to the
+/// mount's `prefetch_threads`).
+pub const PREFETCH_IN_FLIGHT: u64 = 6 << 20;
 
 /// Starts prefetching on a thread of its own; see the module documentation.
 pub(crate) fn spawn_prefetch(
@@ -239,10 +248,13 @@ fn part_requests(b: &Bootstrap<'_>, (id, chunks): &Part) -> Result<Vec<ChunkRequ
 fn prefetch(image: &Image, source: &ChunkSource, ids: &[Part], threads: usize, stop: &AtomicBool) {
     let (tx, rx) = mpsc::sync_channel::<Vec<ChunkRequest>>(threads);
     let rx = Mutex::new(rx);
+    let in_flight = ByteBudget::new(PREFETCH_IN_FLIGHT);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
                 let Ok(reqs) = lock(&rx).recv() else { break };
+                let bytes = reqs.iter().map(|r| u64::from(r.info.compressed_size)).sum();
+                let _permit = in_flight.acquire(bytes, None);
                 if !stop.load(Ordering::Relaxed) {
                     prefetch_request(source, &reqs);
                 }
