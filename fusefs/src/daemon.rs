@@ -85,7 +85,7 @@ pub struct MountOptions {
     /// Fetch the rest of the image in the background after the prefetch
     /// list (`None`: off; off anyway without a disk cache).
     pub background_fetch: Option<BackgroundFetch>,
-    /// Prefetch requests in flight at once, at most (default 6, and at most
+    /// Prefetch requests in flight at once, at most (default 12, and at most
     /// [`crate::prefetch::PREFETCH_IN_FLIGHT`] bytes of them; see
     /// [`crate::prefetch`]).
     pub prefetch_threads: usize,
@@ -125,7 +125,7 @@ impl MountOptions {
             readahead: DEFAULT_READAHEAD,
             prefetch: PrefetchMode::List,
             background_fetch: None,
-            prefetch_threads: 6,
+            prefetch_threads: 12,
             record_access: None,
             metrics_socket: None,
             read_budget: crate::fs::DEFAULT_READ_BUDGET,

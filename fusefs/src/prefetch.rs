@@ -12,15 +12,19 @@
 //! disk, sorts each window by blob offset and coalesces it into requests of
 //! up to 2 MiB, bridging gaps of up to 64 KiB (a few wasted bytes cost less
 //! than a round trip), and hands the requests, in order, to fetching
-//! threads (six by default) through a short queue: planning runs ahead of
-//! fetching, so the link never idles between windows, and early files are
-//! local early. At most 6 MiB of requests are in flight between them
+//! threads (twelve by default) through a short queue: planning runs ahead
+//! of fetching, so the link never idles between windows, and early files
+//! are local early. At most 6 MiB of requests are in flight between them
 //! ([`PREFETCH_IN_FLIGHT`]): three of 2 MiB, which leaves a reader's
-//! request its room in the mount's 8 MiB in-flight budget, or up to six
+//! request its room in the mount's 8 MiB in-flight budget, or up to twelve
 //! smaller ones. A list of stretches makes many small requests (the
-//! import's: 280 KiB on average), and three of them at a time left a link
-//! with 20 ms RTT idle between replies: with six the import with its list
-//! took 2.99 s instead of 3.15 s over 100 Mbit/s + 20 ms (one run each).
+//! import's average 280 KiB; random reads across 1,500 files, W5 of the
+//! cold-start bench, 41 KiB), and a few of them at a time leave a link
+//! with 20 ms RTT idle between replies. Over 100 Mbit/s + 20 ms, one run
+//! each: the import with its list 3.15 s with three in flight, 2.99 s with
+//! six, 2.91 s with twelve; W5 with its list 3.98 s with six, 3.18 s with
+//! twelve. Planning windows of 4 MiB instead of 32 (list order kept more
+//! closely, fewer requests merged) made W5 slower: 4.57 s.
 //!
 //! While a list is fetched, a reader may get ahead of it and miss. A read
 //! whose chunks are all listed then brings along (fetch window, readahead)
@@ -129,7 +133,7 @@ const BACKGROUND_QUIET_POLLS: u32 = 10;
 const PREFETCH_WINDOW: u64 = 32 << 20;
 /// Stored bytes of prefetch requests in flight at once, at most: three
 /// requests of [`PREFETCH_MAX_REQUEST`], or more smaller ones (up to the
-/// mount's `prefetch_threads`).
+/// mount's `prefetch_threads`, twelve by default).
 pub const PREFETCH_IN_FLIGHT: u64 = 6 << 20;
 
 /// Starts prefetching on a thread of its own; see the module documentation.
