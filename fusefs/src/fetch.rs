@@ -518,6 +518,15 @@ impl Fetcher {
         let took = t.elapsed();
         m.fetch_latency.observe(took);
         Metrics::add(&m.fetch_requests, 1);
+        tracing::debug!(
+            blob = %run.blob,
+            offset = run.offset,
+            len = run.len,
+            foreground = plan.foreground,
+            ms = took.as_secs_f64() * 1e3,
+            ok = r.is_ok(),
+            "range request"
+        );
         match r {
             Ok(bytes) if bytes.len() as u64 == run.len => {
                 Metrics::add(&m.bytes_fetched, run.len);
