@@ -69,9 +69,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use skiff_format::{Bootstrap, FileKind, FormatError, InodeId};
+use skiff_format::{Bootstrap, FileChunkRecord, FileKind, FormatError, InodeId};
 
-use crate::chunk::{file_chunk_requests, plan_runs, records_requests, ChunkRequest, ListedChunks};
+use crate::chunk::{plan_runs, records_requests, ChunkRequest, ListedChunks};
 use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -166,9 +166,9 @@ pub(crate) fn spawn_prefetch(
                 let b = image.bootstrap();
                 let listed = ids
                     .iter()
-                    .filter_map(|p| part_requests(b, p).ok())
+                    .filter_map(|p| part_records(b, p).ok())
                     .flatten()
-                    .map(|r| r.index);
+                    .map(|fc| fc.chunk_index());
                 source.set_listed(ListedChunks::new(listed));
             }
             if !ids.is_empty() {
@@ -230,20 +230,20 @@ fn prefetch_parts(b: &Bootstrap<'_>, mode: PrefetchMode) -> Result<Vec<Part>, Fo
     })
 }
 
-/// The chunk requests of one part; an error for a directory or other
+/// The chunk-map records of one part; an error for a directory or other
 /// non-file in a hand-made list (which prefetch skips).
-fn part_requests(b: &Bootstrap<'_>, (id, chunks): &Part) -> Result<Vec<ChunkRequest>, FormatError> {
-    match chunks {
-        None => file_chunk_requests(b, *id, 0, u64::MAX),
-        Some(r) => {
-            let map = b.file_chunks(*id)?;
-            // Checked within the map by `prefetch_ranges`.
-            let records = map
-                .get(r.start as usize..r.end as usize)
-                .unwrap_or_default();
-            records_requests(b, records)
-        }
-    }
+fn part_records<'a>(
+    b: &Bootstrap<'a>,
+    (id, chunks): &Part,
+) -> Result<&'a [FileChunkRecord], FormatError> {
+    let map = b.file_chunks(*id)?;
+    Ok(match chunks {
+        None => map,
+        // Checked within the map by `prefetch_ranges`.
+        Some(r) => map
+            .get(r.start as usize..r.end as usize)
+            .unwrap_or_default(),
+    })
 }
 
 /// Prefetches the parts `ids`: one thread plans requests in list order
@@ -305,7 +305,8 @@ fn plan_prefetch(
             return;
         }
         // Directories and others in a hand-made list are skipped.
-        let Ok(mut reqs) = part_requests(b, part) else {
+        let Ok(mut reqs) = part_records(b, part).and_then(|records| records_requests(b, records))
+        else {
             continue;
         };
         // A shared frame comes whole: keep all of its members.
