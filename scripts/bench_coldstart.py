@@ -233,7 +233,8 @@ def main():
     md.append(
         "Registry on 127.0.0.1 (Debian docker-registry); its replies shaped with tc htb on lo, and a delay proxy "
         "(scripts/delay-proxy.py) adding the round-trip time to every request. Each system starts from empty caches "
-        "(page cache dropped, fresh chunk cache, fresh containerd root) and the time runs from the first request to "
+        "(page cache dropped, fresh chunk cache, fresh containerd root; all written to a fresh journaled ext4 on a loop "
+        "device, as a node's disk) and the time runs from the first request to "
         f"the end of the workload. Medians of {meta['runs']} run(s) (min..max). Bytes and requests over the link are "
         "the registry access log's GETs and HEADs (manifests, configs, bootstraps included); `x its image` divides "
         "by the system's own image (gzip layers for the pulls, blobs + bootstrap layer for Skiff and Nydus). CPU s is "
