@@ -306,16 +306,19 @@ fn decompress(stored: &[u8], expected: usize, out: &mut Vec<u8>) -> Result<(), F
         Ok(_) => {}
         Err(e) => return Err(zstd_error(format!("bad frame header: {e:?}"))),
     }
-    // A slice of exactly `expected` bytes, not the Vec's capacity, bounds
-    // what zstd may write: a frame that decodes to more fails instead.
-    out.resize(expected, 0);
+    // zstd writes into the Vec's spare capacity (at least `expected`
+    // bytes, no more than is already allocated), so the buffer is not
+    // zeroed first (that was a memset of every byte served); a frame that
+    // decodes to more than `expected` fails below or for want of room.
+    out.clear();
+    out.reserve_exact(expected);
     let result = DECODER.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new()?);
         }
         match slot.as_mut() {
-            Some(d) => d.decompress_to_buffer(stored, out.as_mut_slice()),
+            Some(d) => d.decompress_to_buffer(stored, out),
             None => Err(std::io::Error::other("no zstd decoder")),
         }
     });
