@@ -574,9 +574,10 @@ impl ReadPlan {
             }
         }
         // A recycled buffer when one is free: a fresh one is a mapping of
-        // its own (page faults, zeroing, an unmap after the reply).
+        // its own (page faults, zeroing, an unmap after the reply). Filled
+        // in file order: each chunk's part appended, holes as zeros, so no
+        // byte is written twice.
         let mut out = crate::buffers::take((end - offset) as usize);
-        out.resize((end - offset) as usize, 0);
         for (start, data) in self.starts.iter().copied().zip(datas) {
             let chunk_end = start.saturating_add(data.len() as u64);
             let from = start.max(offset);
@@ -584,14 +585,18 @@ impl ReadPlan {
             if from >= to {
                 continue;
             }
+            let at = offset + out.len() as u64;
+            if from < at {
+                // Chunks of a map are in order and never overlap.
+                return Err(FsError::Invalid);
+            }
+            out.resize((from - offset) as usize, 0);
             let src = data
                 .get((from - start) as usize..(to - start) as usize)
                 .ok_or(FsError::Invalid)?;
-            let dst = out
-                .get_mut((from - offset) as usize..(to - offset) as usize)
-                .ok_or(FsError::Invalid)?;
-            dst.copy_from_slice(src);
+            out.extend_from_slice(src);
         }
+        out.resize((end - offset) as usize, 0);
         Ok(ReplyBytes::Owned(out))
     }
 }
@@ -1152,6 +1157,38 @@ impl Filesystem for SkiffFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(offset: u64, end: u64, starts: &[u64]) -> ReadPlan {
+        ReadPlan {
+            id: InodeId(0),
+            offset,
+            end,
+            reqs: Vec::new(),
+            starts: starts.to_vec(),
+        }
+    }
+
+    #[test]
+    fn replies_are_assembled_in_file_order_with_holes_as_zeros() {
+        let a: ChunkData = Arc::new(b"abcd".to_vec());
+        let b: ChunkData = Arc::new(b"efgh".to_vec());
+        // A read from inside the first chunk, over a hole, through the
+        // second chunk and past it (a hole at the end of the file).
+        let got = plan(2, 14, &[0, 8])
+            .assemble(&[a.clone(), b.clone()])
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(got.as_slice(), b"cd\0\0\0\0efgh\0\0");
+        // A read inside one chunk is served from it.
+        let one = plan(5, 7, &[4]).assemble(std::slice::from_ref(&b));
+        assert!(matches!(one, Ok(ReplyBytes::Chunk(_, _))));
+        assert_eq!(
+            one.map(|r| r.as_slice().to_vec()).ok(),
+            Some(b"fg".to_vec())
+        );
+        // Overlapping chunks (a map the checks would refuse) are EIO, not
+        // bytes written twice.
+        assert!(plan(0, 8, &[0, 2]).assemble(&[a, b]).is_err());
+    }
 
     #[test]
     fn dev_encoding_matches_the_kernel() {
