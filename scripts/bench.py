@@ -823,19 +823,6 @@ def machine():
     src = subprocess.run(["df", "--output=source,fstype,size", str(WORK)], stdout=subprocess.PIPE,
                          text=True).stdout.splitlines()[-1].split()
     dev = os.path.basename(src[0])
-    # A loop device (scripts/bench's scratch file system): say what it is
-    # and describe the disk under its backing file.
-    over = ""
-    if dev.startswith("loop"):
-        back = subprocess.run(["losetup", "-nO", "BACK-FILE", src[0]], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True).stdout.strip()
-        journal = any(e.name.startswith(dev + "-") for e in os.scandir("/proc/fs/jbd2")) \
-            if os.path.isdir("/proc/fs/jbd2") else False
-        over = f"{src[1]}{' with a journal' if journal else ''} on {dev} over {back}; "
-        if back:
-            src = subprocess.run(["df", "--output=source,fstype,size", back], stdout=subprocess.PIPE,
-                                 text=True).stdout.splitlines()[-1].split()
-            dev = os.path.basename(src[0])
     rot = Path(f"/sys/block/{dev}/queue/rotational")
     kind = ("rotational" if rot.read_text().strip() == "1" else "non-rotational") if rot.exists() else "?"
     if dev.startswith("vd"):
@@ -851,7 +838,7 @@ def machine():
         "os": next((line.split("=", 1)[1].strip('"') for line in Path("/etc/os-release").read_text().splitlines()
                     if line.startswith("PRETTY_NAME=")), "?"),
         "memory": f"{int(mem.split()[0]) / (1 << 20):.1f} GiB" if mem != "?" else "?",
-        "disk": f"{over}{src[0]} ({src[1]}, {int(src[2]) / (1 << 20):.0f} GiB, {kind})",
+        "disk": f"{src[0]} ({src[1]}, {int(src[2]) / (1 << 20):.0f} GiB, {kind})",
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),

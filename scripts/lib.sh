@@ -136,19 +136,6 @@ scratch_disk() {
   mount "$dev" "$dir" || { losetup -d "$dev"; return 1; }
 }
 
-# scratch_disk_keep DIR GIB: the same file system, kept between runs: mounts
-# DIR.img at DIR if it is not mounted yet, and makes it (as scratch_disk)
-# only when there is none. For benchmarks whose inputs take minutes to
-# build (scripts/bench's data sets).
-scratch_disk_keep() {
-  local dir=$1 gib=$2 img=$1.img dev
-  mountpoint -q "$dir" && return 0
-  [ -f "$img" ] || { scratch_disk "$dir" "$gib"; return; }
-  mkdir -p "$dir"
-  dev=$(losetup -f --show --direct-io=on "$img") || return 1
-  mount "$dev" "$dir" || { losetup -d "$dev"; return 1; }
-}
-
 # -------------------------------------------------------------------- apt --
 
 _skiff_apt_updated=0
