@@ -2,7 +2,7 @@
 //! trees and data, deterministic so that runs compare.
 //!
 //! Run them with `cargo bench -p skiff-benches` (or `--bench bootstrap`,
-//! `--bench chunk`, `--bench chunking`).
+//! `--bench chunk`, `--bench chunking`, `--bench load`).
 
 use std::collections::BTreeMap;
 

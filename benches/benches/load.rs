@@ -1,0 +1,76 @@
+//! One load on the mount's read path: the chunks of a 1 MiB window of a
+//! local blob (the reads of a file that a reader walks through), each read
+//! from the blob file, decoded and verified, through [`ChunkSource`] as a
+//! FUSE read does it. With the memory cache off, every iteration loads
+//! every chunk again. `pool` decodes on the mount's decode threads (one
+//! per CPU), `inline` on the calling thread alone; the difference is what
+//! the parallel decode buys and what handing work to the pool costs.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use skiff_benches::compressible_data;
+use skiff_format::{encode_chunk, ChunkInfo, Digest};
+use skiff_fusefs::{Backend, ChunkRequest, ChunkSource, SourceOptions};
+use skiff_registry::LocalBlobStore;
+
+/// Chunks of about the large-file chunking's average (32 KiB target).
+const CHUNK: usize = 38 << 10;
+/// Chunks per load: a 1 MiB window.
+const CHUNKS: usize = 27;
+
+fn bench_load(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = dir.path().join("blobs").join("sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut blob = Vec::new();
+    let mut infos = Vec::new();
+    for i in 0..CHUNKS {
+        let data = compressible_data(CHUNK, i as u64 + 1);
+        let (stored, compressed) = encode_chunk(&data, 4).unwrap();
+        infos.push(ChunkInfo {
+            digest: Digest::of(&data),
+            blob_index: 0,
+            compressed,
+            compressed_offset: blob.len() as u64,
+            compressed_size: stored.len() as u32,
+            uncompressed_size: data.len() as u32,
+            frame: None,
+        });
+        blob.extend_from_slice(&stored);
+    }
+    let digest = Digest::of(&blob);
+    std::fs::write(blobs.join(digest.to_hex()), &blob).unwrap();
+    let reqs: Vec<ChunkRequest> = infos
+        .into_iter()
+        .enumerate()
+        .map(|(i, info)| ChunkRequest {
+            index: i as u32,
+            info,
+            blob: digest,
+        })
+        .collect();
+
+    let mut g = c.benchmark_group("load_local_window");
+    g.throughput(Throughput::Bytes((CHUNK * CHUNKS) as u64));
+    for (name, threads) in [("pool", 0), ("inline", 1)] {
+        let store = LocalBlobStore::new(dir.path()).unwrap();
+        let mut opts = SourceOptions {
+            memory_bytes: 0,
+            ..SourceOptions::default()
+        };
+        if threads > 0 {
+            opts.decode_threads = threads;
+        }
+        let source = ChunkSource::new(Backend::new(Arc::new(store)), None, opts, Arc::default());
+        g.bench_function(BenchmarkId::new(name, CHUNKS), |b| {
+            b.iter(|| black_box(source.get_many(&reqs).unwrap().len()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_load);
+criterion_main!(benches);
