@@ -2,9 +2,10 @@
 //! local blob (the reads of a file that a reader walks through), each read
 //! from the blob file, decoded and verified, through [`ChunkSource`] as a
 //! FUSE read does it. With the memory cache off, every iteration loads
-//! every chunk again. `pool` decodes on the mount's decode threads (one
-//! per CPU), `inline` on the calling thread alone; the difference is what
-//! the parallel decode buys and what handing work to the pool costs.
+//! every chunk again. `parallel` decodes the load's chunks on one scoped
+//! thread per CPU (what a mount does), `one_thread` on the calling thread
+//! alone; the difference is what the parallel decode buys, net of starting
+//! its threads for every load.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -55,7 +56,7 @@ fn bench_load(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("load_local_window");
     g.throughput(Throughput::Bytes((CHUNK * CHUNKS) as u64));
-    for (name, threads) in [("pool", 0), ("inline", 1)] {
+    for (name, threads) in [("parallel", 0), ("one_thread", 1)] {
         let store = LocalBlobStore::new(dir.path()).unwrap();
         let mut opts = SourceOptions {
             memory_bytes: 0,

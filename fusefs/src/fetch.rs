@@ -52,7 +52,7 @@ use crate::disk::{DiskCache, Stored};
 use crate::error::ChunkError;
 use crate::link::LinkEstimate;
 use crate::metrics::Metrics;
-use crate::workers::{run_parallel, ByteBudget, DecodePool};
+use crate::workers::{run_parallel, ByteBudget};
 
 /// Default bound of one merged range request for reads: 1 MiB. Round
 /// trips are what a cold start waits for, but a larger request mostly
@@ -94,9 +94,7 @@ pub struct SourceOptions {
     pub max_request_bytes: u64,
     /// Range requests of one read in flight at once.
     pub max_parallel: usize,
-    /// Long-lived threads that decode and verify the chunks of every load
-    /// (one load's chunks in parallel); 1: each load decodes on its own
-    /// thread.
+    /// Threads that decode the chunks of one read in parallel.
     pub decode_threads: usize,
     /// Bytes of chunk data (fetched runs and their decoded chunks) held in
     /// flight at once by all loads of the source; see [`ByteBudget`].
@@ -149,8 +147,6 @@ pub(crate) struct Fetcher {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) opts: SourceOptions,
     pub(crate) budget: ByteBudget,
-    /// The threads that decode and verify (`opts.decode_threads`).
-    pub(crate) decoders: DecodePool,
     /// Shared frames recently decoded from the disk cache.
     pub(crate) frames: RecentFrames,
     /// The link to a remote store, from the timings of reads' requests.
@@ -172,7 +168,7 @@ impl Fetcher {
         let mut to_fetch = match self.disk.as_ref().filter(|_| plan.use_disk) {
             Some(disk) => {
                 let mut rest = Vec::new();
-                let outcomes = self.decoders.map(owned, |o: Owned<'a>| {
+                let outcomes = run_parallel(owned, self.opts.decode_threads, |o: Owned<'a>| {
                     match reqs.get(o.pos).and_then(|r| self.load_from_disk(disk, r)) {
                         Some(data) => {
                             let pos = o.pos;
@@ -182,7 +178,7 @@ impl Fetcher {
                         None => Err(o),
                     }
                 });
-                for x in outcomes {
+                for x in outcomes.into_iter().flatten() {
                     match x {
                         Ok((pos, data)) => results.push((pos, Ok(Some(data)))),
                         Err(o) => rest.push(o),
@@ -268,24 +264,14 @@ impl Fetcher {
             }
             return results;
         };
-        let fetch = |(run, members)| (self.fetch_run(&run, plan), run, members);
-        // A local blob's runs are copies from its file (mostly from the
-        // page cache): the decode threads do them, with no thread started
-        // for the load. A remote store's runs wait on the network, each on
-        // a thread of its own.
-        let fetched = if self.backend.store.is_local() {
-            self.decoders.map(tasks, fetch)
-        } else {
-            run_parallel(tasks, self.opts.max_parallel, fetch)
-                .into_iter()
-                .flatten()
-                .collect()
-        };
+        let fetched = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
+            (self.fetch_run(&run, plan), run, members)
+        });
         // Decode tasks: the members of one stored frame (one chunk, or the
         // chunks of a shared frame, decoded once for all of them).
         let mut decode: Vec<(Arc<Vec<u8>>, u64, Vec<Owned<'a>>)> = Vec::new();
         let mut bufs = Vec::new();
-        for (res, run, members) in fetched {
+        for (res, run, members) in fetched.into_iter().flatten() {
             match res {
                 Ok(buf) => {
                     let buf = Arc::new(buf);
@@ -313,13 +299,13 @@ impl Fetcher {
                 }
             }
         }
-        let decoded = self.decoders.map(decode, |(buf, base, group)| {
+        let decoded = run_parallel(decode, self.opts.decode_threads, |(buf, base, group)| {
             self.finish_fetched(reqs, &buf, base, group, plan)
         });
         // Runs that no disk-queue entry shares go back to the pool.
         bufs.into_iter().for_each(crate::buffers::recycle);
         let mut again = Vec::new();
-        for (pos, r) in decoded.into_iter().flatten() {
+        for (pos, r) in decoded.into_iter().flatten().flatten() {
             match r {
                 Ok(data) => results.push((pos, Ok(data))),
                 Err((e, o)) if plan.refetch_corrupt && pos < plan.optional_from => {

@@ -41,7 +41,7 @@ use crate::fetch::{
 use crate::link::LinkEstimate;
 use crate::metrics::Metrics;
 use crate::window::Brought;
-use crate::workers::{ByteBudget, DecodePool};
+use crate::workers::ByteBudget;
 
 /// Which chunks of a batch (a readahead window, a prefetch window) are
 /// already on this node, for those who fetch ahead: a request that is
@@ -104,7 +104,6 @@ impl ChunkSource {
                 disk,
                 metrics: metrics.clone(),
                 budget: ByteBudget::new(opts.in_flight_bytes),
-                decoders: DecodePool::new(opts.decode_threads),
                 opts,
                 frames: RecentFrames::default(),
                 link: Arc::new(LinkEstimate::default()),

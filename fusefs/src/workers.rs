@@ -4,12 +4,8 @@
 //!   The daemon has three: the *read pool*, which takes FUSE reads that need
 //!   the network off the FUSE workers (see [`crate::fs`]), readahead and
 //!   prefetch.
-//! - [`DecodePool`]: long-lived threads (a rayon pool, one thread per CPU)
-//!   that decode and verify the chunks of one load in parallel. Decoding is
-//!   the CPU-bound half of a read; its threads live as long as the mount,
-//!   so each keeps its zstd context, and a read pays no thread start.
-//! - [`run_parallel`]: runs the range requests of one load on a few scoped
-//!   threads (they wait on the network, not on a CPU).
+//! - [`run_parallel`]: runs the independent parts of one load (range
+//!   requests, decodes) on a few scoped threads.
 //! - [`ByteBudget`]: the bytes of chunk data a mount may hold in flight at
 //!   once (fetched runs and the chunks decoded from them), shared by reads,
 //!   readahead and prefetch. Every load takes its share before its first
@@ -90,57 +86,6 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// The threads that decode and verify chunks for every load of a mount;
-/// see the module documentation.
-///
-/// Before it, every load of more than one chunk started its own scoped
-/// threads: reading a 2 GiB file from a local layout (55,680 chunks)
-/// started 11,628 threads, each with a fresh zstd context.
-pub(crate) struct DecodePool {
-    /// `None` with one thread: everything runs on the caller's.
-    pool: Option<rayon::ThreadPool>,
-}
-
-impl DecodePool {
-    /// `threads` threads named `skiff-decode-N`; none (the caller decodes)
-    /// for one, or if the threads cannot be started (a warning).
-    pub(crate) fn new(threads: usize) -> DecodePool {
-        if threads <= 1 {
-            return DecodePool { pool: None };
-        }
-        let built = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("skiff-decode-{i}"))
-            .build();
-        match built {
-            Ok(pool) => DecodePool { pool: Some(pool) },
-            Err(e) => {
-                tracing::warn!(
-                    "cannot start the decode threads ({e}): reads decode on their own threads"
-                );
-                DecodePool { pool: None }
-            }
-        }
-    }
-
-    /// Applies `f` to every task, in parallel on the pool's threads when
-    /// there is more than one (the caller waits), and returns the results
-    /// in task order.
-    pub(crate) fn map<T: Send, R: Send>(
-        &self,
-        tasks: Vec<T>,
-        f: impl Fn(T) -> R + Sync + Send,
-    ) -> Vec<R> {
-        match &self.pool {
-            Some(pool) if tasks.len() > 1 => {
-                use rayon::iter::{IntoParallelIterator, ParallelIterator};
-                pool.install(|| tasks.into_par_iter().map(f).collect())
-            }
-            _ => tasks.into_iter().map(f).collect(),
-        }
     }
 }
 
@@ -245,37 +190,6 @@ impl Drop for Permit<'_> {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn decode_pool_keeps_order_and_threads() {
-        let pool = DecodePool::new(2);
-        let names = Mutex::new(std::collections::HashSet::new());
-        for round in 0..20u64 {
-            let tasks: Vec<u64> = (0..64).collect();
-            let got = pool.map(tasks, |t| {
-                if let Some(n) = std::thread::current().name() {
-                    lock(&names).insert(n.to_string());
-                }
-                t * round
-            });
-            assert_eq!(got, (0..64).map(|t| t * round).collect::<Vec<_>>());
-        }
-        // The same two long-lived threads served every round.
-        let names = names.into_inner().unwrap_or_default();
-        assert!(
-            names.iter().all(|n| n.starts_with("skiff-decode-")),
-            "{names:?}"
-        );
-        assert!(!names.is_empty() && names.len() <= 2, "{names:?}");
-        // One task, or one thread: the caller's own.
-        let me = std::thread::current().id();
-        assert_eq!(pool.map(vec![1], |_| std::thread::current().id()), vec![me]);
-        let single = DecodePool::new(1);
-        assert!(single
-            .map(vec![1, 2, 3], |_| std::thread::current().id())
-            .iter()
-            .all(|&t| t == me));
-    }
 
     #[test]
     fn budget_bounds_and_times_out() {
