@@ -7,28 +7,15 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use skiff_benches::{compressible_data, XorShift};
-use skiff_format::{decode_chunk, decode_chunk_into, encode_chunk, ChunkInfo, Digest};
-
-fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
-    ChunkInfo {
-        digest: Digest::of(data),
-        blob_index: 0,
-        compressed,
-        compressed_offset: 0,
-        compressed_size: stored.len() as u32,
-        uncompressed_size: data.len() as u32,
-        frame: None,
-    }
-}
+use skiff_benches::{compressible_data, stored_chunk, XorShift};
+use skiff_format::{decode_chunk, decode_chunk_into, Digest};
 
 fn bench_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_chunk");
     for size in [4 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20] {
         let data = compressible_data(size, size as u64);
-        let (stored, compressed) = encode_chunk(&data, 4).unwrap();
-        assert!(compressed);
-        let info = info_for(&data, &stored, compressed);
+        let (stored, info) = stored_chunk(&data, 4, 0).unwrap();
+        assert!(info.compressed);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("zstd_verify", size), &stored, |b, s| {
             b.iter(|| black_box(decode_chunk(&info, s).unwrap().len()))
@@ -60,9 +47,8 @@ fn bench_decode(c: &mut Criterion) {
     // Incompressible data is stored raw: verify only.
     let mut rng = XorShift::new(9);
     let raw: Vec<u8> = (0..(128 << 10)).map(|_| rng.next_u64() as u8).collect();
-    let (stored, compressed) = encode_chunk(&raw, 4).unwrap();
-    assert!(!compressed);
-    let info = info_for(&raw, &stored, compressed);
+    let (stored, info) = stored_chunk(&raw, 4, 0).unwrap();
+    assert!(!info.compressed);
     g.throughput(Throughput::Bytes(raw.len() as u64));
     g.bench_function(BenchmarkId::new("raw_verify", raw.len()), |b| {
         b.iter(|| black_box(decode_chunk(&info, &stored).unwrap().len()))

@@ -12,8 +12,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use skiff_benches::compressible_data;
-use skiff_format::{encode_chunk, ChunkInfo, Digest};
+use skiff_benches::{compressible_data, stored_chunk};
+use skiff_format::Digest;
 use skiff_fusefs::{Backend, ChunkRequest, ChunkSource, SourceOptions};
 use skiff_registry::LocalBlobStore;
 
@@ -30,16 +30,8 @@ fn bench_load(c: &mut Criterion) {
     let mut infos = Vec::new();
     for i in 0..CHUNKS {
         let data = compressible_data(CHUNK, i as u64 + 1);
-        let (stored, compressed) = encode_chunk(&data, 4).unwrap();
-        infos.push(ChunkInfo {
-            digest: Digest::of(&data),
-            blob_index: 0,
-            compressed,
-            compressed_offset: blob.len() as u64,
-            compressed_size: stored.len() as u32,
-            uncompressed_size: data.len() as u32,
-            frame: None,
-        });
+        let (stored, info) = stored_chunk(&data, 4, blob.len() as u64).unwrap();
+        infos.push(info);
         blob.extend_from_slice(&stored);
     }
     let digest = Digest::of(&blob);

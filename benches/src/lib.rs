@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use skiff_format::{
-    Attrs, BlobInfo, ChunkInfo, Digest, FileChunk, ImageTree, Node, NodeData, NodeId,
+    encode_chunk, Attrs, BlobInfo, ChunkInfo, Digest, FileChunk, FormatError, ImageTree, Node,
+    NodeData, NodeId,
 };
 
 /// A deterministic pseudo-random generator (xorshift64*), so that the
@@ -176,6 +177,26 @@ fn add_entry(tree: &mut ImageTree, dir: NodeId, name: Vec<u8>, child: NodeId) {
     if let NodeData::Directory { entries } = &mut tree.nodes[dir].data {
         entries.insert(name, child);
     }
+}
+
+/// `data` stored as a chunk at zstd `level` (raw when zstd saves nothing),
+/// at byte `offset` of blob 0: the stored bytes and the chunk's record.
+pub fn stored_chunk(
+    data: &[u8],
+    level: i32,
+    offset: u64,
+) -> Result<(Vec<u8>, ChunkInfo), FormatError> {
+    let (stored, compressed) = encode_chunk(data, level)?;
+    let info = ChunkInfo {
+        digest: Digest::of(data),
+        blob_index: 0,
+        compressed,
+        compressed_offset: offset,
+        compressed_size: stored.len() as u32,
+        uncompressed_size: data.len() as u32,
+        frame: None,
+    };
+    Ok((stored, info))
 }
 
 #[cfg(test)]
