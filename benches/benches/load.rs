@@ -48,15 +48,14 @@ fn bench_load(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("load_local_window");
     g.throughput(Throughput::Bytes((CHUNK * CHUNKS) as u64));
-    for (name, threads) in [("parallel", 0), ("one_thread", 1)] {
+    let per_cpu = SourceOptions::default().decode_threads;
+    for (name, decode_threads) in [("parallel", per_cpu), ("one_thread", 1)] {
         let store = LocalBlobStore::new(dir.path()).unwrap();
-        let mut opts = SourceOptions {
+        let opts = SourceOptions {
             memory_bytes: 0,
+            decode_threads,
             ..SourceOptions::default()
         };
-        if threads > 0 {
-            opts.decode_threads = threads;
-        }
         let source = ChunkSource::new(Backend::new(Arc::new(store)), None, opts, Arc::default());
         g.bench_function(BenchmarkId::new(name, CHUNKS), |b| {
             b.iter(|| black_box(source.get_many(&reqs).unwrap().len()))
