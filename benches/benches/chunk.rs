@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use skiff_benches::{compressible_data, stored_chunk, XorShift};
-use skiff_format::{decode_chunk, decode_chunk_into, Digest};
+use skiff_format::{decode_chunk, decode_chunk_into, ChunkHash};
 
 fn bench_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_chunk");
@@ -38,11 +38,14 @@ fn bench_decode(c: &mut Criterion) {
             &stored,
             |b, s| b.iter(|| black_box(dctx.decompress_to_buffer(s, &mut buf).unwrap())),
         );
-        g.bench_with_input(
-            BenchmarkId::new("floor_sha256_only", size),
-            &data,
-            |b, d| b.iter(|| black_box(Digest::of(d))),
-        );
+        // Verification alone, under each chunk hash a bootstrap can name.
+        for hash in [ChunkHash::Sha256, ChunkHash::Blake3] {
+            g.bench_with_input(
+                BenchmarkId::new(format!("floor_{hash}_only"), size),
+                &data,
+                |b, d| b.iter(|| black_box(hash.digest(d))),
+            );
+        }
     }
     // Incompressible data is stored raw: verify only.
     let mut rng = XorShift::new(9);

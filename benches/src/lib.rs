@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use skiff_format::{
-    encode_chunk, Attrs, BlobInfo, ChunkInfo, Digest, FileChunk, FormatError, ImageTree, Node,
-    NodeData, NodeId,
+    encode_chunk, Attrs, BlobInfo, ChunkHash, ChunkInfo, Digest, FileChunk, FormatError, ImageTree,
+    Node, NodeData, NodeId,
 };
 
 /// A deterministic pseudo-random generator (xorshift64*), so that the
@@ -130,7 +130,8 @@ pub fn synthetic_tree(files: usize, per_dir: usize) -> (ImageTree, Vec<Vec<u8>>)
             let size = 1024 + (i as u32 % 4096);
             let chunk_index = tree.chunks.len() as u32;
             tree.chunks.push(ChunkInfo {
-                digest: Digest::of(&(i as u64).to_le_bytes()),
+                digest: tree.chunk_hash.digest(&(i as u64).to_le_bytes()),
+                hash: tree.chunk_hash,
                 blob_index: 0,
                 compressed: true,
                 compressed_offset: offset,
@@ -180,7 +181,8 @@ fn add_entry(tree: &mut ImageTree, dir: NodeId, name: Vec<u8>, child: NodeId) {
 }
 
 /// `data` stored as a chunk at zstd `level` (raw when zstd saves nothing),
-/// at byte `offset` of blob 0: the stored bytes and the chunk's record.
+/// at byte `offset` of blob 0: the stored bytes and the chunk's record
+/// (a BLAKE3 digest, as the converter makes).
 pub fn stored_chunk(
     data: &[u8],
     level: i32,
@@ -188,7 +190,8 @@ pub fn stored_chunk(
 ) -> Result<(Vec<u8>, ChunkInfo), FormatError> {
     let (stored, compressed) = encode_chunk(data, level)?;
     let info = ChunkInfo {
-        digest: Digest::of(data),
+        digest: ChunkHash::Blake3.digest(data),
+        hash: ChunkHash::Blake3,
         blob_index: 0,
         compressed,
         compressed_offset: offset,

@@ -138,9 +138,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
                     s.special
                 );
                 println!(
-                    "chunks     {} distinct, {:.1} MB uncompressed",
+                    "chunks     {} distinct, {:.1} MB uncompressed, {} digests",
                     s.chunks,
-                    s.chunk_bytes as f64 / 1e6
+                    s.chunk_bytes as f64 / 1e6,
+                    s.chunk_hash
                 );
                 for (i, blob) in s.blobs.iter().enumerate() {
                     println!(

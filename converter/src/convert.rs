@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use skiff_format::{BlobInfo, Bootstrap, ChunkInfo, Digest, Node, NodeData};
+use skiff_format::{BlobInfo, Bootstrap, ChunkHash, ChunkInfo, Digest, Node, NodeData};
 
 use crate::chunker::{Chunker, Chunking, LargeFiles};
 use crate::decompress::DecodedLayer;
@@ -42,6 +42,10 @@ pub struct ConvertOptions {
     pub pack_size: u32,
     /// Compression threads.
     pub threads: usize,
+    /// The hash function of the chunk digests (format 1.4: BLAKE3; SHA-256
+    /// makes digests an image converted before 1.4 shares, for a chunk
+    /// dictionary of such an image).
+    pub chunk_hash: ChunkHash,
 }
 
 /// Default [`ConvertOptions::pack_size`]. Chosen by measurement on a tree of
@@ -58,6 +62,7 @@ impl Default for ConvertOptions {
             level: 4,
             pack_size: DEFAULT_PACK_SIZE,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            chunk_hash: ChunkHash::Blake3,
         }
     }
 }
@@ -224,6 +229,22 @@ pub struct Converter {
     layers: Vec<LayerOutcome>,
 }
 
+/// Refuses a chunk dictionary whose chunk digests are made with another
+/// function than `hash`, saying how to convert so that they match.
+pub fn check_dictionary_hash(
+    bootstrap: &Bootstrap<'_>,
+    hash: ChunkHash,
+) -> Result<(), ConvertError> {
+    let theirs = bootstrap.chunk_hash();
+    if theirs != hash {
+        return Err(ConvertError::Invalid(format!(
+            "its chunk digests are {theirs} and this conversion makes {hash} ones, so no chunk \
+             could be shared; convert with --chunk-hash {theirs} to share its chunks"
+        )));
+    }
+    Ok(())
+}
+
 impl Converter {
     /// A converter writing data blobs to `sink`.
     pub fn new(
@@ -243,6 +264,7 @@ impl Converter {
         }
         let mut tree = TreeBuilder::new();
         tree.tree_mut().chunk_size_hint = options.chunking.size_hint();
+        tree.tree_mut().chunk_hash = options.chunk_hash;
         let settings = crate::record::settings_key(&options);
         Ok(Converter {
             chunker: Some(Chunker::new(options.chunking)),
@@ -268,7 +290,10 @@ impl Converter {
     /// Makes the chunks of an earlier Skiff image available for deduplication:
     /// a chunk found there is referenced, not stored again. Returns the
     /// dictionary's number (see [`BlobOrigin::Dictionary`]).
+    /// The dictionary's chunk digests must be made with this conversion's
+    /// [`ConvertOptions::chunk_hash`]: no chunk could match otherwise.
     pub fn add_dictionary(&mut self, bootstrap: &Bootstrap<'_>) -> Result<usize, ConvertError> {
+        check_dictionary_hash(bootstrap, self.options.chunk_hash)?;
         let dict = self.dict_count;
         for i in 0..bootstrap.chunk_count() {
             let chunk = bootstrap.chunk(i)?;
@@ -336,7 +361,7 @@ impl Converter {
     /// Registers a chunk's data; returns its index in the chunk table.
     pub(crate) fn add_chunk(&mut self, data: &[u8]) -> Result<u32, ConvertError> {
         self.stats.chunks += 1;
-        let digest = Digest::of(data);
+        let digest = self.options.chunk_hash.digest(data);
         if let Some(&i) = self.index.get(&digest) {
             return Ok(i);
         }
@@ -380,6 +405,7 @@ impl Converter {
         };
         self.tree.tree_mut().chunks.push(ChunkInfo {
             digest,
+            hash: self.options.chunk_hash,
             blob_index: current.blob_index,
             compressed: false,
             compressed_offset: 0,
@@ -705,6 +731,7 @@ impl Converter {
         };
         self.tree.tree_mut().chunks.push(ChunkInfo {
             digest,
+            hash: self.options.chunk_hash,
             blob_index: b,
             compressed: placed.compressed,
             compressed_offset: placed.offset,

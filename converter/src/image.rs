@@ -21,7 +21,9 @@ use skiff_registry::{
     RegistryError, RegistryWriter,
 };
 
-use crate::convert::{BlobOrigin, ConvertOptions, Converter, Progress, Stats};
+use crate::convert::{
+    check_dictionary_hash, BlobOrigin, ConvertOptions, Converter, Progress, Stats,
+};
 use crate::error::{ConvertError, IoContext};
 use crate::pipeline::{BlobOut, BlobSink};
 use crate::prefetch::PrefetchEntry;
@@ -451,6 +453,8 @@ pub fn convert_image_with_prefetch(
         let image = skiff_registry::skiff::open_image_with(d, &registry_config)
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
         Bootstrap::parse(&image.bootstrap)
+            .map_err(ConvertError::from)
+            .and_then(|b| check_dictionary_hash(&b, req.options.chunk_hash))
             .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {d}: {e}")))?;
         dicts.push(DictImage {
             reference: d.clone(),

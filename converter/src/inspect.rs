@@ -29,6 +29,8 @@ pub struct Summary {
     pub chunk_bytes: u64,
     /// Chunker setting recorded by the converter.
     pub chunk_size_hint: u64,
+    /// The hash of the chunk digests: `blake3` or `sha256`.
+    pub chunk_hash: String,
     /// Data blobs.
     pub blobs: Vec<BlobLine>,
     /// Inodes to prefetch.
@@ -93,8 +95,9 @@ pub struct ChunkLine {
     pub chunk: u32,
     /// Uncompressed length.
     pub size: u32,
-    /// Digest of the data.
-    pub digest: Digest,
+    /// Digest of the data, `<hash>:<hex>` (`blake3:` or `sha256:`, the
+    /// image's chunk hash).
+    pub digest: String,
     /// Blob table index.
     pub blob: u32,
     /// Offset in the blob.
@@ -131,6 +134,7 @@ pub fn summary(b: &Bootstrap<'_>, bootstrap_bytes: u64) -> Result<Summary, Conve
         chunks: b.chunk_count(),
         chunk_bytes: 0,
         chunk_size_hint: b.chunk_size_hint(),
+        chunk_hash: b.chunk_hash().to_string(),
         blobs: Vec::new(),
         prefetch: b.prefetch()?.len(),
     };
@@ -207,7 +211,7 @@ pub fn stat(b: &Bootstrap<'_>, path: &str) -> Result<Stat, ConvertError> {
                     file_offset: fc.file_offset(),
                     chunk: fc.chunk_index(),
                     size: c.uncompressed_size,
-                    digest: c.digest,
+                    digest: c.hash.label(&c.digest),
                     blob: c.blob_index,
                     blob_offset: c.compressed_offset,
                     stored_size: c.compressed_size,

@@ -15,7 +15,7 @@ use std::fs;
 
 use common::*;
 use serde_json::Value;
-use skiff_format::Bootstrap;
+use skiff_format::{Bootstrap, ChunkHash};
 use skiff_registry::skiff::open_image;
 
 #[test]
@@ -54,7 +54,8 @@ fn a_chunk_dictionary_is_referenced_copied_and_listed() {
 
     // B with A as its dictionary.
     let b_dir = work.path().join("b");
-    let b = convert_image(b_files.clone(), &b_dir, vec![oci(&a_dir, "a")]);
+    let b = convert_image(b_files.clone(), &b_dir, vec![oci(&a_dir, "a")], options())
+        .unwrap_or_else(|e| panic!("converting with a dictionary: {e}"));
     assert!(
         b.stats.dict_chunks > 0,
         "no chunk came from the dictionary: {:?}",
@@ -152,11 +153,60 @@ fn a_bad_dictionary_is_refused() {
     }
 }
 
+/// A dictionary converted before format 1.4 has SHA-256 chunk digests: a
+/// BLAKE3 conversion against it is refused with the flag that fixes it, and
+/// a SHA-256 conversion shares its chunks.
+#[test]
+fn a_dictionary_of_another_chunk_hash_is_refused_with_the_fix() {
+    let work = scratch("dict-hash");
+    let mut rng = Rng(78);
+    let shared = rng.bytes(1 << 20);
+    let layer = |extra: &str| {
+        vec![(
+            vec![
+                Entry::file("lib/shared.so", 0o755, shared.clone()).into(),
+                Entry::file(extra, 0o644, rng_text(extra)).into(),
+            ],
+            Comp::Gzip,
+        )]
+    };
+    let a_files = write_layer_files(&work.path().join("a-layers"), &layer("etc/a"));
+    let b_files = write_layer_files(&work.path().join("b-layers"), &layer("etc/b"));
+    let sha256 = skiff_converter::ConvertOptions {
+        chunk_hash: ChunkHash::Sha256,
+        ..options()
+    };
+    let a_dir = work.path().join("a");
+    convert_layers(&a_files, &a_dir, "a", sha256.clone()).unwrap();
+
+    let refused = work.path().join("refused");
+    let err = convert_image(b_files.clone(), &refused, vec![oci(&a_dir, "a")], options())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chunk dictionary"), "{err}");
+    assert!(err.contains("--chunk-hash sha256"), "{err}");
+    if refused.join("index.json").exists() {
+        assert!(tags(&refused).is_empty());
+    }
+
+    let b_dir = work.path().join("b");
+    let b = convert_image(b_files, &b_dir, vec![oci(&a_dir, "a")], sha256).unwrap();
+    assert!(b.stats.dict_chunks > 0, "{:?}", b.stats);
+    let image = open_image(&oci(&b_dir, "b")).unwrap();
+    let boot = Bootstrap::parse(&image.bootstrap).unwrap();
+    assert_eq!(boot.chunk_hash(), ChunkHash::Sha256);
+}
+
+fn rng_text(seed: &str) -> Vec<u8> {
+    seed.repeat(1000).into_bytes()
+}
+
 fn convert_image(
     layers: Vec<std::path::PathBuf>,
     dest: &std::path::Path,
     dicts: Vec<skiff_registry::ImageRef>,
-) -> skiff_converter::image::ConvertResult {
+    options: skiff_converter::ConvertOptions,
+) -> Result<skiff_converter::image::ConvertResult, skiff_converter::ConvertError> {
     skiff_converter::image::convert_image(skiff_converter::image::ConvertRequest {
         source: skiff_converter::image::SourceSpec::Layers {
             layers,
@@ -164,10 +214,9 @@ fn convert_image(
         },
         dest: oci(dest, "b"),
         chunk_dicts: dicts,
-        options: options(),
+        options,
         progress: None,
         reuse: Default::default(),
         referrer: true,
     })
-    .unwrap_or_else(|e| panic!("converting with a dictionary: {e}"))
 }

@@ -4,12 +4,12 @@
 //! least 1/32 of its size (decompressing costs more than the few bytes it
 //! would save on the wire). Decoding is where untrusted registry bytes meet
 //! the filesystem, so it checks every length, never lets zstd write more
-//! than `uncompressed_size` bytes, and verifies the SHA-256 before handing
+//! than `uncompressed_size` bytes, and verifies the chunk's digest before handing
 //! out a single byte.
 
 use zstd::zstd_safe;
 
-use crate::{ChunkInfo, Digest, FormatError};
+use crate::{ChunkInfo, FormatError};
 
 pub use crate::layout::MAX_CHUNK_SIZE;
 
@@ -21,7 +21,7 @@ fn zstd_error(e: impl std::fmt::Display) -> FormatError {
 /// whether they are a zstd frame (`true`) or `data` itself (`false`).
 ///
 /// Deterministic for a given zstd version and level: single-threaded, with
-/// the content size in the frame header and no checksum (the SHA-256 in the
+/// the content size in the frame header and no checksum (the chunk digest in the
 /// CHUNKS record is the check).
 pub fn encode_chunk(data: &[u8], level: i32) -> Result<(Vec<u8>, bool), FormatError> {
     if data.is_empty() || data.len() > MAX_CHUNK_SIZE as usize {
@@ -80,7 +80,7 @@ pub fn decode_chunk_owned(info: &ChunkInfo, stored: Vec<u8>) -> Result<Vec<u8>, 
 /// is exactly one zstd frame whose declared content size (if any) is
 /// `uncompressed_size` and which decodes to exactly that many bytes, with at
 /// most `uncompressed_size` bytes ever allocated for the output; and that the
-/// SHA-256 of the result is `digest`. On error `out` is left empty.
+/// digest of the result is `digest`. On error `out` is left empty.
 pub fn decode_chunk_into(
     info: &ChunkInfo,
     stored: &[u8],
@@ -136,7 +136,7 @@ fn decode_unverified(
         Some(f) if !info.compressed || f.size == 0 || f.size > MAX_CHUNK_SIZE => {
             return Err(FormatError::Corrupt(format!(
                 "chunk {}: shared frame of {} bytes (zstd: {}) is not 1..={MAX_CHUNK_SIZE} bytes of zstd",
-                info.digest, f.size, info.compressed
+                info.hash.label(&info.digest), f.size, info.compressed
             )));
         }
         Some(f) => f.size as usize,
@@ -157,7 +157,7 @@ fn decode_unverified(
 }
 
 /// Chunk `info`'s bytes in its decoded shared frame `frame` (from
-/// [`decode_frame`]), after checking their bounds and SHA-256. For a chunk
+/// [`decode_frame`]), after checking their bounds and digest. For a chunk
 /// not in a shared frame, `frame` is the chunk's data and is checked whole.
 pub fn slice_of_frame<'f>(info: &ChunkInfo, frame: &'f [u8]) -> Result<&'f [u8], FormatError> {
     let (offset, size) = match info.frame {
@@ -177,12 +177,14 @@ pub fn slice_of_frame<'f>(info: &ChunkInfo, frame: &'f [u8]) -> Result<&'f [u8],
         .ok_or_else(|| {
             FormatError::Corrupt(format!(
                 "chunk {}: {} bytes at offset {offset} lie outside its {size}-byte frame",
-                info.digest, info.uncompressed_size
+                info.hash.label(&info.digest),
+                info.uncompressed_size
             ))
         })?;
-    let actual = Digest::of(data);
+    let actual = info.hash.digest(data);
     if actual != info.digest {
         return Err(FormatError::ChunkDigestMismatch {
+            hash: info.hash,
             expected: info.digest,
             actual,
         });
@@ -223,7 +225,7 @@ impl LastFrame {
         if !self.holds(info) {
             return Err(FormatError::Corrupt(format!(
                 "chunk {}: not in the frame decoded last",
-                info.digest
+                info.hash.label(&info.digest)
             )));
         }
         slice_of_frame(info, &self.buf)
@@ -250,7 +252,8 @@ fn check_sizes(info: &ChunkInfo, stored: &[u8]) -> Result<(), FormatError> {
     if info.uncompressed_size == 0 || info.uncompressed_size > MAX_CHUNK_SIZE {
         return Err(FormatError::Corrupt(format!(
             "chunk {}: uncompressed_size {} not in 1..={MAX_CHUNK_SIZE}",
-            info.digest, info.uncompressed_size
+            info.hash.label(&info.digest),
+            info.uncompressed_size
         )));
     }
     if stored.len() as u64 != u64::from(info.compressed_size) {

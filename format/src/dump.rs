@@ -46,7 +46,11 @@ pub fn dump(bootstrap: &Bootstrap<'_>) -> Result<String, FormatError> {
         (
             offset_of!(Superblock, flags),
             "flags",
-            format!("{:#010x}", sb.flags.get()),
+            format!(
+                "{:#010x} (chunk digests: {})",
+                sb.flags.get(),
+                bootstrap.chunk_hash()
+            ),
         ),
         (
             offset_of!(Superblock, total_size),
@@ -187,7 +191,7 @@ fn dump_section(
             };
             format!(
                 "chunk {i}: digest={} blob_index={} flags={:#x} compressed_offset={} compressed_size={} uncompressed_size={}{frame}",
-                Digest(r.digest),
+                bootstrap.chunk_hash().label(&Digest(r.digest)),
                 r.blob_index,
                 r.flags.get(),
                 r.compressed_offset,

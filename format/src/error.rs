@@ -77,9 +77,18 @@ pub enum FormatError {
     /// A string is not a valid SHA-256 digest.
     #[error("bad digest {0:?}: expected \"sha256:\" followed by 64 lowercase hex digits")]
     BadDigest(String),
+    /// A chunk hash name other than `sha256` or `blake3`.
+    #[error("unknown chunk hash {0:?}: expected \"sha256\" or \"blake3\"")]
+    BadChunkHash(String),
     /// Chunk data does not hash to the digest recorded for it.
-    #[error("chunk digest mismatch: expected {expected}, got {actual}")]
+    #[error(
+        "chunk digest mismatch: expected {}, got {}",
+        hash.label(expected),
+        hash.label(actual)
+    )]
     ChunkDigestMismatch {
+        /// The image's chunk hash function.
+        hash: crate::ChunkHash,
         /// The digest in the CHUNKS record.
         expected: crate::Digest,
         /// The digest of the decoded data.

@@ -17,12 +17,16 @@ pub const MAGIC: [u8; 8] = *b"\x89SKF\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor version written. Readers accept any minor of their major; a
 /// feature an older reader must not ignore sets a [`Superblock`] flag.
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Superblock flag (1.1): some chunks are slices of shared zstd frames
 /// ([`CHUNK_FLAG_SHARED_FRAME`]). A 1.0 reader refuses the bootstrap at open.
 pub const FEATURE_SHARED_FRAMES: u32 = 1;
+/// Superblock flag (1.4): every CHUNKS `digest` is a BLAKE3 (32-byte output)
+/// of the chunk's data instead of a SHA-256 ([`crate::ChunkHash`]). A reader
+/// before 1.4 refuses the bootstrap at open: it could verify no chunk.
+pub const FEATURE_BLAKE3_CHUNKS: u32 = 2;
 /// The superblock flags this reader knows.
-pub const KNOWN_FEATURES: u32 = FEATURE_SHARED_FRAMES;
+pub const KNOWN_FEATURES: u32 = FEATURE_SHARED_FRAMES | FEATURE_BLAKE3_CHUNKS;
 /// Size of the [`Superblock`].
 pub const SUPERBLOCK_SIZE: usize = 64;
 /// Size of one [`SectionEntry`].
@@ -138,7 +142,7 @@ pub struct Superblock {
     pub major: U16,
     /// @10: minor version.
     pub minor: U16,
-    /// @12: incompatible feature bits; none are defined in 1.0.
+    /// @12: incompatible feature bits, `FEATURE_*` (none in 1.0).
     pub flags: U32,
     /// @16: length of the bootstrap in bytes.
     pub total_size: U64,

@@ -21,7 +21,7 @@
 //!   does not depend on the file count), then ask it for inodes, directory
 //!   entries (binary search), xattrs and chunk maps. Fetch a chunk's stored
 //!   bytes from its blob, then [`decode_chunk`] them (which verifies the
-//!   SHA-256).
+//!   chunk's digest: SHA-256, or BLAKE3 in a 1.4 image that says so).
 //! - Checking: [`Bootstrap::validate`] walks the whole structure;
 //!   [`Bootstrap::to_tree`] decodes it back into an [`ImageTree`] (for
 //!   `unpack` and round-trip tests); [`dump()`] renders every record as text.
@@ -42,7 +42,8 @@
 //!   its stored form (zstd frame or raw), with verification.
 //! - [`dump`](mod@dump): the annotated text dump used by `skiff inspect` and the
 //!   snapshot test that keeps the spec and the code in step.
-//! - [`digest`]: [`Digest`], a SHA-256 written `sha256:<hex>`.
+//! - [`digest`]: [`Digest`], a SHA-256 written `sha256:<hex>`, and
+//!   [`ChunkHash`], the function of an image's chunk digests.
 //! - [`error`]: [`FormatError`], the one error type.
 
 pub mod blocks;
@@ -60,7 +61,7 @@ pub use chunk::{
     decode_chunk, decode_chunk_into, decode_chunk_owned, decode_frame, encode_chunk,
     slice_of_frame, MAX_CHUNK_SIZE,
 };
-pub use digest::Digest;
+pub use digest::{ChunkHash, Digest};
 pub use dump::dump;
 pub use error::FormatError;
 pub use layout::FileChunkRecord;

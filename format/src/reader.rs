@@ -19,11 +19,11 @@ use crate::blocks::{block_count, BlockMarks, LazyBlocks};
 use crate::layout::{
     section_name, section_record_size, BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord,
     InodeRecord, PrefetchRangeRecord, SectionEntry, Superblock, XattrRecord,
-    CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_SHARED_FRAMES, KNOWN_FEATURES, MAGIC,
-    PERM_MASK, SECTION_ALIGN, SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS,
-    SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH,
-    SECTION_PREFETCH_RANGES, SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, S_IFMT,
-    VERSION_MAJOR,
+    CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD, FEATURE_BLAKE3_CHUNKS, FEATURE_SHARED_FRAMES,
+    KNOWN_FEATURES, MAGIC, PERM_MASK, SECTION_ALIGN, SECTION_BLOBS, SECTION_BLOCK_CRCS,
+    SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS, SECTION_INODES,
+    SECTION_KINDS, SECTION_PREFETCH, SECTION_PREFETCH_RANGES, SECTION_STRINGS, SECTION_XATTRS,
+    SUPERBLOCK_SIZE, S_IFMT, VERSION_MAJOR,
 };
 use crate::tree::{
     check_attrs, check_chunk, check_chunk_map, check_name, check_symlink, check_xattr, Attrs,
@@ -31,7 +31,7 @@ use crate::tree::{
     SharedFrame,
 };
 use crate::writer::header_crc;
-use crate::{Digest, FormatError};
+use crate::{ChunkHash, Digest, FormatError};
 
 type Result<T, E = FormatError> = std::result::Result<T, E>;
 
@@ -618,6 +618,16 @@ impl<'a> Bootstrap<'a> {
         self.superblock.chunk_size_hint.get()
     }
 
+    /// The function of the image's chunk digests: BLAKE3 when the superblock
+    /// sets [`FEATURE_BLAKE3_CHUNKS`] (1.4), else SHA-256.
+    pub fn chunk_hash(&self) -> ChunkHash {
+        if self.superblock.flags.get() & FEATURE_BLAKE3_CHUNKS != 0 {
+            ChunkHash::Blake3
+        } else {
+            ChunkHash::Sha256
+        }
+    }
+
     /// The inode `id`, O(1).
     pub fn inode(&self, id: InodeId) -> Result<Inode<'a>> {
         let rec = self
@@ -925,6 +935,7 @@ impl<'a> Bootstrap<'a> {
         let info = ChunkInfo {
             frame,
             digest: Digest(rec.digest),
+            hash: self.chunk_hash(),
             blob_index: rec.blob_index.get(),
             compressed: flags & CHUNK_FLAG_ZSTD != 0,
             compressed_offset: rec.compressed_offset.get(),
@@ -1390,6 +1401,7 @@ impl<'a> Bootstrap<'a> {
                 })
                 .collect(),
             chunk_size_hint: self.chunk_size_hint(),
+            chunk_hash: self.chunk_hash(),
         })
     }
 

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::layout::{MAX_NAME_LEN, MAX_SYMLINK_LEN, MAX_XATTR_VALUE_LEN, PERM_MASK, S_IFMT};
-use crate::{Digest, FormatError};
+use crate::{ChunkHash, Digest, FormatError};
 
 /// Index of a node in [`ImageTree::nodes`].
 pub type NodeId = usize;
@@ -193,8 +193,11 @@ impl Node {
 /// Where one chunk is stored and how to check it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkInfo {
-    /// SHA-256 of the uncompressed data.
+    /// Digest of the uncompressed data under `hash`.
     pub digest: Digest,
+    /// The function `digest` is made with: the image's
+    /// ([`ImageTree::chunk_hash`]), for every chunk of it.
+    pub hash: ChunkHash,
     /// Index into [`ImageTree::blobs`].
     pub blob_index: u32,
     /// Stored as one zstd frame (else raw).
@@ -263,6 +266,9 @@ pub struct ImageTree {
     pub prefetch_ranges: Vec<PrefetchRange>,
     /// Stored in the superblock; informational.
     pub chunk_size_hint: u64,
+    /// The function of every chunk's digest (the superblock's
+    /// `FEATURE_BLAKE3_CHUNKS`); every [`ChunkInfo::hash`] must be this.
+    pub chunk_hash: ChunkHash,
 }
 
 /// The breadth-first order of the nodes reachable from the root: the order
@@ -381,6 +387,7 @@ pub fn canonicalize(tree: &ImageTree) -> ImageTree {
             })
             .collect(),
         chunk_size_hint: tree.chunk_size_hint,
+        chunk_hash: tree.chunk_hash,
     }
 }
 

@@ -15,16 +15,16 @@ use crate::blocks::block_crcs;
 use crate::layout::{
     BlobRecord, ChunkRecord, DirentRecord, FileChunkRecord, InodeRecord, PrefetchRangeRecord,
     SectionEntry, Superblock, XattrRecord, CHUNK_FLAG_SHARED_FRAME, CHUNK_FLAG_ZSTD,
-    FEATURE_SHARED_FRAMES, HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN, SECTION_BLOBS,
-    SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE, SECTION_FILE_CHUNKS,
-    SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_PREFETCH_RANGES, SECTION_STRINGS,
-    SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR, VERSION_MINOR,
+    FEATURE_BLAKE3_CHUNKS, FEATURE_SHARED_FRAMES, HEADER_CRC_OFFSET, MAGIC, SECTION_ALIGN,
+    SECTION_BLOBS, SECTION_BLOCK_CRCS, SECTION_CHUNKS, SECTION_DIRENTS, SECTION_ENTRY_SIZE,
+    SECTION_FILE_CHUNKS, SECTION_INODES, SECTION_KINDS, SECTION_PREFETCH, SECTION_PREFETCH_RANGES,
+    SECTION_STRINGS, SECTION_XATTRS, SUPERBLOCK_SIZE, VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::tree::{
     bfs_order, canonicalize, check_attrs, check_chunk, check_chunk_map, check_name, check_symlink,
     check_xattr, FileKind, ImageTree, NodeData,
 };
-use crate::FormatError;
+use crate::{ChunkHash, FormatError};
 
 fn invalid(msg: String) -> FormatError {
     FormatError::InvalidTree(msg)
@@ -139,6 +139,12 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
 
     for (i, c) in tree.chunks.iter().enumerate() {
         check_chunk(c, tree.blobs.len()).map_err(|e| invalid(format!("chunk {i}: {e}")))?;
+        if c.hash != tree.chunk_hash {
+            return Err(invalid(format!(
+                "chunk {i}: its digest is a {} but the image's chunk digests are {}",
+                c.hash, tree.chunk_hash
+            )));
+        }
     }
 
     // Parents and link counts, from the entries. The canonical tree is in
@@ -386,11 +392,16 @@ fn serialize(tree: &ImageTree, order: &[usize]) -> Result<Vec<u8>, FormatError> 
         magic: MAGIC,
         major: U16::new(VERSION_MAJOR),
         minor: U16::new(VERSION_MINOR),
-        flags: U32::new(if tree.chunks.iter().any(|c| c.frame.is_some()) {
-            FEATURE_SHARED_FRAMES
-        } else {
-            0
-        }),
+        flags: U32::new(
+            if tree.chunks.iter().any(|c| c.frame.is_some()) {
+                FEATURE_SHARED_FRAMES
+            } else {
+                0
+            } | match tree.chunk_hash {
+                ChunkHash::Sha256 => 0,
+                ChunkHash::Blake3 => FEATURE_BLAKE3_CHUNKS,
+            },
+        ),
         total_size: U64::new(out.len() as u64),
         section_count: U32::new(to_u32(table.len(), "section count")?),
         inode_count: U32::new(inode_count),

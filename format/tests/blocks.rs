@@ -34,7 +34,7 @@ fn section(buf: &[u8], kind: u32) -> (usize, usize) {
 #[test]
 fn the_writer_adds_block_crcs_as_the_last_section() {
     let buf = large();
-    assert_eq!(&buf[10..12], &3u16.to_le_bytes(), "minor version 1.3");
+    assert_eq!(&buf[10..12], &4u16.to_le_bytes(), "minor version 1.4");
     let (offset, length) = section(&buf, SECTION_BLOCK_CRCS);
     let b = Bootstrap::parse(&buf).unwrap();
     let table_end = 64 + 32 * b.sections().len();

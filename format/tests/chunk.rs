@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use skiff_format::chunk::LastFrame;
 use skiff_format::{
     decode_chunk, decode_chunk_into, decode_chunk_owned, decode_frame, encode_chunk,
-    slice_of_frame, ChunkInfo, Digest, FormatError, SharedFrame, MAX_CHUNK_SIZE,
+    slice_of_frame, ChunkHash, ChunkInfo, Digest, FormatError, SharedFrame, MAX_CHUNK_SIZE,
 };
 
 fn noise(len: usize, mut seed: u64) -> Vec<u8> {
@@ -24,7 +24,8 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
 
 fn info_for(data: &[u8], stored: &[u8], compressed: bool) -> ChunkInfo {
     ChunkInfo {
-        digest: Digest::of(data),
+        digest: ChunkHash::Blake3.digest(data),
+        hash: ChunkHash::Blake3,
         blob_index: 0,
         compressed,
         compressed_offset: 0,
@@ -142,13 +143,50 @@ fn corruption_is_detected() {
     wrong.digest = Digest::of(b"other");
     let mut out = Vec::new();
     match decode_chunk_into(&wrong, &stored, &mut out) {
-        Err(FormatError::ChunkDigestMismatch { expected, actual }) => {
+        Err(FormatError::ChunkDigestMismatch {
+            hash,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(hash, ChunkHash::Blake3);
             assert_eq!(expected, wrong.digest);
-            assert_eq!(actual, Digest::of(&data));
+            assert_eq!(actual, ChunkHash::Blake3.digest(&data));
         }
         other => panic!("{other:?}"),
     }
     assert!(out.is_empty());
+}
+
+#[test]
+fn each_hash_verifies_its_own_digests_only() {
+    let data = b"a chunk of an image converted before format 1.4\n".repeat(50);
+    let (stored, compressed) = encode_chunk(&data, 3).unwrap();
+    // A 1.0-1.3 image: SHA-256 digests.
+    let sha = ChunkInfo {
+        digest: Digest::of(&data),
+        hash: ChunkHash::Sha256,
+        ..info_for(&data, &stored, compressed)
+    };
+    assert_eq!(decode_chunk(&sha, &stored).unwrap(), data);
+    // The same digest read as BLAKE3 (or the reverse) verifies nothing.
+    let crossed = ChunkInfo {
+        hash: ChunkHash::Blake3,
+        ..sha
+    };
+    let err = decode_chunk(&crossed, &stored).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("expected blake3:{}", sha.digest.to_hex())),
+        "{err}"
+    );
+    let crossed = ChunkInfo {
+        hash: ChunkHash::Sha256,
+        ..info_for(&data, &stored, compressed)
+    };
+    assert!(matches!(
+        decode_chunk(&crossed, &stored),
+        Err(FormatError::ChunkDigestMismatch { .. })
+    ));
 }
 
 #[test]
@@ -214,6 +252,7 @@ fn zstd_bomb_is_refused() {
         assert!(bomb.len() < 1 << 20);
         let info = ChunkInfo {
             digest: Digest::of(&[0; 4096]),
+            hash: ChunkHash::Sha256,
             blob_index: 0,
             compressed: true,
             compressed_offset: 0,
@@ -252,6 +291,7 @@ proptest! {
     fn garbage_never_panics(stored in prop::collection::vec(any::<u8>(), 1..4096), size in 1u32..100_000, compressed in any::<bool>()) {
         let info = ChunkInfo {
             digest: Digest::of(b""),
+            hash: ChunkHash::Sha256,
             blob_index: 0,
             compressed,
             compressed_offset: 0,

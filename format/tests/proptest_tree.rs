@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use skiff_format::{
-    canonicalize, write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkInfo, Digest, FileChunk,
-    ImageTree, Node, NodeData, PrefetchRange,
+    canonicalize, write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkHash, ChunkInfo, Digest,
+    FileChunk, ImageTree, Node, NodeData, PrefetchRange,
 };
 
 #[derive(Debug, Clone)]
@@ -102,11 +102,18 @@ fn build(
             chunk_count: 5,
         })
         .collect();
+    // Both chunk hash functions, by the hint's low bit (any u64).
+    let hash = if hint & 1 == 0 {
+        ChunkHash::Sha256
+    } else {
+        ChunkHash::Blake3
+    };
     let chunks: Vec<ChunkInfo> = chunk_specs
         .iter()
         .enumerate()
         .map(|(i, &(size, compressed, blob))| ChunkInfo {
-            digest: Digest::of(&i.to_le_bytes()),
+            digest: hash.digest(&i.to_le_bytes()),
+            hash,
             blob_index: u32::from(blob),
             compressed,
             compressed_offset: i as u64 * 100_000,
@@ -234,6 +241,7 @@ fn build(
         prefetch,
         prefetch_ranges,
         chunk_size_hint: hint,
+        chunk_hash: hash,
     }
 }
 

@@ -95,7 +95,7 @@ fn header_errors_are_specific() {
     bad[8] = 2;
     assert!(matches!(
         Bootstrap::parse(&bad),
-        Err(FormatError::UnsupportedVersion { major: 2, minor: 3 })
+        Err(FormatError::UnsupportedVersion { major: 2, minor: 4 })
     ));
     let mut bad = good.clone();
     bad[12] = 4;

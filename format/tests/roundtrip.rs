@@ -9,9 +9,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::Builder;
+use skiff_format::layout::FEATURE_BLAKE3_CHUNKS;
 use skiff_format::{
-    canonicalize, write_bootstrap, Bootstrap, FileChunk, FileKind, FormatError, InodeId, NodeData,
-    PrefetchRange,
+    canonicalize, write_bootstrap, Bootstrap, ChunkHash, FileChunk, FileKind, FormatError, InodeId,
+    NodeData, PrefetchRange,
 };
 
 /// A tree with one of everything; returns it with the ids of interesting nodes.
@@ -345,6 +346,33 @@ fn unaligned_buffer() {
     assert_eq!(boot.to_tree().unwrap(), canonicalize(&b.tree));
 }
 
+/// A tree whose chunk digests are SHA-256 (what every writer before 1.4
+/// wrote) is written without the BLAKE3 flag and read back as SHA-256; a
+/// BLAKE3 tree sets the flag.
+#[test]
+fn the_chunk_hash_is_in_the_superblock_flags() {
+    let (mut b, _) = everything();
+    let blake3 = b.write();
+    let flags = |bytes: &[u8]| u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    assert_eq!(
+        flags(&blake3) & FEATURE_BLAKE3_CHUNKS,
+        FEATURE_BLAKE3_CHUNKS
+    );
+    let boot = Bootstrap::parse(&blake3).unwrap();
+    assert_eq!(boot.chunk_hash(), ChunkHash::Blake3);
+    assert!((0..boot.chunk_count()).all(|i| boot.chunk(i).unwrap().hash == ChunkHash::Blake3));
+
+    b.tree.chunk_hash = ChunkHash::Sha256;
+    for c in &mut b.tree.chunks {
+        c.hash = ChunkHash::Sha256;
+    }
+    let sha = b.write();
+    assert_eq!(flags(&sha) & FEATURE_BLAKE3_CHUNKS, 0);
+    let boot = Bootstrap::parse(&sha).unwrap();
+    assert_eq!(boot.chunk_hash(), ChunkHash::Sha256);
+    assert_eq!(boot.to_tree().unwrap(), canonicalize(&b.tree));
+}
+
 fn refused(b: &Builder, needle: &str) {
     match write_bootstrap(&b.tree) {
         Err(FormatError::InvalidTree(msg)) => {
@@ -375,6 +403,12 @@ fn writer_refuses_bad_trees() {
     let mut b = Builder::new();
     b.link(0, b"dangling", 99);
     refused(&b, "only");
+
+    // One hash function per image.
+    let mut b = Builder::new();
+    b.file(0, b"f", &[10, 10]);
+    b.tree.chunks[1].hash = ChunkHash::Sha256;
+    refused(&b, "chunk 1: its digest is a sha256");
 
     let mut b = Builder::new();
     let f = b.file(0, b"f", &[10, 10]);

@@ -272,7 +272,8 @@ mod tests {
         ChunkRequest {
             index: 0,
             info: ChunkInfo {
-                digest: Digest::of(&offset.to_le_bytes()),
+                digest: skiff_format::ChunkHash::Blake3.digest(&offset.to_le_bytes()),
+                hash: skiff_format::ChunkHash::Blake3,
                 blob_index: 0,
                 compressed: true,
                 compressed_offset: offset,

@@ -180,6 +180,7 @@ mod tests {
             .enumerate()
             .map(|(n, &i)| ChunkInfo {
                 digest: chunk_digest(i),
+                hash: skiff_format::ChunkHash::Sha256,
                 blob_index: 0,
                 compressed: false,
                 compressed_offset: u64::from(CHUNK) * n as u64,
@@ -221,6 +222,7 @@ mod tests {
             prefetch: Vec::new(),
             prefetch_ranges: Vec::new(),
             chunk_size_hint: u64::from(CHUNK),
+            chunk_hash: skiff_format::ChunkHash::Sha256,
         };
         write_bootstrap(&tree).unwrap()
     }

@@ -549,7 +549,8 @@ mod tests {
                 .collect();
             let (stored, compressed) = encode_chunk(&data, 3).unwrap();
             infos.push(ChunkInfo {
-                digest: Digest::of(&data),
+                digest: skiff_format::ChunkHash::Blake3.digest(&data),
+                hash: skiff_format::ChunkHash::Blake3,
                 blob_index: 0,
                 compressed,
                 compressed_offset: blob.len() as u64,
@@ -809,7 +810,8 @@ mod tests {
             .map(|(i, data)| ChunkRequest {
                 index: i as u32,
                 info: ChunkInfo {
-                    digest: Digest::of(data),
+                    digest: skiff_format::ChunkHash::Blake3.digest(data),
+                    hash: skiff_format::ChunkHash::Blake3,
                     blob_index: 0,
                     compressed: true,
                     compressed_offset: 0,

@@ -542,7 +542,8 @@ mod tests {
         ChunkRequest {
             index,
             info: skiff_format::ChunkInfo {
-                digest: Digest::of(&index.to_le_bytes()),
+                digest: skiff_format::ChunkHash::Blake3.digest(&index.to_le_bytes()),
+                hash: skiff_format::ChunkHash::Blake3,
                 blob_index: 0,
                 compressed: true,
                 compressed_offset: offset,

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use skiff_format::chunk::encode_chunk;
 use skiff_format::{
-    write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkInfo, Digest, FileChunk, ImageTree, Node,
-    NodeData,
+    write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkHash, ChunkInfo, Digest, FileChunk,
+    ImageTree, Node, NodeData,
 };
 use skiff_fusefs::{Backend, Daemon, DiskCache, MountOptions, PrefetchMode};
 use skiff_registry::{BlobStore, LocalBlobStore, RegistryError};
@@ -91,13 +91,14 @@ impl Image {
             let mut map = Vec::new();
             let mut idx = Vec::new();
             for (i, piece) in content.chunks(CHUNK).enumerate() {
-                let digest = Digest::of(piece);
+                let digest = ChunkHash::Blake3.digest(piece);
                 let index = match chunks.iter().position(|c| c.digest == digest) {
                     Some(i) => i,
                     None => {
                         let (stored, compressed) = encode_chunk(piece, 3).unwrap();
                         chunks.push(ChunkInfo {
                             digest,
+                            hash: ChunkHash::Blake3,
                             blob_index: 0,
                             compressed,
                             compressed_offset: blob.len() as u64,
@@ -198,6 +199,7 @@ impl Image {
                 .collect(),
             prefetch_ranges: Vec::new(),
             chunk_size_hint: CHUNK as u64,
+            chunk_hash: ChunkHash::Blake3,
         };
         write_bootstrap(&tree).unwrap()
     }

@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use skiff_format::chunk::encode_chunk;
 use skiff_format::{
-    write_bootstrap, Attrs, BlobInfo, ChunkInfo, Digest, FileChunk, ImageTree, Node, NodeData,
+    write_bootstrap, Attrs, BlobInfo, ChunkHash, ChunkInfo, Digest, FileChunk, ImageTree, Node,
+    NodeData,
 };
 use skiff_fusefs::{Backend, Daemon, MountOptions};
 use skiff_registry::LocalBlobStore;
@@ -112,12 +113,13 @@ fn build() -> Built {
         let mut out = Vec::new();
         for (i, piece) in data.chunks(CHUNK).enumerate() {
             let (stored, compressed) = encode_chunk(piece, 3).expect("encode");
-            let digest = Digest::of(piece);
+            let digest = ChunkHash::Blake3.digest(piece);
             let index = match chunks.iter().position(|c| c.digest == digest) {
                 Some(i) => i,
                 None => {
                     chunks.push(ChunkInfo {
                         digest,
+                        hash: ChunkHash::Blake3,
                         blob_index: 0,
                         compressed,
                         compressed_offset: blob.len() as u64,
@@ -298,6 +300,7 @@ fn build() -> Built {
         prefetch: Vec::new(),
         prefetch_ranges: Vec::new(),
         chunk_size_hint: CHUNK as u64,
+        chunk_hash: ChunkHash::Blake3,
     };
     let bootstrap = write_bootstrap(&tree).expect("write bootstrap");
     Built {

@@ -22,7 +22,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use skiff_format::{decode_chunk, ChunkInfo, Digest, SharedFrame, MAX_CHUNK_SIZE};
+use skiff_format::{decode_chunk, ChunkHash, ChunkInfo, Digest, SharedFrame, MAX_CHUNK_SIZE};
 use skiff_fusefs::fetch::{
     DEFAULT_IN_FLIGHT, DEFAULT_MAX_REQUEST, PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST,
 };
@@ -38,7 +38,7 @@ pub const RECORD_LEN: usize = 13;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     /// Bit 0: compressed; bit 1: honest digest; bit 2: honest size; bit 3:
-    /// in a shared frame.
+    /// in a shared frame; bit 4: a BLAKE3 digest (format 1.4), else SHA-256.
     pub flags: u8,
     /// Offset of the stored bytes in the blob.
     pub offset: u32,
@@ -126,6 +126,11 @@ pub fn chunk(data: &[u8]) -> Outcome {
         };
         let mut info = ChunkInfo {
             digest: LYING_DIGEST,
+            hash: if r.flags & 16 != 0 {
+                ChunkHash::Blake3
+            } else {
+                ChunkHash::Sha256
+            },
             blob_index: 0,
             compressed: r.flags & 1 != 0,
             compressed_offset: u64::from(r.offset),
@@ -155,7 +160,7 @@ pub fn chunk(data: &[u8]) -> Outcome {
         }
         if let Some(data) = &reference {
             if r.flags & 2 != 0 {
-                info.digest = Digest::of(data);
+                info.digest = info.hash.digest(data);
             }
         }
         references.push(reference);
@@ -220,7 +225,7 @@ fn check_chunk(req: &ChunkRequest, data: &[u8]) {
             req.info.uncompressed_size
         );
     }
-    if Digest::of(data) != req.info.digest {
+    if req.info.hash.digest(data) != req.info.digest {
         panic!(
             "chunk {}: data served that does not have its digest",
             req.index

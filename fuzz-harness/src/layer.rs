@@ -104,6 +104,7 @@ pub fn options() -> ConvertOptions {
         level: 1,
         pack_size: 4096,
         threads: 1,
+        chunk_hash: skiff_format::ChunkHash::Blake3,
     }
 }
 

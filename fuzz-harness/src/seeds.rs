@@ -356,6 +356,15 @@ fn chunk_seeds() -> Vec<Seed> {
             "repeat-and-sized".into(),
             encode_input(&[*first, *first, sized], &blob),
         ));
+        // The same chunks with BLAKE3 digests (format 1.4).
+        let blake3: Vec<Record> = records
+            .iter()
+            .map(|r| Record {
+                flags: r.flags | 16,
+                ..*r
+            })
+            .collect();
+        out.push(("blake3".into(), encode_input(&blake3, &blob)));
         // Two slices of one shared frame (format 1.1), read together.
         if first.flags & 1 != 0 {
             let shared = Record {

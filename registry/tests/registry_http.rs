@@ -314,7 +314,8 @@ fn skiff_image(
     let blob = stored.clone();
     let blob_digest = Digest::of(&blob);
     let chunk = ChunkInfo {
-        digest: Digest::of(content),
+        digest: skiff_format::ChunkHash::Blake3.digest(content),
+        hash: skiff_format::ChunkHash::Blake3,
         blob_index: 0,
         compressed,
         compressed_offset: 0,
@@ -356,6 +357,7 @@ fn skiff_image(
         prefetch: Vec::new(),
         prefetch_ranges: Vec::new(),
         chunk_size_hint: 65_536,
+        chunk_hash: skiff_format::ChunkHash::Blake3,
     };
     let bootstrap = skiff_format::write_bootstrap(&tree)?;
     let layer = zstd::encode_all(bootstrap.as_slice(), 3)?;

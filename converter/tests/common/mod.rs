@@ -977,6 +977,7 @@ pub fn options() -> ConvertOptions {
         level: 3,
         pack_size: skiff_converter::DEFAULT_PACK_SIZE,
         threads: 2,
+        chunk_hash: skiff_format::ChunkHash::Blake3,
     }
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use skiff_format::layout::SECTION_ENTRY_SIZE;
 use skiff_format::{
-    reseal, write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkInfo, Digest, FileChunk, ImageTree,
-    InodeId, Node, NodeData, NodeId,
+    reseal, write_bootstrap, Attrs, BlobInfo, Bootstrap, ChunkHash, ChunkInfo, Digest, FileChunk,
+    ImageTree, InodeId, Node, NodeData, NodeId,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -44,6 +44,7 @@ impl Builder {
                 prefetch: Vec::new(),
                 prefetch_ranges: Vec::new(),
                 chunk_size_hint: (1 << 32) | 65536,
+                chunk_hash: ChunkHash::Blake3,
             },
         }
     }
@@ -86,7 +87,8 @@ impl Builder {
         let i = self.tree.chunks.len() as u32;
         let offset = self.tree.blobs[0].size;
         self.tree.chunks.push(ChunkInfo {
-            digest: Digest::of(format!("chunk {i}").as_bytes()),
+            digest: ChunkHash::Blake3.digest(format!("chunk {i}").as_bytes()),
+            hash: ChunkHash::Blake3,
             blob_index: 0,
             compressed: i % 2 == 0,
             compressed_offset: offset,
