@@ -195,6 +195,13 @@ def read_path_goal_rows(d, add):
             if t:
                 add("mount of the 100k-file image <= 10 ms cold", ds, "skiff mount, cold caches",
                     f"{fnum(t * 1e3)} ms", t <= 0.010, "")
+            ti = d.med(ds, "mount_image_cold", "skiff")
+            if ti:
+                vs(ds, "mount_image_cold", "skiff mount, image cold, programs in the page cache",
+                   "at least as fast as squashfuse_ll")
+                add("mount of the 100k-file image <= 10 ms cold", ds,
+                    "skiff mount, image cold, programs in the page cache", f"{fnum(ti * 1e3)} ms",
+                    ti <= 0.010, f"all cold {fnum(t * 1e3) if t else '?'} ms (loading the skiff binary)")
             sk, sq = d.v.get(f"{ds}/size/skiff"), d.v.get(f"{ds}/size/squashfs")
             if sk and sq:
                 add("stored size no larger than squashfs zstd-3", ds, "image bytes",
@@ -272,12 +279,14 @@ def section_mount(d):
     cols = []
     for ds in d.order:
         cols.append(ds)
-    head = ["system"] + [f"{d.ds[ds]['title']}: cold / warm (ms)" for ds in cols]
+    head = ["system"] + [f"{d.ds[ds]['title']}: cold / image cold / warm (ms)" for ds in cols]
     rows = []
     for s in systems:
         row = [SYS_LABEL[s]]
         for ds in cols:
-            row.append(f"{spread(d.samples(ds, 'mount_cold', s), 1e3)} / {spread(d.samples(ds, 'mount_warm', s), 1e3)}")
+            row.append(f"{spread(d.samples(ds, 'mount_cold', s), 1e3)} / "
+                       f"{spread(d.samples(ds, 'mount_image_cold', s), 1e3)} / "
+                       f"{spread(d.samples(ds, 'mount_warm', s), 1e3)}")
         rows.append(row)
     out.append(table(head, rows))
     firsts = [f"{d.ds[ds]['title']} {spread(d.samples(ds, 'mount_first', 'skiff'), 1e3)} ms"
@@ -524,7 +533,10 @@ def write(raw, out, sections):
     md.append("## Conversion\n\nFrom warm inputs (caches dropped, then inputs read once, before every timed run). "
               "skiff convert reads the gzip layers; mksquashfs and mkfs.erofs read the extracted tree.\n\n" + convert_md(d))
     md.append("## Mount time\n\nFrom starting the daemon (or `mount -t erofs`) until `stat` of the mount point "
-              "answers from the new filesystem. Cold: page cache dropped; warm: mounted again at once.\n\n" + section_mount(d))
+              "answers from the new filesystem. Cold: page cache dropped; image cold: page cache dropped, "
+              "then the system's own program run once (`skiff --version`, `squashfuse_ll --help`, "
+              "`mount --version`), as on a node that starts containers often, where only the image is new; "
+              "warm: mounted again at once.\n\n" + section_mount(d))
     walk = []
     for ds in d.order:
         walk.append(f"### {d.ds[ds]['title']}\n\n" + time_topic(
