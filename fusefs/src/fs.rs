@@ -57,6 +57,7 @@ use crate::error::FsError;
 use crate::image::Image;
 use crate::metrics::Metrics;
 use crate::readahead::Readahead;
+use crate::reply::ReplyBytes;
 use crate::source::ChunkSource;
 use crate::window::{split_window, FetchWindow};
 use crate::workers::Pool;
@@ -528,76 +529,10 @@ struct ReadPlan {
     starts: Vec<u64>,
 }
 
-/// The data of a read's reply.
-enum ReplyBytes {
-    /// Assembled from several chunks (and holes).
-    Owned(Vec<u8>),
-    /// A part of one decoded chunk that covers the whole read: replied
-    /// from the cached chunk as it is, with no buffer and no copy (most
-    /// reads: the kernel reads at most 1 MiB, chunks average 64 KiB to
-    /// 1 MiB, and a small file is one chunk).
-    Chunk(ChunkData, std::ops::Range<usize>),
-}
-
-impl ReplyBytes {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            ReplyBytes::Owned(v) => v,
-            ReplyBytes::Chunk(data, range) => data.get(range.clone()).unwrap_or_default(),
-        }
-    }
-
-    /// Replies with the data; an assembled buffer then goes back to the
-    /// pool (see `buffers`) for the next reply or decode.
-    fn send(self, reply: ReplyData) {
-        reply.data(self.as_slice());
-        if let ReplyBytes::Owned(buf) = self {
-            crate::buffers::give(buf);
-        }
-    }
-}
-
 impl ReadPlan {
-    /// The reply: the overlapping part of each chunk; holes (bytes no
-    /// chunk covers) stay zero.
+    /// The reply (see [`crate::reply::assemble`]).
     fn assemble(&self, datas: &[ChunkData]) -> Result<ReplyBytes> {
-        let (offset, end) = (self.offset, self.end);
-        if let ([start], [data]) = (self.starts.as_slice(), datas) {
-            let chunk_end = start.saturating_add(data.len() as u64);
-            if *start <= offset && chunk_end >= end {
-                let range = (offset - start) as usize..(end - start) as usize;
-                // Checked here, so that `as_slice` can never come up short.
-                if data.get(range.clone()).is_some() {
-                    return Ok(ReplyBytes::Chunk(data.clone(), range));
-                }
-                return Err(FsError::Invalid);
-            }
-        }
-        // A recycled buffer when one is free: a fresh one is a mapping of
-        // its own (page faults, zeroing, an unmap after the reply). Filled
-        // in file order: each chunk's part appended, holes as zeros, so no
-        // byte is written twice.
-        let mut out = crate::buffers::take((end - offset) as usize);
-        for (start, data) in self.starts.iter().copied().zip(datas) {
-            let chunk_end = start.saturating_add(data.len() as u64);
-            let from = start.max(offset);
-            let to = chunk_end.min(end);
-            if from >= to {
-                continue;
-            }
-            let at = offset + out.len() as u64;
-            if from < at {
-                // Chunks of a map are in order and never overlap.
-                return Err(FsError::Invalid);
-            }
-            out.resize((from - offset) as usize, 0);
-            let src = data
-                .get((from - start) as usize..(to - start) as usize)
-                .ok_or(FsError::Invalid)?;
-            out.extend_from_slice(src);
-        }
-        out.resize((end - offset) as usize, 0);
-        Ok(ReplyBytes::Owned(out))
+        crate::reply::assemble(self.offset, self.end, &self.starts, datas)
     }
 }
 
@@ -1157,38 +1092,6 @@ impl Filesystem for SkiffFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn plan(offset: u64, end: u64, starts: &[u64]) -> ReadPlan {
-        ReadPlan {
-            id: InodeId(0),
-            offset,
-            end,
-            reqs: Vec::new(),
-            starts: starts.to_vec(),
-        }
-    }
-
-    #[test]
-    fn replies_are_assembled_in_file_order_with_holes_as_zeros() {
-        let a: ChunkData = Arc::new(b"abcd".to_vec());
-        let b: ChunkData = Arc::new(b"efgh".to_vec());
-        // A read from inside the first chunk, over a hole, through the
-        // second chunk and past it (a hole at the end of the file).
-        let got = plan(2, 14, &[0, 8])
-            .assemble(&[a.clone(), b.clone()])
-            .unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(got.as_slice(), b"cd\0\0\0\0efgh\0\0");
-        // A read inside one chunk is served from it.
-        let one = plan(5, 7, &[4]).assemble(std::slice::from_ref(&b));
-        assert!(matches!(one, Ok(ReplyBytes::Chunk(_, _))));
-        assert_eq!(
-            one.map(|r| r.as_slice().to_vec()).ok(),
-            Some(b"fg".to_vec())
-        );
-        // Overlapping chunks (a map the checks would refuse) are EIO, not
-        // bytes written twice.
-        assert!(plan(0, 8, &[0, 2]).assemble(&[a, b]).is_err());
-    }
 
     #[test]
     fn dev_encoding_matches_the_kernel() {

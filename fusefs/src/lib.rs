@@ -33,7 +33,9 @@
 //!    network (coalesced runs, within the in-flight budget and the
 //!    deadline), are verified, handed to their waiters and queued for the
 //!    disk cache.
-//! 5. [`fs`] again: the overlapping parts are copied out, holes are zeros.
+//! 5. [`reply`]: the reply is the one chunk that covers the read, as
+//!    cached, or the overlapping parts copied out in file order, holes as
+//!    zeros.
 //!
 //! A chunk that cannot be fetched or verified by the deadline makes that
 //! read fail with `EIO` and a log line naming the chunk, its digest, its
@@ -87,6 +89,7 @@
 //! - [`prefetch`]: the PREFETCH list after mounting.
 //! - [`window`]: what a read's miss fetches besides its own chunks, and how
 //!   much: over a network, as much as the round trips it saves are worth.
+//! - [`reply`]: a read's reply from the chunks that cover it.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
 //!   the hand-off of reads to the read pool.
 //! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
@@ -112,6 +115,7 @@ pub mod metrics;
 pub mod prefetch;
 pub mod readahead;
 pub mod reclaim;
+pub mod reply;
 pub mod session;
 pub mod source;
 pub mod window;
@@ -127,5 +131,6 @@ pub use fs::SkiffFs;
 pub use image::{BootstrapBytes, Image};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use prefetch::{BackgroundFetch, PrefetchMode};
+pub use reply::{assemble, ReplyBytes};
 pub use source::ChunkSource;
 pub use workers::ByteBudget;
