@@ -151,9 +151,11 @@ pub struct MountArgs {
     pub prefetch_all: bool,
     /// Fetch the rest of the image in the background after the prefetch
     /// list, so that later reads of any file are local: `off`, `on`, or a
-    /// cap in bytes per second (`12m`). It waits while any other fetch is
-    /// in flight (it never competes with a reader for the link), and stops
-    /// at the disk cache's low watermark. Needs the disk cache.
+    /// cap in bytes per second (`12m`). Beside other fetches it keeps one
+    /// request of 1 MiB in flight, three when alone; it stops at the disk
+    /// cache's low watermark. It pays for workloads that read most of the
+    /// image and slows those that read a part (see docs/operations.md).
+    /// Needs the disk cache.
     #[arg(long, value_name = "off|on|RATE", default_value = "off", value_parser = parse_background)]
     pub background_fetch: BackgroundSetting,
     /// Do not prefetch anything.

@@ -44,7 +44,8 @@
 //! Beside the read path: readahead in blob order for readers that walk
 //! through what was stored together ([`readahead`]), access recording
 //! ([`access`]), prefetch of the image's PREFETCH list after
-//! mounting ([`prefetch`]), and metrics on a unix socket ([`metrics`]).
+//! mounting ([`prefetch`]), the background fetch of the rest ([`rest`]),
+//! and metrics on a unix socket ([`metrics`]).
 //!
 //! Failover (see [`keeper`]): as root the FUSE connection is held by a
 //! keeper process and served by a worker; a worker that dies is replaced
@@ -86,7 +87,9 @@
 //! - [`source`]: [`ChunkSource`]: memory, then the fetcher; local-only reads.
 //! - [`readahead`]: streams in blob order and their background fetches.
 //! - [`access`]: the files read, for a prefetch list.
-//! - [`prefetch`]: the PREFETCH list after mounting.
+//! - [`rest`]: the background fetch of the rest of the image (a node
+//!   setting, off by default).
+//! - [`prefetch`]: the PREFETCH list after mounting, then the rest.
 //! - [`window`]: what a read's miss fetches besides its own chunks, and how
 //!   much: over a network, as much as the round trips it saves are worth.
 //! - [`reply`]: a read's reply from the chunks that cover it.
@@ -116,6 +119,7 @@ pub mod prefetch;
 pub mod readahead;
 pub mod reclaim;
 pub mod reply;
+pub mod rest;
 pub mod session;
 pub mod source;
 pub mod window;
@@ -130,7 +134,8 @@ pub use fetch::SourceOptions;
 pub use fs::SkiffFs;
 pub use image::{BootstrapBytes, Image};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use prefetch::{BackgroundFetch, PrefetchMode};
+pub use prefetch::PrefetchMode;
 pub use reply::{assemble, ReplyBytes};
+pub use rest::BackgroundFetch;
 pub use source::ChunkSource;
 pub use workers::ByteBudget;

@@ -1,5 +1,5 @@
-//! Prefetch of the image's PREFETCH list after mounting, and the optional
-//! background fetch of the rest of the image after it.
+//! Prefetch of the image's PREFETCH list after mounting, then (when set)
+//! the background fetch of the rest ([`crate::rest`]) on the same thread.
 //!
 //! After the mount is ready, [`spawn_prefetch`] walks the image's prefetch
 //! list on a thread of its own: the parts of files a workload read first, in
@@ -44,22 +44,8 @@
 //!
 //! # Background fetch of the rest
 //!
-//! With [`BackgroundFetch`] set (a node setting, off by default), the same
-//! thread then walks every blob in stored order and fetches what is
-//! neither in memory nor on disk, in requests of [`BACKGROUND_REQUEST`],
-//! one at a time, so that later reads of any file are local. It must never
-//! slow the workload: before each request it waits until no other fetch
-//! (a read, readahead, list prefetch) is in flight, its rate is capped
-//! (`rate` bytes per second, 0: no cap but the yielding), and it stops for
-//! good when its next request would take the disk cache past its low
-//! watermark (it would only evict what other images use) or at unmount. Without a disk cache it
-//! does not run: there would be nowhere to keep what it fetches.
-//!
-//! Its buffers are bounded by the mount's in-flight budget like every
-//! other load (see [`crate::workers::ByteBudget`]): at most `threads`
-//! requests of at most [`PREFETCH_MAX_REQUEST`] are made at once, and a
-//! window's list of chunk records (about 100 bytes per chunk) is its only
-//! other memory.
+//! With a [`BackgroundFetch`] setting, the same thread then fetches the
+//! rest of each blob the workload wants most of ([`crate::rest`]).
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -67,7 +53,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use skiff_format::{Bootstrap, FileChunkRecord, FileKind, FormatError, InodeId};
 
@@ -75,6 +61,7 @@ use crate::chunk::{plan_runs, records_requests, ChunkRequest, ListedChunks};
 use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
+use crate::rest::BackgroundFetch;
 use crate::source::ChunkSource;
 use crate::workers::{lock, ByteBudget};
 
@@ -89,45 +76,6 @@ pub enum PrefetchMode {
     /// Every regular file of the image.
     All,
 }
-
-/// Fetching the rest of the image in the background; see the module
-/// documentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackgroundFetch {
-    /// Bytes per second at most (0: no cap beyond yielding to every other
-    /// fetch).
-    pub rate: u64,
-}
-
-impl BackgroundFetch {
-    /// Parses the setting: `off`, `on` (no rate cap) or a rate in bytes
-    /// per second (`12m`: 12 MiB/s, about 100 Mbit/s; see
-    /// [`parse_size`](crate::disk::parse_size)).
-    pub fn parse(s: &str) -> Result<Option<BackgroundFetch>, String> {
-        match s.trim() {
-            "off" | "false" | "no" => Ok(None),
-            "on" | "true" | "yes" => Ok(Some(BackgroundFetch { rate: 0 })),
-            rate => match crate::disk::parse_size(rate) {
-                Ok(0) => Err(format!(
-                    "background fetch rate '{rate}' is 0: say 'off' to turn it off"
-                )),
-                Ok(rate) => Ok(Some(BackgroundFetch { rate })),
-                Err(e) => Err(format!(
-                    "background fetch: expected off, on or a rate in bytes per second (12m), got '{rate}': {e}"
-                )),
-            },
-        }
-    }
-}
-
-/// Stored bytes per request of the background fetch: small, so that a
-/// read that arrives meanwhile waits little behind it on the link (40 ms
-/// at 100 Mbit/s).
-pub const BACKGROUND_REQUEST: u64 = 512 << 10;
-/// How often the background fetch looks again while others fetch.
-const BACKGROUND_POLL: Duration = Duration::from_millis(10);
-/// Polls in a row without any other fetch in flight before a request.
-const BACKGROUND_QUIET_POLLS: u32 = 10;
 
 /// Prefetch works in windows of about this many stored bytes.
 const PREFETCH_WINDOW: u64 = 32 << 20;
@@ -184,7 +132,7 @@ pub(crate) fn spawn_prefetch(
             m.prefetch_finished.store(true, Ordering::Relaxed);
             if let Some(bg) = background {
                 let t = Instant::now();
-                let (bytes, why) = fetch_rest(&image, &source, bg, &stop);
+                let (bytes, why) = crate::rest::fetch_rest(&image, &source, bg, &stop);
                 m.background_finished.store(true, Ordering::Relaxed);
                 tracing::info!(
                     bytes,
@@ -339,95 +287,4 @@ fn prefetch_request(source: &ChunkSource, reqs: &[ChunkRequest]) {
         &m.prefetch_done,
         reqs.len() as u64 - failed.min(reqs.len() as u64),
     );
-}
-
-/// The background fetch of the rest; returns the stored bytes it fetched
-/// and why it ended.
-fn fetch_rest(
-    image: &Image,
-    source: &ChunkSource,
-    bg: BackgroundFetch,
-    stop: &AtomicBool,
-) -> (u64, &'static str) {
-    let m = source.metrics();
-    let b = image.bootstrap();
-    let start = Instant::now();
-    let mut fetched = 0u64;
-    for blob in 0..b.blob_count() {
-        let Ok(info) = b.blob(blob) else { continue };
-        let mut at = 0u64;
-        while at < info.size {
-            let to = at.saturating_add(BACKGROUND_REQUEST).min(info.size);
-            let mut local = source.local_check();
-            let reqs: Vec<ChunkRequest> = image
-                .chunks_in_blob(blob, at, to)
-                .into_iter()
-                .map(|(index, c)| ChunkRequest {
-                    index,
-                    info: c,
-                    blob: info.digest,
-                })
-                .filter(|r| !local.is_local(r))
-                .collect();
-            at = to;
-            if reqs.is_empty() {
-                continue;
-            }
-            // Yield: wait until nothing else has been fetched for a while
-            // (a workload's reads come in bursts with work in between).
-            let mut quiet = 0;
-            while quiet < BACKGROUND_QUIET_POLLS {
-                if stop.load(Ordering::Relaxed) {
-                    return (fetched, "stopped at unmount");
-                }
-                if m.fetch_in_flight.load(Ordering::Relaxed) == 0 {
-                    quiet += 1;
-                } else {
-                    quiet = 0;
-                }
-                std::thread::sleep(BACKGROUND_POLL);
-            }
-            // Only what fits under the disk cache's low watermark.
-            let mut reqs = reqs;
-            if let Some(disk) = source.disk() {
-                // What earlier requests queued is counted once written.
-                disk.flush();
-                let s = disk.stats();
-                let mut room = s.low.saturating_sub(s.bytes);
-                let fit = reqs
-                    .iter()
-                    .take_while(|r| {
-                        let size = u64::from(r.info.compressed_size);
-                        let ok = size <= room;
-                        room = room.saturating_sub(size);
-                        ok
-                    })
-                    .count();
-                if fit == 0 {
-                    return (fetched, "stopped: the disk cache is at its low watermark");
-                }
-                reqs.truncate(fit);
-            }
-            let bytes: u64 = reqs.iter().map(|r| u64::from(r.info.compressed_size)).sum();
-            Metrics::add(&m.background_planned, reqs.len() as u64);
-            let (ok, _) = source.prefetch(&reqs);
-            Metrics::add(&m.background_done, ok);
-            fetched = fetched.saturating_add(bytes);
-            // The cap: sleep until the average rate is back under it.
-            if bg.rate > 0 {
-                let due = Duration::from_secs_f64(fetched as f64 / bg.rate as f64);
-                let Some(wait) = due.checked_sub(start.elapsed()) else {
-                    continue;
-                };
-                let until = Instant::now() + wait;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return (fetched, "stopped at unmount");
-                    }
-                    std::thread::sleep(BACKGROUND_POLL.min(until - Instant::now()));
-                }
-            }
-        }
-    }
-    (fetched, "finished")
 }

@@ -219,6 +219,9 @@ struct Faulty {
     reads: AtomicU64,
     bytes: AtomicU64,
     delay_ms: AtomicU64,
+    /// Reads in their delay now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     fail: AtomicBool,
     /// Claims to be a local store ([`BlobStore::is_local`]), as the
     /// `LocalBlobStore` it wraps is; by default it stands for a network.
@@ -235,6 +238,8 @@ impl Faulty {
             reads: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             fail: AtomicBool::new(false),
             local: AtomicBool::new(false),
             flip_once: Default::default(),
@@ -250,7 +255,10 @@ impl BlobStore for Faulty {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.bytes.fetch_add(len, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
             return Err(RegistryError::Invalid("injected failure".into()));
         }
@@ -868,12 +876,14 @@ fn background_settled(m: &TestMount) -> u64 {
 
 #[test]
 fn background_fetch_brings_the_rest_and_stops_at_the_low_watermark() {
-    // About 12 MB: three background requests.
+    // About 12 MB: a dozen background requests.
     let img = Image::of_files(40, |_| 300_000, 300);
-    // On: with nothing read, the whole image comes, once; reads then need
-    // no request.
+    // On: with nothing read, the whole image comes, once, with as many
+    // requests in flight as the background fetch makes when alone (each
+    // takes 20 ms here); reads then need no request.
     let cache = tempfile::tempdir().unwrap();
     let store = Faulty::new(img.layout.path());
+    store.delay_ms.store(20, Ordering::SeqCst);
     let m = TestMount::new(img.bootstrap(&[]), store.clone(), |o| {
         o.disk_cache = disk(cache.path(), 1 << 30);
         o.background_fetch = Some(skiff_fusefs::BackgroundFetch { rate: 0 });
@@ -881,6 +891,12 @@ fn background_fetch_brings_the_rest_and_stops_at_the_low_watermark() {
     let done = background_settled(&m);
     let before = store.reads();
     assert_eq!(store.bytes.load(Ordering::SeqCst), img.blob_len);
+    let most = store.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (2..=skiff_fusefs::rest::BACKGROUND_REQUESTS as u64).contains(&most),
+        "{most} requests in flight at once"
+    );
+    store.delay_ms.store(0, Ordering::SeqCst);
     read_all(&m, &img);
     assert_eq!(store.reads(), before, "every read was local");
     let metrics = m.finish();

@@ -143,8 +143,8 @@ pub struct MountConfig {
     pub cache_low: Option<String>,
     /// Fetch the rest of each image in the background after its prefetch
     /// list (`skiff mount --background-fetch`): `off`, `on`, or a cap in
-    /// bytes per second (`12m`). It yields to every other fetch and stops
-    /// at the disk cache's low watermark.
+    /// bytes per second (`12m`). Beside other fetches it keeps one request
+    /// in flight, and it stops at the disk cache's low watermark.
     pub background_fetch: String,
     /// Serve each daemon's metrics on `ROOT/metrics/DIGEST16.sock` (the
     /// first 16 hex digits of the image's digest).
