@@ -45,7 +45,7 @@
 //! # Background fetch of the rest
 //!
 //! With a [`BackgroundFetch`] setting, the same thread then fetches the
-//! rest of each blob the workload wants most of ([`crate::rest`]).
+//! rest of the image in stored order ([`crate::rest`]).
 
 use std::collections::HashSet;
 use std::ops::Range;

@@ -7,16 +7,18 @@
 //! reads most of it pays a round trip for every miss and a window for
 //! every jump, and over a link with a long round trip comes close to a
 //! plain pull. Fetching the rest in the background wins those and loses
-//! the rest. Over 100 Mbit/s with 20 ms RTT (`scripts/bench-coldstart`,
-//! one run each; reading every file / random reads across 1,500 files /
-//! `import numpy, pandas`): off 11.8 / 12.3 / 6.5 s; on 10.7 / 11.0 /
-//! 9.7 s (117 MB over the link for the import instead of 50): the import's
-//! misses wait behind the background's transfers. So it stays off by
-//! default (`scripts/bench-coldstart` measures it on every workload and
-//! link: `skiff mount, background fetch`). Starting it only once the mount
-//! had fetched half (or 60%) of a blob spared the import (it takes 54% of
-//! the fixture's package layer) but came too late to help the others:
-//! 11.3-11.8 / 13.4-13.8 / 6.6-6.8 s.
+//! the others (bench/coldstart.md, the row `skiff mount, background fetch
+//! on`, one run; off -> on): over 100 Mbit/s with 20 ms RTT, reading every
+//! file 11.5 -> 10.7 s and random reads across 1,500 files 15.4 -> 11.4 s,
+//! but `import numpy, pandas` 6.5 -> 9.6 s (117 MB over the link instead
+//! of 50: its misses wait behind the background's transfers), one large
+//! file 22.4 -> 28.4 s (the other layers come beside it) and `python3 -c
+//! pass` 1.7 -> 3.5 s; over 1 Gbit/s with 1 ms only the random reads
+//! gain. So it stays off by default. Starting it per blob once the mount
+//! had fetched half of that blob still fired for the import (it takes 54%
+//! of the fixture's package layer); at 60% it spared the import but came
+//! too late to help the others (one run each over 100 Mbit/s + 20 ms:
+//! every file 11.6 s, random reads 13.5 s).
 //!
 //! It takes its share of the link beside the workload: while a read,
 //! readahead or list prefetch has a request in flight it keeps one request
@@ -25,7 +27,9 @@
 //! needs several to fill it); an optional cap (`rate`, bytes per second)
 //! bounds it on a node whose link other work needs. The version before
 //! this one waited for 100 ms without any other fetch before each request
-//! of 512 KiB, and so barely ran beside a workload: 11.6 / 13.6 / 7.0 s.
+//! of 512 KiB, and so barely ran beside a workload (one run each over
+//! 100 Mbit/s + 20 ms: every file 11.6 s, random reads 13.6 s, the import
+//! 7.0 s).
 //! It stops for good when its next request would take the disk cache past
 //! its low watermark, counting what its requests in flight will bring (it
 //! would only evict what other images use), and at unmount. Without a
