@@ -103,16 +103,20 @@ def goals(S, meta, links, workloads):
         b, t = S.med(link, wl, "oci", "seconds"), S.med(link, wl, k, "seconds")
         return b / t if b and t else None
 
+    def pairs(x, y):
+        """(link, workload, x's median seconds, y's) where both were measured."""
+        for link in links:
+            for wl in workloads:
+                a, b = S.med(link, wl, x, "seconds"), S.med(link, wl, y, "seconds")
+                if a is not None and b is not None:
+                    yield link, wl, a, b
+
     # Ahead of Nydus on every workload and link (Skiff without a prefetch list: Nydus runs with prefetch off).
     if meta.get("nydus"):
         cells, ok = [], True
-        for link in links:
-            for wl in workloads:
-                a, n = S.med(link, wl, "skiff", "seconds"), S.med(link, wl, "nydus", "seconds")
-                if a is None or n is None:
-                    continue
-                cells.append(f"{link_name(link)} {wl} {a:.2f} s vs {n:.2f} s")
-                ok &= a < n
+        for link, wl, a, n in pairs("skiff", "nydus"):
+            cells.append(f"{link_name(link)} {wl} {a:.2f} s vs {n:.2f} s")
+            ok &= a < n
         add("Ahead of Nydus on every workload and link (skiff mount against nydusd, both without a prefetch list)",
             "; ".join(cells), ok)
     else:
@@ -163,14 +167,10 @@ def goals(S, meta, links, workloads):
         f"worst {worst:.3f}x" + ("" if ok else ": " + "; ".join(cells)), ok)
     # The background fetch's default: on only if it never slowed a workload.
     cells, slower = [], []
-    for link in links:
-        for wl in workloads:
-            a, g = S.med(link, wl, "skiff", "seconds"), S.med(link, wl, "skiff-bg", "seconds")
-            if a is None or g is None:
-                continue
-            cells.append(f"{link_name(link)} {wl} {a:.2f} s -> {g:.2f} s")
-            if g > a * 1.05:
-                slower.append(f"{link_name(link)} {wl}")
+    for link, wl, a, g in pairs("skiff", "skiff-bg"):
+        cells.append(f"{link_name(link)} {wl} {a:.2f} s -> {g:.2f} s")
+        if g > a * 1.05:
+            slower.append(f"{link_name(link)} {wl}")
     if cells:
         verdict = ("on: it slowed no workload by more than 5%" if not slower
                    else "off (the default): it slowed " + ", ".join(slower) + " by more than 5%")
@@ -228,6 +228,9 @@ def plot(S, links, workloads, systems, png):
             plots.append(f'"{d}" index {bi} using 1:2 with linespoints lw 2 title "{LABEL[k]}"')
             if k == "skiff":
                 plots.append(f'"{d}" index {bi} using 1:2:3 with labels offset 0,1 notitle')
+        if not plots:
+            # A link without skiff samples (a partial run): no panel.
+            continue
         s.append(f'set title "{link_name(link)}"')
         s.append("plot " + ", ".join(plots))
     s.append("unset multiplot")
