@@ -119,6 +119,11 @@ pub struct Run {
     pub members: Vec<usize>,
 }
 
+/// The stored bytes of `reqs` (what fetching them moves, gaps aside).
+pub(crate) fn stored_bytes(reqs: &[ChunkRequest]) -> u64 {
+    reqs.iter().map(|r| u64::from(r.info.compressed_size)).sum()
+}
+
 /// Groups `reqs` into runs; see the module documentation. Every position of
 /// `reqs` is in exactly one run.
 pub fn plan_runs(reqs: &[ChunkRequest], max_bytes: u64, max_gap: u64) -> Vec<Run> {

@@ -57,7 +57,7 @@ use std::time::Instant;
 
 use skiff_format::{Bootstrap, FileChunkRecord, FileKind, FormatError, InodeId};
 
-use crate::chunk::{plan_runs, records_requests, ChunkRequest, ListedChunks};
+use crate::chunk::{plan_runs, records_requests, stored_bytes, ChunkRequest, ListedChunks};
 use crate::fetch::{PREFETCH_MAX_GAP, PREFETCH_MAX_REQUEST};
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -205,7 +205,7 @@ fn prefetch(image: &Image, source: &ChunkSource, ids: &[Part], threads: usize, s
         for _ in 0..threads {
             s.spawn(|| loop {
                 let Ok(reqs) = lock(&rx).recv() else { break };
-                let bytes = reqs.iter().map(|r| u64::from(r.info.compressed_size)).sum();
+                let bytes = stored_bytes(&reqs);
                 let _permit = in_flight.acquire(bytes, None);
                 if !stop.load(Ordering::Relaxed) {
                     prefetch_request(source, &reqs);

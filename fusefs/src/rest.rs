@@ -42,7 +42,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::chunk::{plan_runs, ChunkRequest};
+use crate::chunk::{plan_runs, stored_bytes, ChunkRequest};
 use crate::fetch::PREFETCH_MAX_GAP;
 use crate::image::Image;
 use crate::metrics::Metrics;
@@ -226,11 +226,6 @@ fn plan_rest(
         }
     }
     (fetched, "finished")
-}
-
-/// The stored bytes of `reqs`.
-fn stored_bytes(reqs: &[ChunkRequest]) -> u64 {
-    reqs.iter().map(|r| u64::from(r.info.compressed_size)).sum()
 }
 
 #[cfg(test)]
