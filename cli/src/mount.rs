@@ -61,9 +61,9 @@ pub struct MountArgs {
     pub platform: Option<Platform>,
     /// An existing directory to mount it on.
     pub mountpoint: PathBuf,
-    /// FUSE worker threads, and threads of reads that wait for chunks
-    /// (as many over a network; from local blobs at most one per CPU,
-    /// since there a read is CPU work).
+    /// FUSE worker threads, and over a network as many threads of reads
+    /// that wait for chunks (from local blobs a read is CPU work, done on
+    /// the FUSE thread).
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Memory cache of decompressed chunks, in MiB. The page cache keeps

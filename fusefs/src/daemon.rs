@@ -50,7 +50,7 @@ pub struct MountOptions {
     /// Where to mount.
     pub mountpoint: PathBuf,
     /// FUSE worker threads; also the read pool's threads over a network
-    /// (from local blobs, at most one per CPU).
+    /// (from local blobs the FUSE threads read themselves).
     pub threads: usize,
     /// Bound of the memory cache of decompressed chunks, in bytes.
     pub cache_bytes: u64,
@@ -176,7 +176,9 @@ pub struct Daemon {
     source: Arc<ChunkSource>,
     ready_in: Duration,
     readahead: Option<Arc<Readahead>>,
-    read_pool: Arc<Pool>,
+    /// Over a network only: reads from local blobs stay on the FUSE
+    /// threads.
+    read_pool: Option<Arc<Pool>>,
     access: Option<Arc<AccessLog>>,
     prefetch_stop: Arc<AtomicBool>,
     prefetch: Option<std::thread::JoinHandle<()>>,
@@ -266,25 +268,26 @@ impl Daemon {
             Some(path) => Some(start_metrics(path, &source)?),
             None => None,
         };
-        // As many reads wait on the network at once as there are FUSE
+        // Over a network, as many reads wait at once as there are FUSE
         // threads; READ_QUEUE more wait for one of them. From blobs on
-        // this node a read is CPU work (a pread the page cache mostly
-        // answers, a decode, a hash): more at once than CPUs only
-        // interleaves them, each holding its buffers. Measured on 2 CPUs,
-        // the 2 GiB file of a local image read cold with 8 against 2 read
-        // threads (8 FUSE threads both): 4.6-4.8 -> 3.9-4.5 s, VmHWM 29 ->
-        // 21 MiB, minor faults 275k -> 38-43k.
-        let read_threads = if source.backend().store.is_local() {
-            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-            opts.threads.min(cpus)
-        } else {
-            opts.threads
-        };
-        let read_pool = Arc::new(Pool::new("skiff-read", read_threads.max(1), READ_QUEUE));
+        // this node a read is CPU work (a pread, a decode, a hash), as a
+        // kernel filesystem's read in its reader's context: the FUSE
+        // thread that took it does it, and there is no read pool. Handing
+        // it to a pool cost two thread wake-ups per read. Measured on 2
+        // CPUs, cold, the pool (one thread per CPU) against the FUSE
+        // thread: 20,000 of the 100,000 small files in random order
+        // 6.1-6.9 -> 5.2-5.4 s (daemon CPU 4.4-4.9 -> 3.8-3.9 s), all of
+        // them in path order 6.7-6.8 -> 6.1-6.2 s, the fixture's files in
+        // random order 4.1-4.6 -> 3.5-3.7 s, the 2 GiB file 5.2-7.0 ->
+        // 3.9-4.9 s (CPU 8.0-11.3 -> 6.4-7.9 s; VmHWM 23 -> 29-30 MiB:
+        // up to eight reads at once hold their buffers, within the
+        // in-flight budget), `import numpy, pandas` unchanged (0.84-0.92 s).
+        let read_pool = (!source.backend().store.is_local())
+            .then(|| Arc::new(Pool::new("skiff-read", opts.threads.max(1), READ_QUEUE)));
         let (alive, fs_gone) = std::sync::mpsc::channel();
         let fs = SkiffFs::new(image.clone(), source.clone())
             .with_fetch_window(opts.fetch_window, opts.fetch_window_max)
-            .with_read_pool(Some(read_pool.clone()), opts.read_budget)
+            .with_read_pool(read_pool.clone(), opts.read_budget)
             .with_readahead(readahead.clone())
             .with_access_log(access.clone())
             .with_drop_signal(alive);
@@ -502,7 +505,9 @@ impl Daemon {
             let _ = p.join();
         }
         // The session is over: queued reads reply to nobody.
-        self.read_pool.shutdown();
+        if let Some(pool) = &self.read_pool {
+            pool.shutdown();
+        }
         if let Some(ra) = self.readahead.take() {
             ra.shutdown();
         }

@@ -31,7 +31,10 @@
 //! reads of local data. The pool holds at most its threads' worth of reads
 //! in progress and `READ_QUEUE` (see [`crate::daemon`]) waiting; a read
 //! that finds the queue full is fetched on its FUSE thread, still within
-//! its deadline.
+//! its deadline. A mount of local blobs (an OCI layout on this node) has no
+//! read pool: a read there is a pread, a decode and a hash, which the FUSE
+//! thread does itself, as a kernel filesystem does in its reader's context
+//! (the hand-off cost two thread wake-ups per read; see [`crate::daemon`]).
 //!
 //! Directory offsets are entry positions: 0 is `.`, 1 is `..`, and `i + 2` the
 //! `i`-th stored entry, so resuming a `readdir` is an index, not a scan.
@@ -127,8 +130,8 @@ impl SkiffFs {
         self
     }
 
-    /// Hands reads that need the network to `pool` (without one they wait
-    /// on the FUSE thread), each failing with `EIO` once `budget` has
+    /// Hands reads that need the network to `pool` (without one, as for
+    /// local blobs, the FUSE thread loads them itself), each failing with `EIO` once `budget` has
     /// passed since its request arrived.
     pub(crate) fn with_read_pool(mut self, pool: Option<Arc<Pool>>, budget: Duration) -> SkiffFs {
         self.read_pool = pool;
@@ -332,8 +335,9 @@ impl SkiffFs {
         Ok(ReadStep::Fetch(plan))
     }
 
-    /// Answers a read that needs the network from the read pool (or here,
-    /// when there is none or its queue is full), by `deadline`.
+    /// Answers a read whose chunks are not all local from the read pool
+    /// (or here, when there is none, as for local blobs, or its queue is
+    /// full), by `deadline`.
     fn fetch_later(&self, plan: ReadPlan, deadline: Instant, reply: ReplyData) {
         let mut ahead = self.fetch_window.ahead(self.b(), &plan.reqs);
         // A read the prefetch list foresaw brings along only what the list

@@ -22,10 +22,12 @@
 //!    FUSE thread; no I/O).
 //! 2. [`source`]: if every chunk is in memory or on disk
 //!    ([`ChunkSource::get_local`]), the reply is assembled and sent on the
-//!    FUSE thread. Otherwise the read, its `ReplyData` and a deadline (its
-//!    arrival plus the mount's read budget) go to the read pool
-//!    ([`workers`]) and the FUSE thread returns at once: a stalled registry
-//!    never holds the threads that answer metadata and local reads.
+//!    FUSE thread. Otherwise, over a network, the read, its `ReplyData` and
+//!    a deadline (its arrival plus the mount's read budget) go to the read
+//!    pool ([`workers`]) and the FUSE thread returns at once: a stalled
+//!    registry never holds the threads that answer metadata and local
+//!    reads. From blobs on this node (an OCI layout) the FUSE thread goes
+//!    on with the steps below itself: there a read is CPU work.
 //! 3. [`cache`]: on a pool thread, each chunk is looked up in memory; a
 //!    miss owns the chunk's load, a chunk that another reader is loading is
 //!    waited for until the deadline.
@@ -94,7 +96,7 @@
 //!   much: over a network, as much as the round trips it saves are worth.
 //! - [`reply`]: a read's reply from the chunks that cover it.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
-//!   the hand-off of reads to the read pool.
+//!   the hand-off of reads to the read pool (over a network).
 //! - [`session`]: the FUSE connection of a mount ([`session::Connection`]):
 //!   fuser's own mount, or a keeper's descriptor, mounted fresh or taken
 //!   over live.

@@ -15,8 +15,9 @@
 //!
 //! The caller turns the first failure into `EIO`. [`ChunkSource::get_local`]
 //! is the part of this that never waits on the network: the FUSE thread
-//! answers with it when every chunk is in memory or on disk, and hands the
-//! read to the read pool otherwise (see [`crate::fs`]).
+//! answers with it when every chunk is in memory or on disk, and otherwise
+//! hands the read to the read pool, or, from local blobs, loads it itself
+//! (see [`crate::fs`]).
 //!
 //! [`ChunkSource::prefetch`] runs the same machinery for background work,
 //! with two differences: chunks already on disk are skipped rather than

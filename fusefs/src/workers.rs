@@ -2,8 +2,8 @@
 //!
 //! - [`Pool`]: long-lived threads running queued jobs from a bounded queue.
 //!   The daemon has three: the *read pool*, which takes FUSE reads that need
-//!   the network off the FUSE workers (see [`crate::fs`]), readahead and
-//!   prefetch.
+//!   the network off the FUSE workers (see [`crate::fs`]; a mount of local
+//!   blobs has none), readahead and prefetch.
 //! - [`run_parallel`]: runs the independent parts of one load (range
 //!   requests, decodes) on a few scoped threads.
 //! - [`ByteBudget`]: the bytes of chunk data a mount may hold in flight at
