@@ -368,7 +368,7 @@ def section_memory(d):
     return table(["data set", "daemon", "VmRSS after walk (MiB)", "VmHWM after walk", "VmRSS after full read",
                   "VmHWM after full read"], rows) + (
         "\nFrom /proc/PID/status of the FUSE daemon (erofs and native have no daemon). Skiff runs with its "
-        "default 64 MiB chunk cache.\n")
+        "defaults (a 4 MiB memory cache of decoded chunks, `--cache-mb`).\n")
 
 
 def section_dedup(d):
