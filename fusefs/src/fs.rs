@@ -131,8 +131,8 @@ impl SkiffFs {
     }
 
     /// Hands reads that need the network to `pool` (without one, as for
-    /// local blobs, the FUSE thread loads them itself), each failing with `EIO` once `budget` has
-    /// passed since its request arrived.
+    /// local blobs, the FUSE thread loads them itself), each failing with
+    /// `EIO` once `budget` has passed since its request arrived.
     pub(crate) fn with_read_pool(mut self, pool: Option<Arc<Pool>>, budget: Duration) -> SkiffFs {
         self.read_pool = pool;
         self.read_budget = budget;
