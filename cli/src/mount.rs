@@ -135,14 +135,15 @@ pub struct MountArgs {
     /// Readahead in blob order: the largest window, in KiB of stored data,
     /// fetched in the background ahead of a reader that walks through what
     /// the image stores together (a large file, a whole tree); windows start
-    /// at 1 MiB and double while the reader keeps going (0: off; off too
+    /// at 256 KiB and double while the reader keeps going (0: off; off too
     /// without a disk cache).
     #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.max_window / 1024)]
     pub chunk_readahead_kb: u64,
     /// Range requests of readahead in flight at once.
     #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.threads)]
     pub readahead_requests: usize,
-    /// Stored KiB per readahead request.
+    /// Stored KiB per readahead request (streamed: what arrives is used at
+    /// once, so a large request costs no reader a wait).
     #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.request / 1024)]
     pub readahead_request_kb: u64,
     /// Fetch every file of the image in the background after mounting

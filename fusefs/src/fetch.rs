@@ -33,10 +33,19 @@
 //!    as one file under its [`ChunkRequest::frame_key`], not as a file per
 //!    member: creating files is most of what writing the cache costs.
 //!
+//!    Such a load from a registry (readahead, prefetch: nothing to decode)
+//!    is *streamed*: each run is one Range GET handed over in pieces of
+//!    about [`STREAM_PIECE`] bytes ([`BlobStore::read_range_pieces`]), and
+//!    each piece's frames go to the disk cache, their guards released, as
+//!    soon as it has arrived. So its requests can be large without a reader
+//!    parked on a chunk waiting for the end of the request, and it holds
+//!    about two pieces of the budget per run, not the run.
+//!
 //! A failed run or a chunk that does not verify fails only the chunks
 //! concerned: their guards are dropped without a value.
 //!
 //! [`BlobStore::read_range_until`]: skiff_registry::BlobStore::read_range_until
+//! [`BlobStore::read_range_pieces`]: skiff_registry::BlobStore::read_range_pieces
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -82,6 +91,10 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 4 << 20;
 /// no second one in) 4.7 s; three of 2 MiB 4.0 s, 104 requests for the
 /// list instead of 99.
 pub const PREFETCH_MAX_REQUEST: u64 = 2 << 20;
+/// Target size of the pieces a streamed request is handed over in (see
+/// `Fetcher::stream_run`): pieces end at frame boundaries, so a piece may be
+/// one frame larger.
+pub const STREAM_PIECE: u64 = 256 << 10;
 /// Largest gap a prefetch request bridges.
 pub const PREFETCH_MAX_GAP: u64 = 64 << 10;
 
@@ -133,6 +146,13 @@ pub(crate) struct Plan {
     pub(crate) refetch_corrupt: bool,
     /// Give up by then (a reader's budget); `None`: the store's own.
     pub(crate) deadline: Option<Instant>,
+}
+
+/// A piece of a streamed run (see `Fetcher::stream_run`): where it starts
+/// in the blob, and the owners of each stored frame in it, in blob order.
+struct Piece<'a> {
+    base: u64,
+    frames: Vec<Vec<Owned<'a>>>,
 }
 
 /// One loaded chunk: its position and its data (`None`: fetched ahead of
@@ -232,6 +252,32 @@ impl Fetcher {
                 (run, members)
             })
             .collect();
+        // Fetched ahead of every reader from a remote store into a disk
+        // cache: nothing is decoded, so each run streams (see
+        // `stream_run`) and holds about two pieces of memory, not itself.
+        let streams = self.disk.is_some() && !plan.foreground && !self.backend.store.is_local();
+        if streams {
+            let bytes: u64 = tasks
+                .iter()
+                .map(|(run, _)| run.len.min(2 * STREAM_PIECE))
+                .sum();
+            let Some(permit) = self.budget.acquire(bytes, plan.deadline) else {
+                Metrics::add(&self.metrics.chunk_errors, tasks.len() as u64);
+                for (_, members) in tasks {
+                    for o in members {
+                        let e = "the deadline passed while other fetches held the in-flight budget";
+                        results.push((o.pos, Err(ChunkError::Fetch(e.into()))));
+                    }
+                }
+                return results;
+            };
+            let streamed = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
+                self.stream_run(reqs, &run, members, plan)
+            });
+            results.extend(streamed.into_iter().flatten().flatten());
+            drop(permit);
+            return results;
+        }
         // The share of the budget: the stored runs and the chunks decoded
         // from them, both alive until the decode below is done. Chunks
         // fetched ahead of any reader are not decoded when there is a disk
@@ -493,6 +539,117 @@ impl Fetcher {
         // A shared frame's members were copied out of it.
         if let Some(frame) = frame {
             crate::buffers::give(frame);
+        }
+        out
+    }
+
+    /// One range request of chunks fetched ahead of every reader into the
+    /// disk cache, streamed: the run is cut at frame boundaries into pieces
+    /// of about [`STREAM_PIECE`] bytes, and each piece's frames go to the
+    /// disk cache (and their guards are released, waking any reader
+    /// parked on them) as soon as the piece has arrived, not when the
+    /// whole request has. A request can then be large (a few round trips
+    /// and little per-request cost at the registry for a long sequential
+    /// read) without a reader waiting for its last byte. A failure fails
+    /// only the chunks of the pieces not handed over.
+    fn stream_run<'a>(
+        &self,
+        reqs: &[ChunkRequest],
+        run: &Run,
+        members: Vec<Owned<'a>>,
+        plan: Plan,
+    ) -> Vec<Loaded> {
+        let m = &self.metrics;
+        let _in_flight = InFlight::new(m);
+        let t = Instant::now();
+        // Frames in blob order (a chunk of its own, or the members of one
+        // shared frame: start, end, owners), then pieces of whole frames.
+        let mut frames: Vec<(u64, u64, Vec<Owned<'a>>)> = Vec::new();
+        for o in members {
+            let Some(req) = reqs.get(o.pos) else { continue };
+            let (start, end) = (req.start(), req.end());
+            match frames.last_mut() {
+                Some((s, _, group)) if req.info.frame.is_some() && *s == start => group.push(o),
+                _ => frames.push((start, end, vec![o])),
+            }
+        }
+        let run_end = run.offset.saturating_add(run.len);
+        let mut pieces: Vec<Piece<'a>> = Vec::new();
+        let mut lens: Vec<u64> = Vec::new();
+        let mut from = run.offset;
+        for (_, end, group) in frames {
+            let end = end.clamp(from, run_end);
+            match (pieces.last_mut(), lens.last_mut()) {
+                (Some(p), Some(len)) if end - p.base <= STREAM_PIECE => {
+                    p.frames.push(group);
+                    *len = end - p.base;
+                }
+                _ => {
+                    pieces.push(Piece {
+                        base: from,
+                        frames: vec![group],
+                    });
+                    lens.push(end - from);
+                }
+            }
+            from = end;
+        }
+        if let (Some(p), Some(len)) = (pieces.last(), lens.last_mut()) {
+            // The run may end past its last chunk (it never does today).
+            *len = run_end.saturating_sub(p.base);
+        }
+        let mut slots: Vec<Option<Piece<'a>>> = pieces.into_iter().map(Some).collect();
+        let mut out: Vec<Loaded> = Vec::new();
+        let mut got = 0u64;
+        let r = self.backend.store.read_range_pieces(
+            &run.blob,
+            run.offset,
+            &lens,
+            plan.deadline,
+            &mut |i, bytes| {
+                let Some(piece) = slots.get_mut(i).and_then(Option::take) else {
+                    return;
+                };
+                got += bytes.len() as u64;
+                let buf = Arc::new(bytes);
+                for group in piece.frames {
+                    let done = self.finish_fetched(reqs, &buf, piece.base, group, plan);
+                    out.extend(
+                        done.into_iter()
+                            .map(|(pos, r)| (pos, r.map_err(|(e, _)| e))),
+                    );
+                }
+            },
+        );
+        let took = t.elapsed();
+        m.fetch_latency.observe(took);
+        Metrics::add(&m.fetch_requests, 1);
+        Metrics::add(&m.bytes_fetched, got);
+        tracing::debug!(
+            blob = %run.blob,
+            offset = run.offset,
+            len = run.len,
+            pieces = lens.len(),
+            ms = took.as_secs_f64() * 1e3,
+            ok = r.is_ok(),
+            "range request, streamed"
+        );
+        if let Err(e) = r {
+            Metrics::add(&m.fetch_errors, 1);
+            let msg = format!(
+                "reading {} bytes at offset {} of blob {}: {e}",
+                run.len, run.offset, run.blob
+            );
+            for piece in slots.into_iter().flatten() {
+                for group in piece.frames {
+                    Metrics::add(&m.chunk_errors, group.len() as u64);
+                    out.extend(
+                        group
+                            .into_iter()
+                            .map(|o| (o.pos, Err(ChunkError::Fetch(msg.clone())))),
+                    );
+                }
+            }
         }
         out
     }

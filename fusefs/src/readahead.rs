@@ -90,14 +90,22 @@ pub struct ReadaheadOptions {
 }
 
 /// Default [`ReadaheadOptions`]: windows from 256 KiB to 16 MiB, in
-/// requests of 1 MiB, 4 in flight. 16 MiB is about a second and a half of a
+/// requests of 8 MiB, 2 in flight. 16 MiB is about a second and a half of a
 /// 100 Mbit/s link, enough to hide a round trip of a few tens of ms behind
-/// each request; 4 requests of 1 MiB keep such a link full.
+/// each request. Requests are streamed (each piece of a request reaches
+/// the disk cache as it arrives, see `Fetcher::stream_run`), so their size
+/// costs no reader a wait, and few large requests cost the registry less
+/// than many small ones: Debian's docker-registry here spends about 6 ms of
+/// CPU on every Range request, whatever its size. Reading a 256 MiB file
+/// over 1 Gbit/s with 1 ms RTT, 3 runs each: requests of 1 MiB, 4 in
+/// flight, 2.58-2.72 s (283-286 requests); 8 MiB, 2 in flight, 2.39-2.40 s
+/// (69-72 requests); reading every file of the fixture over 100 Mbit/s
+/// with 20 ms RTT: 11.50-11.63 s and 11.37-11.59 s.
 pub const DEFAULT_READAHEAD: ReadaheadOptions = ReadaheadOptions {
     min_window: 256 << 10,
     max_window: 16 << 20,
-    request: 1 << 20,
-    threads: 4,
+    request: 8 << 20,
+    threads: 2,
 };
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -306,6 +314,7 @@ impl Readahead {
             let piece = (at, to.min(at.saturating_add(self.opts.request)));
             at = piece.1;
             let (image, source, keep) = (image.clone(), source.clone(), keep.clone());
+            let request = self.opts.request;
             let job = move || {
                 // The first call builds the index (a pass over the chunk
                 // table): here, not at mount and not on a FUSE thread.
@@ -325,8 +334,9 @@ impl Readahead {
                     return;
                 }
                 counted(&source, &reqs);
-                // Failures surface to the reader when it gets there.
-                let _ = source.prefetch(&reqs);
+                // Failures surface to the reader when it gets there. One
+                // request per piece (streamed: see `Fetcher::stream_run`).
+                let _ = source.prefetch_in(&reqs, request);
             };
             if self.pool.try_submit(Box::new(job)).is_err() {
                 tracing::trace!("readahead queue full");

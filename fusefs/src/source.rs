@@ -399,9 +399,16 @@ impl ChunkSource {
     }
 
     /// Fetches (without reading them) chunks that are neither in memory nor
-    /// on disk, merging runs across gaps; for background prefetch. Returns
-    /// the number of chunks loaded and of chunks that failed.
+    /// on disk, merging runs across gaps, in requests of at most
+    /// [`PREFETCH_MAX_REQUEST`]; for background prefetch. Returns the number
+    /// of chunks loaded and of chunks that failed.
     pub fn prefetch(&self, reqs: &[ChunkRequest]) -> (u64, u64) {
+        self.prefetch_in(reqs, PREFETCH_MAX_REQUEST)
+    }
+
+    /// [`prefetch`](Self::prefetch) in requests of at most `max_request`
+    /// stored bytes (readahead's own request size).
+    pub fn prefetch_in(&self, reqs: &[ChunkRequest], max_request: u64) -> (u64, u64) {
         let mut owned = Vec::new();
         let mut seen = HashMap::new();
         let mut local = self.local_check();
@@ -415,7 +422,7 @@ impl ChunkSource {
             }
         }
         let plan = Plan {
-            max_bytes: PREFETCH_MAX_REQUEST,
+            max_bytes: max_request,
             max_gap: PREFETCH_MAX_GAP,
             foreground: false,
             use_disk: false,

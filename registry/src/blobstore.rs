@@ -61,6 +61,45 @@ pub trait BlobStore: Send + Sync {
         Ok(())
     }
 
+    /// Reads the consecutive `pieces` (their lengths, in order) of blob
+    /// `digest` from `offset` and hands each to `sink` with its index as
+    /// soon as its bytes are in, never short, in order. A store that streams
+    /// (a registry: one Range GET for them all) gives the first pieces
+    /// while the rest are still on the way, so that a request can be large
+    /// (few round trips, little per-request cost at the registry) without
+    /// making whoever waits for its first bytes wait for its last. On an
+    /// error, the pieces already handed over stay valid; the rest are not
+    /// given. `deadline` as for [`read_range_until`](Self::read_range_until).
+    /// The default reads the whole range at once and then cuts it.
+    fn read_range_pieces(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        pieces: &[u64],
+        deadline: Option<Instant>,
+        sink: &mut dyn FnMut(usize, Vec<u8>),
+    ) -> Result<(), RegistryError> {
+        let total = pieces_total(digest, pieces)?;
+        let buf = match deadline {
+            Some(d) => self.read_range_until(digest, offset, total, d)?,
+            None => self.read_range(digest, offset, total)?,
+        };
+        let mut at = 0usize;
+        for (i, &len) in pieces.iter().enumerate() {
+            let piece = usize::try_from(len)
+                .ok()
+                .and_then(|len| buf.get(at..at.checked_add(len)?))
+                .ok_or_else(|| {
+                    RegistryError::Invalid(format!(
+                        "blob {digest}: range at offset {offset} came back shorter than its pieces"
+                    ))
+                })?;
+            at += piece.len();
+            sink(i, piece.to_vec());
+        }
+        Ok(())
+    }
+
     /// The size of blob `digest`.
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError>;
 
@@ -99,6 +138,17 @@ impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
         (**self).read_range_into(digest, offset, len, buf)
     }
 
+    fn read_range_pieces(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        pieces: &[u64],
+        deadline: Option<Instant>,
+        sink: &mut dyn FnMut(usize, Vec<u8>),
+    ) -> Result<(), RegistryError> {
+        (**self).read_range_pieces(digest, offset, pieces, deadline, sink)
+    }
+
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
         (**self).blob_size(digest)
     }
@@ -106,6 +156,20 @@ impl<T: BlobStore + ?Sized> BlobStore for Arc<T> {
     fn is_local(&self) -> bool {
         (**self).is_local()
     }
+}
+
+/// The sum of `pieces` (see [`BlobStore::read_range_pieces`]), refused
+/// above [`MAX_READ_RANGE`].
+pub fn pieces_total(digest: &Digest, pieces: &[u64]) -> Result<u64, RegistryError> {
+    pieces
+        .iter()
+        .try_fold(0u64, |a, &b| a.checked_add(b))
+        .filter(|&t| t <= MAX_READ_RANGE)
+        .ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "blob {digest}: refusing to read more than {MAX_READ_RANGE} bytes at once"
+            ))
+        })
 }
 
 /// A [`BlobStore`] over the `blobs/sha256/` of an OCI layout directory,

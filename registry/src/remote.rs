@@ -515,6 +515,76 @@ impl RegistryClient {
         self.count(r)
     }
 
+    /// Reads the consecutive `pieces` (lengths) of blob `digest` from
+    /// `offset` in one Range GET, handing each to `sink` (with its index)
+    /// as soon as its bytes have arrived. Retried like
+    /// [`read_blob_range_until`](Self::read_blob_range_until); a retry asks
+    /// only for the pieces not yet handed over. Never hands over short data.
+    pub fn read_blob_pieces_until(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        pieces: &[u64],
+        until: Option<Instant>,
+        sink: &mut dyn FnMut(usize, Vec<u8>),
+    ) -> Result<(), RegistryError> {
+        let total: u64 = pieces.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        if total == 0 {
+            for i in 0..pieces.len() {
+                sink(i, Vec::new());
+            }
+            return Ok(());
+        }
+        let _busy = self.counters().start();
+        let what = format!("GET blob {digest} bytes {offset}+{total}");
+        // The first piece not handed over yet, and where it starts.
+        let (mut next, mut at) = (0usize, offset);
+        let r = self.pull_until(&what, until, |ep, until| {
+            let Some(timeout) = self.attempt_timeout(until) else {
+                return Err(Failure::fatal(RegistryError::Network {
+                    registry: ep.name.clone(),
+                    what: what.clone(),
+                    attempts: 0,
+                    detail: "the caller's deadline has passed".to_owned(),
+                }));
+            };
+            let rest = pieces
+                .get(next..)
+                .unwrap_or_default()
+                .iter()
+                .fold(0u64, |a, &b| a.saturating_add(b));
+            let resp = self.blob_get_timeout(ep, digest, at, Some(rest), &what, Some(timeout))?;
+            let mut body = resp.response.take(rest);
+            while let Some(&len) = pieces.get(next) {
+                let want = usize::try_from(len).map_err(|_| {
+                    Failure::fatal(RegistryError::Invalid(format!(
+                        "blob {digest}: piece of {len} bytes too large"
+                    )))
+                })?;
+                let mut out = Vec::with_capacity(want);
+                let res = (&mut body).take(len).read_to_end(&mut out);
+                self.counters().bytes(out.len() as u64);
+                res.map_err(|e| read_failure(self, ep, &what, &e))?;
+                if out.len() != want {
+                    return Err(Failure::retry(RegistryError::Network {
+                        registry: ep.name.clone(),
+                        what: what.clone(),
+                        attempts: 1,
+                        detail: format!(
+                            "the body ended {} bytes into the piece of {len} bytes at offset {at}",
+                            out.len()
+                        ),
+                    }));
+                }
+                sink(next, out);
+                next += 1;
+                at += len;
+            }
+            Ok(())
+        });
+        self.count(r)
+    }
+
     /// Opens blob `digest` for streaming from `offset` (mirrors first,
     /// retried). The reader is NOT verified: wrap it (see
     /// [`RegistryClient::blob_reader`]).

@@ -166,6 +166,22 @@ impl BlobStore for RegistryBlobStore {
             .read_blob_range_until(digest, offset, len, Some(deadline))
     }
 
+    /// One Range GET for all the pieces, each handed over as it arrives;
+    /// a broken transfer resumes at the first piece not handed over.
+    fn read_range_pieces(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        pieces: &[u64],
+        deadline: Option<Instant>,
+        sink: &mut dyn FnMut(usize, Vec<u8>),
+    ) -> Result<(), RegistryError> {
+        let total = crate::blobstore::pieces_total(digest, pieces)?;
+        self.check(digest, offset, total)?;
+        self.client
+            .read_blob_pieces_until(digest, offset, pieces, deadline, sink)
+    }
+
     fn blob_size(&self, digest: &Digest) -> Result<u64, RegistryError> {
         if let Some(s) = self.lock().get(digest) {
             return Ok(*s);

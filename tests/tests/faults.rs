@@ -999,3 +999,72 @@ fn is_mount_point(path: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
+
+/// A streamed range (readahead's requests: one Range GET handed over in
+/// pieces as they arrive) whose body is cut off half way resumes with a
+/// second request for the pieces not handed over: every piece once, in
+/// order, none short, the bytes those of the blob.
+#[test]
+fn a_streamed_range_cut_off_resumes_at_the_first_piece_not_handed_over() {
+    use skiff_registry::{BlobStore as _, DockerRef, RegistryBlobStore, RegistryConfig};
+    let dir = work_dir("streamed_range");
+    let net = FaultyRegistry::start(&dir);
+    let image = net.image();
+    let r: DockerRef = image
+        .trim_start_matches("docker://")
+        .parse()
+        .expect("the fixture's reference parses");
+    let store = RegistryBlobStore::new(&r, &RegistryConfig::default()).expect("a store");
+    let manifest = store
+        .client()
+        .fetch_manifest("skiff", None)
+        .expect("the fixture's manifest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest.bytes).expect("the manifest is JSON");
+    let (digest, size) = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["digest"].as_str()?.to_owned(), l["size"].as_u64()?)))
+        .max_by_key(|(_, size)| *size)
+        .expect("a layer");
+    assert!(size > 4 << 20, "the largest blob is only {size} bytes");
+    let digest = digest.parse().expect("a sha256 digest");
+    let (offset, pieces) = (12_345u64, [300_000u64, 1, 700_000, 1 << 20, 2_000_000]);
+    let total: u64 = pieces.iter().sum();
+    let whole = store
+        .read_range(&digest, offset, total)
+        .expect("the range, unfaulted");
+
+    let p = &net.proxy;
+    p.reset_stats();
+    // The first range request sends half its body and closes.
+    p.set_fault(r#"{"kind": "truncate", "match": "range", "count": 1}"#);
+    let mut got: Vec<(usize, Vec<u8>)> = Vec::new();
+    store
+        .read_range_pieces(&digest, offset, &pieces, None, &mut |i, bytes| {
+            got.push((i, bytes))
+        })
+        .expect("the streamed range rides out a cut-off body");
+    assert_eq!(p.stat("faults_injected"), 1, "the fault was injected once");
+    assert_eq!(
+        p.stat("range_requests"),
+        2,
+        "one request, then one to resume"
+    );
+    let order: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        order,
+        (0..pieces.len()).collect::<Vec<_>>(),
+        "each piece once, in order"
+    );
+    for ((_, bytes), len) in got.iter().zip(pieces) {
+        assert_eq!(bytes.len() as u64, len, "a piece of the size asked");
+    }
+    let joined: Vec<u8> = got.into_iter().flat_map(|(_, b)| b).collect();
+    assert!(joined == whole, "the pieces are the blob's bytes");
+    report(
+        "streamed range cut off",
+        "resumed at the first piece not handed over: 2 requests, every byte right",
+    );
+}
