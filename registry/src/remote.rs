@@ -458,6 +458,51 @@ impl RegistryClient {
         }
     }
 
+    /// The timeout of one attempt that must end by `until` (see
+    /// `attempt_timeout`); a fatal failure when the caller's deadline has
+    /// already passed (no attempt is made, so none is counted).
+    fn attempt_timeout_for(
+        &self,
+        ep: &Endpoint,
+        what: &str,
+        until: Option<Instant>,
+    ) -> Result<Duration, Failure> {
+        self.attempt_timeout(until).ok_or_else(|| {
+            Failure::fatal(RegistryError::Network {
+                registry: ep.name.clone(),
+                what: what.to_owned(),
+                attempts: 0,
+                detail: "the caller's deadline has passed".to_owned(),
+            })
+        })
+    }
+
+    /// The next `want` bytes of a response body, counted; a retryable
+    /// failure if the body breaks or ends before (`short` says how, from
+    /// the bytes that came).
+    fn read_body(
+        &self,
+        ep: &Endpoint,
+        what: &str,
+        body: &mut impl Read,
+        want: usize,
+        short: impl FnOnce(usize) -> String,
+    ) -> Result<Vec<u8>, Failure> {
+        let mut out = Vec::with_capacity(want);
+        let res = body.take(want as u64).read_to_end(&mut out);
+        self.counters().bytes(out.len() as u64);
+        res.map_err(|e| read_failure(self, ep, what, &e))?;
+        if out.len() != want {
+            return Err(Failure::retry(RegistryError::Network {
+                registry: ep.name.clone(),
+                what: what.to_owned(),
+                attempts: 1,
+                detail: short(out.len()),
+            }));
+        }
+        Ok(out)
+    }
+
     /// Reads exactly `len` bytes at `offset` of blob `digest` (one Range
     /// GET, retried; mirrors first). Never returns short data.
     pub fn read_blob_range(
@@ -488,29 +533,13 @@ impl RegistryClient {
             RegistryError::Invalid(format!("blob {digest}: range length {len} too large"))
         })?;
         let r = self.pull_until(&what, until, |ep, until| {
-            let Some(timeout) = self.attempt_timeout(until) else {
-                return Err(Failure::fatal(RegistryError::Network {
-                    registry: ep.name.clone(),
-                    what: what.clone(),
-                    attempts: 0,
-                    detail: "the caller's deadline has passed".to_owned(),
-                }));
-            };
+            let timeout = self.attempt_timeout_for(ep, &what, until)?;
             let resp =
                 self.blob_get_timeout(ep, digest, offset, Some(len), &what, Some(timeout))?;
-            let mut out = Vec::with_capacity(want);
-            let res = resp.response.take(len).read_to_end(&mut out);
-            self.counters().bytes(out.len() as u64);
-            res.map_err(|e| read_failure(self, ep, &what, &e))?;
-            if out.len() != want {
-                return Err(Failure::retry(RegistryError::Network {
-                    registry: ep.name.clone(),
-                    what: what.clone(),
-                    attempts: 1,
-                    detail: format!("the body ended after {} of {len} bytes", out.len()),
-                }));
-            }
-            Ok(out)
+            let mut body = resp.response;
+            self.read_body(ep, &what, &mut body, want, |got| {
+                format!("the body ended after {got} of {len} bytes")
+            })
         });
         self.count(r)
     }
@@ -540,14 +569,7 @@ impl RegistryClient {
         // The first piece not handed over yet, and where it starts.
         let (mut next, mut at) = (0usize, offset);
         let r = self.pull_until(&what, until, |ep, until| {
-            let Some(timeout) = self.attempt_timeout(until) else {
-                return Err(Failure::fatal(RegistryError::Network {
-                    registry: ep.name.clone(),
-                    what: what.clone(),
-                    attempts: 0,
-                    detail: "the caller's deadline has passed".to_owned(),
-                }));
-            };
+            let timeout = self.attempt_timeout_for(ep, &what, until)?;
             let rest = pieces
                 .get(next..)
                 .unwrap_or_default()
@@ -561,21 +583,11 @@ impl RegistryClient {
                         "blob {digest}: piece of {len} bytes too large"
                     )))
                 })?;
-                let mut out = Vec::with_capacity(want);
-                let res = (&mut body).take(len).read_to_end(&mut out);
-                self.counters().bytes(out.len() as u64);
-                res.map_err(|e| read_failure(self, ep, &what, &e))?;
-                if out.len() != want {
-                    return Err(Failure::retry(RegistryError::Network {
-                        registry: ep.name.clone(),
-                        what: what.clone(),
-                        attempts: 1,
-                        detail: format!(
-                            "the body ended {} bytes into the piece of {len} bytes at offset {at}",
-                            out.len()
-                        ),
-                    }));
-                }
+                let out = self.read_body(ep, &what, &mut body, want, |got| {
+                    format!(
+                        "the body ended {got} bytes into the piece of {len} bytes at offset {at}"
+                    )
+                })?;
                 sink(next, out);
                 next += 1;
                 at += len;
