@@ -253,40 +253,21 @@ impl Fetcher {
             })
             .collect();
         // Fetched ahead of every reader from a remote store into a disk
-        // cache: nothing is decoded, so each run streams (see
-        // `stream_run`) and holds about two pieces of memory, not itself.
-        let streams = self.disk.is_some() && !plan.foreground && !self.backend.store.is_local();
-        if streams {
-            let bytes: u64 = tasks
-                .iter()
-                .map(|(run, _)| run.len.min(2 * STREAM_PIECE))
-                .sum();
-            let Some(permit) = self.budget.acquire(bytes, plan.deadline) else {
-                Metrics::add(&self.metrics.chunk_errors, tasks.len() as u64);
-                for (_, members) in tasks {
-                    for o in members {
-                        let e = "the deadline passed while other fetches held the in-flight budget";
-                        results.push((o.pos, Err(ChunkError::Fetch(e.into()))));
-                    }
-                }
-                return results;
-            };
-            let streamed = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
-                self.stream_run(reqs, &run, members, plan)
-            });
-            results.extend(streamed.into_iter().flatten().flatten());
-            drop(permit);
-            return results;
-        }
-        // The share of the budget: the stored runs and the chunks decoded
+        // cache: nothing is decoded, so each run streams (see `stream_run`)
+        // and holds about two pieces of the budget, not itself. Otherwise
+        // the share of the budget is the stored runs and the chunks decoded
         // from them, both alive until the decode below is done. Chunks
         // fetched ahead of any reader are not decoded when there is a disk
         // cache (see `finish_fetched`): only their stored bytes count.
+        let streams = self.disk.is_some() && !plan.foreground && !self.backend.store.is_local();
         let decodes =
             |pos: usize| self.disk.is_none() || (plan.foreground && pos < plan.optional_from);
         let bytes: u64 = tasks
             .iter()
             .map(|(run, members)| {
+                if streams {
+                    return run.len.min(2 * STREAM_PIECE);
+                }
                 let decoded: u64 = members
                     .iter()
                     .filter(|o| decodes(o.pos))
@@ -310,6 +291,14 @@ impl Fetcher {
             }
             return results;
         };
+        if streams {
+            let streamed = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
+                self.stream_run(reqs, &run, members, plan)
+            });
+            results.extend(streamed.into_iter().flatten().flatten());
+            drop(permit);
+            return results;
+        }
         let fetched = run_parallel(tasks, self.opts.max_parallel, |(run, members)| {
             (self.fetch_run(&run, plan), run, members)
         });

@@ -570,11 +570,7 @@ impl RegistryClient {
         let (mut next, mut at) = (0usize, offset);
         let r = self.pull_until(&what, until, |ep, until| {
             let timeout = self.attempt_timeout_for(ep, &what, until)?;
-            let rest = pieces
-                .get(next..)
-                .unwrap_or_default()
-                .iter()
-                .fold(0u64, |a, &b| a.saturating_add(b));
+            let rest = total - (at - offset);
             let resp = self.blob_get_timeout(ep, digest, at, Some(rest), &what, Some(timeout))?;
             let mut body = resp.response.take(rest);
             while let Some(&len) = pieces.get(next) {
