@@ -400,7 +400,7 @@ fn open(
         match serde_json::to_vec(&saved) {
             Ok(bytes) => {
                 if let Err(e) = keeper::write_atomic(&path, &bytes) {
-                    tracing::warn!("{e}");
+                    tracing::warn!("{:#}", anyhow::Error::new(e));
                 }
             }
             Err(e) => tracing::warn!("encoding {}: {e}", path.display()),

@@ -68,7 +68,9 @@ pub fn run(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
             ),
             Err(e) => {
                 failed += 1;
-                eprintln!("skiff: error: {e}");
+                // The whole chain: the context names the mount, the
+                // source says what went wrong.
+                eprintln!("skiff: error: {:#}", anyhow::Error::new(e));
             }
         }
     }

@@ -56,6 +56,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DaemonError;
+use crate::process;
 use crate::session::{adopt_inherited, connection_alive, open_device};
 
 /// Version of [`KeeperState`]'s layout; a keeper refuses to resume from
@@ -395,7 +396,10 @@ pub fn run(opts: &KeeperOptions, first_worker: Option<FirstWorker>) -> Result<i3
                                 });
                         }
                         Ok(_) => tracing::info!("SIGHUP without an upgrade to do"),
-                        Err(e) => tracing::warn!("SIGHUP: {e}"),
+                        Err(e) => tracing::warn!(
+                            "SIGHUP: {e}: {}",
+                            std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+                        ),
                     }
                 }
                 Event::Signal(sig) => {
@@ -728,18 +732,6 @@ pub fn state_dirs(dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// Whether `pid` is a live `skiff mount` process (not a zombie).
-pub fn is_live_mount_process(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next());
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !matches!(state, Some("Z" | "X") | None) && cmdline.split(|b| *b == 0).any(|a| a == b"mount")
-}
-
 /// Hot upgrade of the keeper of state directory `dir` to `binary`: asks it
 /// (an upgrade request and SIGHUP) to hand its mount over to a worker of
 /// the new binary, and waits up to `timeout` until that worker serves.
@@ -749,7 +741,7 @@ pub fn upgrade(dir: &Path, binary: &Path, timeout: Duration) -> Result<UpgradeRe
         source: std::io::Error::other(message),
     };
     let before = KeeperState::load(dir)?;
-    if !is_live_mount_process(before.keeper_pid) {
+    if !process::is_live_mount_process(before.keeper_pid) {
         return Err(err(format!(
             "its keeper (PID {}) is not running",
             before.keeper_pid
@@ -791,7 +783,7 @@ pub fn upgrade(dir: &Path, binary: &Path, timeout: Duration) -> Result<UpgradeRe
                 }
             }
         }
-        if !is_live_mount_process(before.keeper_pid) {
+        if !process::is_live_mount_process(before.keeper_pid) {
             return Err(err(format!(
                 "its keeper (PID {}) exited during the upgrade",
                 before.keeper_pid

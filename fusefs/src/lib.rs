@@ -101,6 +101,8 @@
 //!   fuser's own mount, or a keeper's descriptor, mounted fresh or taken
 //!   over live.
 //! - [`daemon`]: mounting, mountpoint checks, signals, unmounting ([`Daemon`]).
+//! - [`process`]: whether a PID is a live `skiff mount` (`/proc` checks
+//!   that wait out a process's `execve`).
 //! - [`keeper`]: the process that holds a mount's connection across the
 //!   death or upgrade of the one serving it.
 
@@ -118,6 +120,7 @@ pub mod keeper;
 pub mod link;
 pub mod metrics;
 pub mod prefetch;
+pub mod process;
 pub mod readahead;
 pub mod reclaim;
 pub mod reply;

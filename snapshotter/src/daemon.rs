@@ -415,14 +415,12 @@ fn read_pid(path: &Path) -> Option<i32> {
 
 /// Whether process `pid` lives (not a zombie) and is a `skiff mount` of `mnt`.
 pub fn process_serves(pid: i32, mnt: &Path) -> bool {
-    if !skiff_fusefs::keeper::is_live_mount_process(pid) {
-        return false;
-    }
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Some(cmdline) = skiff_fusefs::process::cmdline(pid) else {
         return false;
     };
     let mnt = mnt.as_os_str().as_encoded_bytes();
-    cmdline.split(|b| *b == 0).any(|a| a == mnt)
+    let mut args = cmdline.split(|b| *b == 0);
+    args.clone().any(|a| a == b"mount") && args.any(|a| a == mnt)
 }
 
 /// Whether `dir` is a FUSE mount that answers `statfs` (on a blocking
