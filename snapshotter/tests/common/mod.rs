@@ -577,16 +577,10 @@ pub fn stop_server(child: Option<Child>, name: &str, pids: &[i32], root: &Path) 
     unmount_below(root);
 }
 
-/// Whether process `pid` is a live `skiff mount` (not a zombie).
+/// Whether process `pid` is a live `skiff mount` (not a zombie; a keeper
+/// in the middle of an upgrade's `execve` counts as live).
 pub fn daemon_alive(pid: i32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next());
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !matches!(state, Some("Z" | "X") | None) && cmdline.split(|b| *b == 0).any(|a| a == b"mount")
+    skiff_fusefs::process::is_live_mount_process(pid)
 }
 
 /// The blob digests GET in an access log excerpt.
