@@ -279,6 +279,11 @@ fn build_http_for(
         .tcp_nodelay(true)
         .use_rustls_tls()
         .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")));
+    // The system's CAs (read once per process: `roots`), beside the
+    // Mozilla roots built into reqwest.
+    for c in crate::roots::system() {
+        b = b.add_root_certificate(c.clone());
+    }
     if let Some(p) = &config.proxy {
         let proxy = reqwest::Proxy::all(p)
             .map_err(|e| {

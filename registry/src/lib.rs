@@ -36,6 +36,7 @@
 //!
 //! The registry side (OCI distribution over HTTP):
 //!
+//! - [`roots`]: the system's CA certificates, read once per process.
 //! - [`config`]: [`RegistryConfig`] (TLS, insecure registries, mirrors,
 //!   proxy, timeouts, retries, credentials), loadable from TOML or JSON.
 //! - [`hosts`]: containerd's registry host configuration (`hosts.toml`
@@ -71,6 +72,7 @@ pub mod push;
 pub mod reference;
 pub mod referrers;
 pub mod remote;
+pub mod roots;
 pub mod skiff;
 pub mod source;
 pub mod stats;

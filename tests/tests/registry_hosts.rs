@@ -12,6 +12,9 @@
 //!   file the same `hosts.toml` names (relative to it); without that `ca`
 //!   its certificate is refused and reads go to the origin, again without a
 //!   failed read.
+//! - A TLS registry whose CA is among the system's (`SSL_CERT_FILE`, or a
+//!   file in `SSL_CERT_DIR`) is trusted; with neither naming it, the mount
+//!   is refused with a certificate error and never falls back to HTTP.
 //!
 //! Every byte read is compared with the fixture's reference tree.
 
@@ -242,4 +245,94 @@ fn tls_mirror_in_default_hosts_toml_is_trusted_through_its_ca() {
         "an untrusted mirror was read"
     );
     assert!(origin.proxy.stat("range_requests") > 0);
+}
+
+/// Mounts the fixture from the TLS registry `host` with the system CAs
+/// read from `file` and `dir` (`SSL_CERT_FILE`, `SSL_CERT_DIR`).
+fn mount_with_system_cas(
+    host: &str,
+    dir: &Path,
+    file: &Path,
+    certs: &Path,
+) -> Result<SkiffMount, skiff_tests::services::MountFailure> {
+    let config = dir.join("registry.toml");
+    write(&config, REGISTRY_CONFIG);
+    let config = config.display().to_string();
+    let no_hosts = dir.join("no-hosts").display().to_string();
+    let (file, certs) = (file.display().to_string(), certs.display().to_string());
+    SkiffMount::try_start_env(
+        &format!("docker://{host}/{FIXTURE_REPO}"),
+        &dir.join("mount"),
+        &["--no-prefetch", "--chunk-readahead-kb", "0"],
+        &[
+            ("SKIFF_REGISTRY_CONFIG", &config),
+            ("SKIFF_REGISTRY_HOSTS_DIR", &no_hosts),
+            ("SSL_CERT_FILE", &file),
+            ("SSL_CERT_DIR", &certs),
+        ],
+    )
+}
+
+#[test]
+fn a_tls_registry_is_trusted_through_the_system_cas_of_ssl_cert_file_or_dir() {
+    let dir = work_dir("system-cas");
+    let (ca, cert, key) = test_certs(&dir.join("pki"), "skiff system CA test");
+    let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
+    let tls = FaultProxy::start_with(
+        &registry.host(),
+        &dir.join("tls-proxy"),
+        &[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+        ],
+    );
+    let host = tls.host();
+    let files = sample_files(3);
+    let empty = dir.join("empty");
+    fs::create_dir_all(&empty).unwrap_or_else(|e| panic!("{e}"));
+    let none = dir.join("none.pem");
+    write(&none, "");
+    // The CA as SSL_CERT_FILE (the directory holds nothing).
+    {
+        let mnt = mount_with_system_cas(&host, &dir.join("file"), &ca, &empty)
+            .unwrap_or_else(|f| panic!("SSL_CERT_FILE's CA not trusted: {}\n{}", f.reason, f.log));
+        read_and_check(&mnt, &files[0]);
+    }
+    // The CA as a file of SSL_CERT_DIR (SSL_CERT_FILE holds nothing).
+    let certs = dir.join("certs");
+    fs::create_dir_all(&certs).unwrap_or_else(|e| panic!("{e}"));
+    fs::copy(&ca, certs.join("skiff-test-ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+    write(&certs.join("README"), "not a certificate\n");
+    {
+        let mnt = mount_with_system_cas(&host, &dir.join("dir"), &none, &certs)
+            .unwrap_or_else(|f| panic!("SSL_CERT_DIR's CA not trusted: {}\n{}", f.reason, f.log));
+        read_and_check(&mnt, &files[1]);
+    }
+    let served = access_log_ranges(&registry, "").0;
+    assert!(served > 0, "the TLS registry served no range request");
+    // Neither names the CA: refused, with the certificate error, and no
+    // request reached the registry in plain HTTP.
+    let before = fs::read_to_string(&registry.log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    match mount_with_system_cas(&host, &dir.join("untrusted"), &none, &empty) {
+        Ok(_) => panic!("a registry signed by an unknown CA was trusted"),
+        Err(f) => {
+            let log = f.log.to_lowercase();
+            assert!(
+                log.contains("certificate") || log.contains("unknownissuer"),
+                "the refusal does not name the certificate:\n{}",
+                f.log
+            );
+            assert!(f.status.is_some_and(|s| !s.success()), "{:?}", f.status);
+        }
+    }
+    let after = fs::read_to_string(&registry.log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(after, before, "a request of the untrusted mount was served");
 }

@@ -1,0 +1,227 @@
+//! The system's CA certificates, the roots Skiff trusts for TLS to
+//! registries (besides a `hosts.toml` entry's `ca` and `--ca-file`): read
+//! once per process and shared by every HTTP client it builds.
+//!
+//! Where from, as OpenSSL-based tools look:
+//! - `SSL_CERT_FILE` and `SSL_CERT_DIR` (colon-separated), when set: each
+//!   file, and every file in each directory;
+//! - otherwise the first system bundle that exists
+//!   ([`BUNDLES`]: Debian's `/etc/ssl/certs/ca-certificates.crt`, Red Hat's,
+//!   SUSE's, Alpine's), and a certificate directory ([`DIRS`]) only when
+//!   there is no bundle.
+//!
+//! The directory is skipped when a bundle exists because on every
+//! distribution the bundle is what the directory holds (both are written
+//! by `update-ca-certificates` / `update-ca-trust`), and reading it costs
+//! a cold mount one file per certificate: on Debian 146 files, read from
+//! a cold page cache. Measured on the bench machine (a `skiff mount` of the
+//! fixture from a registry on loopback, page cache dropped, without
+//! `SSL_CERT_*` in the environment, 8 runs each): 83-96 ms to mounted when
+//! both were read (what rustls-native-certs does), 64-80 ms with the
+//! bundle alone. A certificate copied
+//! into the directory without running those tools is not trusted: give it
+//! to `SSL_CERT_FILE`/`SSL_CERT_DIR`, or to the registry's `hosts.toml`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// System CA bundles, in the order looked for.
+pub const BUNDLES: [&str; 6] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/usr/local/share/certs/ca-root-nss.crt",
+];
+
+/// Certificate directories, read when no bundle exists.
+pub const DIRS: [&str; 2] = ["/etc/ssl/certs", "/etc/pki/tls/certs"];
+
+/// The files and directories certificates are read from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sources {
+    /// PEM files, each read whole.
+    pub files: Vec<PathBuf>,
+    /// Directories whose every file is read.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Where certificates come from, given `SSL_CERT_FILE` and `SSL_CERT_DIR`
+/// (`None` when unset or empty) and a test of which paths exist.
+pub fn locate(
+    env_file: Option<&str>,
+    env_dirs: Option<&str>,
+    exists: impl Fn(&Path) -> bool,
+) -> Sources {
+    if env_file.is_some() || env_dirs.is_some() {
+        return Sources {
+            files: env_file.map(PathBuf::from).into_iter().collect(),
+            dirs: env_dirs
+                .map(|d| {
+                    d.split(':')
+                        .filter(|p| !p.is_empty())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+    }
+    if let Some(bundle) = BUNDLES.iter().map(Path::new).find(|p| exists(p)) {
+        return Sources {
+            files: vec![bundle.to_path_buf()],
+            dirs: Vec::new(),
+        };
+    }
+    Sources {
+        files: Vec::new(),
+        dirs: DIRS
+            .iter()
+            .map(Path::new)
+            .filter(|p| exists(p))
+            .map(Path::to_path_buf)
+            .collect(),
+    }
+}
+
+/// Reads every certificate of `sources`. Unreadable files and PEM blocks
+/// that are not certificates are skipped (a directory holds other files
+/// too); what was skipped is logged at debug level.
+pub fn load(sources: &Sources) -> Vec<reqwest::Certificate> {
+    let mut certs = Vec::new();
+    let mut read = |path: &Path| match std::fs::read(path) {
+        Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(c) => certs.extend(c),
+            Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
+        },
+        Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
+    };
+    for f in &sources.files {
+        read(f);
+    }
+    for d in &sources.dirs {
+        let entries = match std::fs::read_dir(d) {
+            Ok(rd) => rd,
+            Err(e) => {
+                tracing::debug!("CA certificates: {}: {e}", d.display());
+                continue;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        paths.sort();
+        for p in &paths {
+            read(p);
+        }
+    }
+    certs
+}
+
+/// The system's CA certificates, read on first use (see the module
+/// documentation) and kept for the life of the process.
+pub fn system() -> &'static [reqwest::Certificate] {
+    static ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let sources = locate(
+            env("SSL_CERT_FILE").as_deref(),
+            env("SSL_CERT_DIR").as_deref(),
+            Path::exists,
+        );
+        let certs = load(&sources);
+        if certs.is_empty() {
+            tracing::warn!(
+                "no system CA certificates found (looked at {:?}): TLS registries are trusted through the built-in Mozilla roots, `ca_file` and hosts.toml `ca` only",
+                if sources.files.is_empty() && sources.dirs.is_empty() {
+                    BUNDLES.iter().chain(DIRS.iter()).map(PathBuf::from).collect()
+                } else {
+                    sources.files.iter().chain(sources.dirs.iter()).cloned().collect::<Vec<_>>()
+                }
+            );
+        }
+        certs
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_wins_and_both_variables_count() {
+        let s = locate(Some("/x/ca.pem"), Some("/d1::/d2"), |_| true);
+        assert_eq!(s.files, vec![PathBuf::from("/x/ca.pem")]);
+        assert_eq!(s.dirs, vec![PathBuf::from("/d1"), PathBuf::from("/d2")]);
+        let s = locate(None, Some("/d1"), |_| true);
+        assert!(s.files.is_empty());
+        assert_eq!(s.dirs, vec![PathBuf::from("/d1")]);
+        let s = locate(Some("/x/ca.pem"), None, |_| true);
+        assert!(s.dirs.is_empty());
+    }
+
+    #[test]
+    fn a_bundle_is_read_and_the_directory_only_without_one() {
+        let s = locate(None, None, |p| {
+            p == Path::new("/etc/pki/tls/certs/ca-bundle.crt")
+        });
+        assert_eq!(
+            s.files,
+            vec![PathBuf::from("/etc/pki/tls/certs/ca-bundle.crt")]
+        );
+        assert!(s.dirs.is_empty());
+        // Debian's bundle comes first when several exist.
+        let s = locate(None, None, |_| true);
+        assert_eq!(s.files, vec![PathBuf::from(BUNDLES[0])]);
+        let s = locate(None, None, |p| p == Path::new("/etc/ssl/certs"));
+        assert!(s.files.is_empty());
+        assert_eq!(s.dirs, vec![PathBuf::from("/etc/ssl/certs")]);
+        assert_eq!(locate(None, None, |_| false), Sources::default());
+    }
+
+    /// A self-signed certificate in PEM made by `openssl`.
+    fn make_cert(dir: &Path, name: &str) -> Vec<u8> {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        let st = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-subj", &format!("/CN={name}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(st.success(), "openssl req failed");
+        std::fs::remove_file(&key).expect("remove the key");
+        std::fs::read(&cert).expect("read the certificate")
+    }
+
+    #[test]
+    fn bundles_and_directories_load_every_certificate_and_skip_the_rest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("certs");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let a = make_cert(&dir, "a");
+        let b = make_cert(&dir, "b");
+        std::fs::write(dir.join("README"), "not a certificate\n").expect("write");
+        let bundle = tmp.path().join("bundle.pem");
+        std::fs::write(&bundle, [a, b].concat()).expect("write");
+        let from_bundle = load(&Sources {
+            files: vec![bundle],
+            dirs: Vec::new(),
+        });
+        assert_eq!(from_bundle.len(), 2);
+        let from_dir = load(&Sources {
+            files: vec![tmp.path().join("missing.pem")],
+            dirs: vec![dir, tmp.path().join("missing")],
+        });
+        assert_eq!(from_dir.len(), 2);
+    }
+}
