@@ -181,38 +181,19 @@ mod tests {
         assert_eq!(locate(None, None, |_| false), Sources::default());
     }
 
-    /// A self-signed certificate in PEM made by `openssl`.
-    fn make_cert(dir: &Path, name: &str) -> Vec<u8> {
-        let cert = dir.join(format!("{name}.crt"));
-        let key = dir.join(format!("{name}.key"));
-        let st = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .args(["-subj", &format!("/CN={name}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(st.success(), "openssl req failed");
-        std::fs::remove_file(&key).expect("remove the key");
-        std::fs::read(&cert).expect("read the certificate")
-    }
+    /// A self-signed certificate (P-256, valid until 2126; only parsed here).
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBjTCCATOgAwIBAgIUchOOJOjyvA0XBq9aFUfNLqkO1YkwCgYIKoZIzj0EAwIw\nGzEZMBcGA1UEAwwQc2tpZmYgcm9vdHMgdGVzdDAgFw0yNjEyMDcwNTU3NDlaGA8y\nMTI2MTExMzA1NTc0OVowGzEZMBcGA1UEAwwQc2tpZmYgcm9vdHMgdGVzdDBZMBMG\nByqGSM49AgEGCCqGSM49AwEHA0IABHZHldxLb8CO2YcDh4za8c8NPtq5EwaU+WSY\nGiXK6rIsJNTi3cC029mPoe8IU/mfo1jCH/3HZ5iDywUQoUYaZLGjUzBRMB0GA1Ud\nDgQWBBTtCV0upgkhZgeKS9zVi1uQaWR2ijAfBgNVHSMEGDAWgBTtCV0upgkhZgeK\nS9zVi1uQaWR2ijAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDJ\nabQccQA4J3pbB8vwXwANAy9ZkdKc4OOFmub3R8r2ZAIgBX2+w2bleJ0g4+LODGV4\nKjLRjDQj0kMv6dVC7hxi7fA=\n-----END CERTIFICATE-----\n";
 
     #[test]
     fn bundles_and_directories_load_every_certificate_and_skip_the_rest() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("certs");
         std::fs::create_dir(&dir).expect("mkdir");
-        let a = make_cert(&dir, "a");
-        let b = make_cert(&dir, "b");
+        std::fs::write(dir.join("a.pem"), CERT).expect("write");
+        std::fs::write(dir.join("b.pem"), CERT).expect("write");
         std::fs::write(dir.join("README"), "not a certificate\n").expect("write");
         let bundle = tmp.path().join("bundle.pem");
-        std::fs::write(&bundle, [a, b].concat()).expect("write");
+        std::fs::write(&bundle, CERT.repeat(2)).expect("write");
         let from_bundle = load(&Sources {
             files: vec![bundle],
             dirs: Vec::new(),

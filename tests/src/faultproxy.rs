@@ -50,6 +50,13 @@ impl FaultProxy {
         FaultProxy::start_with(upstream, dir, &[])
     }
 
+    /// [`FaultProxy::start`] serving TLS with the certificate `cert` and
+    /// its key `key` (PEM files).
+    pub fn start_tls(upstream: &str, dir: &Path, cert: &Path, key: &Path) -> FaultProxy {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        FaultProxy::start_with(upstream, dir, &["--tls-cert", &cert, "--tls-key", &key])
+    }
+
     /// [`FaultProxy::start`] with extra arguments (`--tls-cert`, `--tls-key`).
     pub fn start_with(upstream: &str, dir: &Path, args: &[&str]) -> FaultProxy {
         assert!(

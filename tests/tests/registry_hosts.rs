@@ -179,16 +179,7 @@ fn tls_mirror_in_default_hosts_toml_is_trusted_through_its_ca() {
     let origin = FaultyRegistry::start(&dir.join("origin"));
     let (ca, cert, key) = test_certs(&dir.join("pki"), "skiff hosts.toml test CA");
     let registry = Registry::start_on(&dir.join("mirror"), &fixture_registry_storage());
-    let mirror = FaultProxy::start_with(
-        &registry.host(),
-        &dir.join("mirror-proxy"),
-        &[
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-        ],
-    );
+    let mirror = FaultProxy::start_tls(&registry.host(), &dir.join("mirror-proxy"), &cert, &key);
     let ns = origin.proxy.host();
     let m = mirror.host();
     let files = sample_files(4);
@@ -278,16 +269,7 @@ fn a_tls_registry_is_trusted_through_the_system_cas_of_ssl_cert_file_or_dir() {
     let dir = work_dir("system-cas");
     let (ca, cert, key) = test_certs(&dir.join("pki"), "skiff system CA test");
     let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
-    let tls = FaultProxy::start_with(
-        &registry.host(),
-        &dir.join("tls-proxy"),
-        &[
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-        ],
-    );
+    let tls = FaultProxy::start_tls(&registry.host(), &dir.join("tls-proxy"), &cert, &key);
     let host = tls.host();
     let files = sample_files(3);
     let empty = dir.join("empty");

@@ -172,16 +172,7 @@ fn tls_is_verified_by_default() {
     let registry = Registry::start_on(&dir.join("registry"), &fixture_registry_storage());
     // A CA of our own and a server certificate it signs for 127.0.0.1.
     let (ca, cert, key) = test_certs(&dir, "skiff test CA");
-    let proxy = FaultProxy::start_with(
-        &registry.host(),
-        &dir.join("proxy"),
-        &[
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-        ],
-    );
+    let proxy = FaultProxy::start_tls(&registry.host(), &dir.join("proxy"), &cert, &key);
     let image = format!("docker://{}/{FIXTURE_REPO}", proxy.host());
     let plain = dir.join("plain.toml");
     fs::write(&plain, "use_docker_config = false\n").unwrap_or_else(|e| panic!("{e}"));
