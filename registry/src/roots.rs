@@ -84,17 +84,35 @@ pub fn locate(
     }
 }
 
-/// Reads every certificate of `sources`. Unreadable files and PEM blocks
-/// that are not certificates are skipped (a directory holds other files
-/// too); what was skipped is logged at debug level.
+/// Reads every certificate of `sources`, each once (a bundle and a
+/// directory of the same certificates, as `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` often name, give each certificate once). Unreadable
+/// files, text that is not a certificate and certificates that cannot be
+/// trust anchors are skipped (a directory holds other files too; one bad
+/// file must not make every HTTP client fail to build); what was skipped
+/// is logged at debug level.
 pub fn load(sources: &Sources) -> Vec<reqwest::Certificate> {
     let mut certs = Vec::new();
-    let mut read = |path: &Path| match std::fs::read(path) {
-        Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
-            Ok(c) => certs.extend(c),
-            Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
-        },
-        Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
+    let mut seen = std::collections::HashSet::new();
+    let mut read = |path: &Path| {
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::debug!("CA certificates: {}: {e}", path.display());
+                return;
+            }
+        };
+        let text = String::from_utf8_lossy(&pem);
+        for body in pem_bodies(&text) {
+            match anchor(&body) {
+                Ok(der) if seen.insert(der.clone()) => match reqwest::Certificate::from_der(&der) {
+                    Ok(c) => certs.push(c),
+                    Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
+            }
+        }
     };
     for f in &sources.files {
         read(f);
@@ -118,6 +136,36 @@ pub fn load(sources: &Sources) -> Vec<reqwest::Certificate> {
         }
     }
     certs
+}
+
+/// The base64 bodies of the `CERTIFICATE` blocks of a PEM text, in order,
+/// whitespace removed (other blocks, such as keys or OpenSSL's `TRUSTED
+/// CERTIFICATE`, and text between blocks are skipped).
+fn pem_bodies(text: &str) -> impl Iterator<Item = String> + '_ {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let start = rest.find(BEGIN)? + BEGIN.len();
+        let end = start + rest[start..].find(END)?;
+        let body = rest[start..end].split_whitespace().collect();
+        rest = &rest[end + END.len()..];
+        Some(body)
+    })
+}
+
+/// The DER of a certificate's base64 `body`, if it decodes and is a
+/// certificate rustls takes as a trust anchor (as reqwest will when the
+/// client is built: one it refuses would fail every build).
+fn anchor(body: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("not base64: {e}"))?;
+    rustls::RootCertStore::empty()
+        .add(rustls::pki_types::CertificateDer::from(der.as_slice()))
+        .map_err(|e| format!("not a trust anchor: {e}"))?;
+    Ok(der)
 }
 
 /// The system's CA certificates, read on first use (see the module
@@ -184,25 +232,49 @@ mod tests {
     /// A self-signed certificate (P-256, valid until 2126; only parsed here).
     const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBjTCCATOgAwIBAgIUchOOJOjyvA0XBq9aFUfNLqkO1YkwCgYIKoZIzj0EAwIw\nGzEZMBcGA1UEAwwQc2tpZmYgcm9vdHMgdGVzdDAgFw0yNjEyMDcwNTU3NDlaGA8y\nMTI2MTExMzA1NTc0OVowGzEZMBcGA1UEAwwQc2tpZmYgcm9vdHMgdGVzdDBZMBMG\nByqGSM49AgEGCCqGSM49AwEHA0IABHZHldxLb8CO2YcDh4za8c8NPtq5EwaU+WSY\nGiXK6rIsJNTi3cC029mPoe8IU/mfo1jCH/3HZ5iDywUQoUYaZLGjUzBRMB0GA1Ud\nDgQWBBTtCV0upgkhZgeKS9zVi1uQaWR2ijAfBgNVHSMEGDAWgBTtCV0upgkhZgeK\nS9zVi1uQaWR2ijAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDJ\nabQccQA4J3pbB8vwXwANAy9ZkdKc4OOFmub3R8r2ZAIgBX2+w2bleJ0g4+LODGV4\nKjLRjDQj0kMv6dVC7hxi7fA=\n-----END CERTIFICATE-----\n";
 
+    /// Another one.
+    const CERT2: &str = "-----BEGIN CERTIFICATE-----\nMIIBkTCCATegAwIBAgIUaRBO1TmMgrH5s0wApnEuJ4TXeJ0wCgYIKoZIzj0EAwIw\nHTEbMBkGA1UEAwwSc2tpZmYgcm9vdHMgdGVzdCAyMCAXDTI2MTIwNzA2MTMzN1oY\nDzIxMjYxMTEzMDYxMzM3WjAdMRswGQYDVQQDDBJza2lmZiByb290cyB0ZXN0IDIw\nWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS/WhcRwvJ0aVpBSY6S3LGr9/PAWR4H\nz5JAuw4+sN5/sFGHqqOvnKE+/XqiyQnk0tSxDl+uypWtPBHnntVVFbFZo1MwUTAd\nBgNVHQ4EFgQUAygBhMWJ2hg11Mgk++cUz+sRxRYwHwYDVR0jBBgwFoAUAygBhMWJ\n2hg11Mgk++cUz+sRxRYwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF\nAiEA9FoHbOASpGVlplgKtLSslQrlfs0JdqpGsSgM2MuMiUACIB4V1+NEGuYAULGo\nJfrdG1+UMJw4v1BKN82+Q6IBgl/I\n-----END CERTIFICATE-----\n";
+
     #[test]
-    fn bundles_and_directories_load_every_certificate_and_skip_the_rest() {
+    fn bundles_and_directories_load_every_certificate_once_and_skip_the_rest() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("certs");
         std::fs::create_dir(&dir).expect("mkdir");
         std::fs::write(dir.join("a.pem"), CERT).expect("write");
-        std::fs::write(dir.join("b.pem"), CERT).expect("write");
+        std::fs::write(dir.join("b.pem"), CERT2).expect("write");
         std::fs::write(dir.join("README"), "not a certificate\n").expect("write");
         let bundle = tmp.path().join("bundle.pem");
-        std::fs::write(&bundle, CERT.repeat(2)).expect("write");
+        let text = format!("# a comment\n{CERT}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{CERT2}");
+        std::fs::write(&bundle, text).expect("write");
         let from_bundle = load(&Sources {
-            files: vec![bundle],
+            files: vec![bundle.clone()],
             dirs: Vec::new(),
         });
         assert_eq!(from_bundle.len(), 2);
         let from_dir = load(&Sources {
             files: vec![tmp.path().join("missing.pem")],
-            dirs: vec![dir, tmp.path().join("missing")],
+            dirs: vec![dir.clone(), tmp.path().join("missing")],
         });
         assert_eq!(from_dir.len(), 2);
+        // The bundle and the directory of the same two: two.
+        let both = load(&Sources {
+            files: vec![bundle],
+            dirs: vec![dir],
+        });
+        assert_eq!(both.len(), 2);
+        // Blocks that are not base64, or not a certificate's DER, are
+        // skipped (reqwest would refuse to build a client with them).
+        let bad = tmp.path().join("bad.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n\
+             -----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        assert!(load(&Sources {
+            files: vec![bad],
+            dirs: Vec::new(),
+        })
+        .is_empty());
     }
 }
