@@ -125,7 +125,9 @@ pub(crate) fn fetch_rest(
                     mine.fetch_sub(1, Ordering::Relaxed);
                     Metrics::add(&m.background_done, ok);
                 }
-                handed.fetch_sub(bytes, Ordering::Relaxed);
+                // After the chunks are queued for the disk cache (see
+                // `plan_rest`).
+                handed.fetch_sub(bytes, Ordering::Release);
             });
         }
         let out = plan_rest(image, source, bg, stop, &tx, &handed);
@@ -174,13 +176,17 @@ fn plan_rest(
             // Only what fits under the disk cache's low watermark, with
             // what the fetching threads have still to bring.
             if let Some(disk) = source.disk() {
-                // What earlier requests queued is counted once written.
+                // `handed` before the flush: a fetching thread stops
+                // counting its request there only after it has queued its
+                // chunks for the disk cache, so whatever left `handed`
+                // before this load is written by the flush and counted in
+                // the stats. Read after the flush, a request that ended in
+                // between was in neither, and the cache went past its low
+                // watermark (and evicted) by that much.
+                let in_flight = handed.load(Ordering::Acquire);
                 disk.flush();
                 let s = disk.stats();
-                let mut room = s
-                    .low
-                    .saturating_sub(s.bytes)
-                    .saturating_sub(handed.load(Ordering::Relaxed));
+                let mut room = s.low.saturating_sub(s.bytes).saturating_sub(in_flight);
                 let fit = reqs
                     .iter()
                     .take_while(|r| {
