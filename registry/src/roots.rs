@@ -86,7 +86,8 @@ pub fn locate(
 
 /// Reads every certificate of `sources`, each once (a bundle and a
 /// directory of the same certificates, as `SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` often name, give each certificate once). Unreadable
+/// `SSL_CERT_DIR` often name, give each certificate once: PEM bodies are
+/// compared before anything is decoded). Unreadable
 /// files, text that is not a certificate and certificates that cannot be
 /// trust anchors are skipped (a directory holds other files too; one bad
 /// file must not make every HTTP client fail to build); what was skipped
@@ -104,14 +105,18 @@ pub fn load(sources: &Sources) -> Vec<reqwest::Certificate> {
         };
         let text = String::from_utf8_lossy(&pem);
         for body in pem_bodies(&text) {
-            match anchor(&body) {
-                Ok(der) if seen.insert(der.clone()) => match reqwest::Certificate::from_der(&der) {
-                    Ok(c) => certs.push(c),
-                    Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
-                },
-                Ok(_) => {}
+            // A certificate met before (the bundle's copy of a directory
+            // file) is not decoded and checked again.
+            if seen.contains(&body) {
+                continue;
+            }
+            match anchor(&body)
+                .and_then(|der| reqwest::Certificate::from_der(&der).map_err(|e| e.to_string()))
+            {
+                Ok(c) => certs.push(c),
                 Err(e) => tracing::debug!("CA certificates: {}: {e}", path.display()),
             }
+            seen.insert(body);
         }
     };
     for f in &sources.files {
