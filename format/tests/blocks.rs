@@ -72,6 +72,40 @@ fn a_lazy_open_reads_a_few_blocks_and_then_only_what_is_asked() {
     );
 }
 
+/// Blocks the hint of the test below was given, as (address, length).
+static HINTED: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn record_hint(bytes: &[u8]) {
+    HINTED
+        .lock()
+        .unwrap()
+        .push((bytes.as_ptr() as usize, bytes.len()));
+}
+
+#[test]
+fn the_hint_is_given_each_whole_block_once_before_its_first_check() {
+    let buf = large();
+    let marks = BlockMarks::for_len(buf.len()).with_hint(record_hint);
+    let b = Bootstrap::parse_lazy(&buf, &marks).unwrap();
+    let dir = b.lookup(b.root(), b"dir-39").unwrap().unwrap();
+    b.dir_entries(dir).unwrap().last().unwrap().unwrap();
+    b.check_all_blocks().unwrap();
+    b.validate().unwrap();
+    let hinted = HINTED.lock().unwrap().clone();
+    assert_eq!(hinted.len(), marks.checked(), "one hint per checked block");
+    let (offset, _) = section(&buf, SECTION_BLOCK_CRCS);
+    let table_end = 64 + 32 * b.sections().len();
+    let base = buf.as_ptr() as usize;
+    let mut starts: Vec<usize> = hinted.iter().map(|(a, _)| a - base).collect();
+    starts.sort_unstable();
+    let expected: Vec<usize> = (table_end..offset).step_by(CRC_BLOCK_SIZE).collect();
+    assert_eq!(starts, expected, "every block, each once, from its start");
+    for (a, len) in hinted {
+        let end = (a - base + CRC_BLOCK_SIZE).min(offset);
+        assert_eq!(len, end - (a - base), "the whole block");
+    }
+}
+
 #[test]
 fn a_damaged_block_fails_its_first_read_and_every_later_one() {
     let buf = large();

@@ -7,7 +7,10 @@
 //! nothing; a format 1.2 bootstrap is then checked block by block (64 KiB,
 //! CRC-32) the first time anything in a block is read
 //! ([`Bootstrap::parse_lazy`]), so a mount reads and checks the pages it
-//! serves, not the whole bootstrap (an older one is checked whole at open).
+//! serves, not the whole bootstrap (an older one is checked whole at open);
+//! each block is asked of the disk whole before its check
+//! ([`skiff_registry::bootcache::will_need`]), in one read rather than a
+//! fault per page.
 //! Every access is a bounds-checked read of a record in place.
 //!
 //! Parsing does not walk the tree, so a bootstrap whose checksums are right
@@ -62,7 +65,9 @@ impl Image {
         let len = (*bytes).as_ref().len();
         let owner = Checked {
             bytes,
-            marks: BlockMarks::for_len(len),
+            // A block is read whole before its first check: one disk read
+            // instead of a fault per page when the bytes are a file map.
+            marks: BlockMarks::for_len(len).with_hint(skiff_registry::bootcache::will_need),
         };
         let cell = BootstrapCell::try_new(owner, |o| {
             Bootstrap::parse_lazy((*o.bytes).as_ref(), &o.marks)

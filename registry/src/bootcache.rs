@@ -40,6 +40,7 @@ use std::ops::Deref;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use skiff_format::Digest;
@@ -230,6 +231,41 @@ impl BootstrapCache {
             }
         }
         Ok(())
+    }
+}
+
+/// Asks the kernel to read `bytes` (part of a mapped bootstrap) into the
+/// page cache now, as one request: the hint a lazily checked bootstrap
+/// gives before the first check of a block ([`BlockMarks::with_hint`]).
+/// The map is advised for random access ([`BootstrapCache::get`]), so
+/// without it the check of a 64 KiB block would fault its sixteen pages in
+/// one disk read at a time. Harmless on memory that is not a file map.
+///
+/// [`BlockMarks::with_hint`]: skiff_format::BlockMarks::with_hint
+#[allow(unsafe_code)]
+pub fn will_need(bytes: &[u8]) {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    let page = *PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+    });
+    if bytes.is_empty() {
+        return;
+    }
+    let addr = bytes.as_ptr() as usize;
+    let start = addr & !(page - 1);
+    // SAFETY: [start, addr + len) lies in pages that hold `bytes`, which
+    // this borrow keeps mapped for the call (a mapping covers whole pages).
+    // MADV_WILLNEED only starts reads into the page cache: it changes no
+    // byte of memory and no property of the mapping. A failure only means
+    // no read ahead, so its result is ignored.
+    unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            addr + bytes.len() - start,
+            libc::MADV_WILLNEED,
+        );
     }
 }
 

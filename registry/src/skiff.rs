@@ -291,7 +291,7 @@ fn finish_open(
         if !has_block_crcs(&mapped) {
             let _ = mapped.advise(memmap2::Advice::Normal);
         }
-        let marks = BlockMarks::for_len(mapped.len());
+        let marks = BlockMarks::for_len(mapped.len()).with_hint(crate::bootcache::will_need);
         let blobs = match Bootstrap::parse_lazy(&mapped, &marks) {
             Ok(parsed) => check_blobs(&name, &parsed, &data_blobs),
             Err(e) => {
