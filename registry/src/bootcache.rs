@@ -248,7 +248,10 @@ pub fn will_need(bytes: &[u8]) {
     let page = *PAGE.get_or_init(|| {
         // SAFETY: sysconf reads a constant of the system.
         let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(size).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+        usize::try_from(size)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
     });
     if bytes.is_empty() {
         return;
