@@ -12,21 +12,21 @@
 //!
 //! Medians, not least squares: a registry's time per request has a long
 //! tail (a cold disk under its storage, a busy moment), and one request
-//! that waited 30 ms more than the others tilts a least-squares line
-//! enough to move the rate several-fold when the sizes barely tell it.
-//! With the registry on loopback behind 1 Gbit/s + 1 ms, least squares
-//! put what the link moves in a round trip anywhere from 0.2 to 31 MB
-//! from one evaluation to the next (about 1 MB is right: 7-10 ms per
-//! request at 125 MB/s), and the fetch window grew or shrank on that
-//! noise; the medians stay within 1.0-2.8 MB once a few dozen requests
-//! are in (a first estimate from eight can still be far off). Alternated runs of `scripts/bench-coldstart`'s workloads (a
-//! mount each, caches dropped; Theil-Sen against least squares, means):
-//! random reads across 1,500 files 2.95 vs 3.20 s over 1 Gbit/s + 1 ms (6
-//! runs each) and 11.6 vs 12.6 s over 100 Mbit/s + 20 ms (2);
-//! `import numpy, pandas` over 100 Mbit/s + 20 ms 6.27 vs 6.43 s (4);
-//! `python3 -c pass` 0.447 vs 0.463 s (1 Gbit/s) and 1.62 vs 1.64 s (100
-//! Mbit/s); the import over 1 Gbit/s, every file and the 256 MiB file
-//! unchanged.
+//! that waited 30 ms more than the others tilts a least-squares line enough
+//! to move the rate several-fold when the sizes barely tell it. With the
+//! registry on loopback behind 1 Gbit/s + 1 ms, least squares put what the
+//! link moves in a round trip anywhere from 0.2 to 31 MB from one
+//! evaluation to the next (about 1 MB is right: 7-10 ms per request at 125
+//! MB/s), and the fetch window grew or shrank on that noise; the medians
+//! stay within 1.0-2.8 MB once a few dozen requests are in (a first
+//! estimate from eight can still be far off). Alternated runs of
+//! `scripts/bench-coldstart`'s workloads (a mount each, caches dropped;
+//! Theil-Sen against least squares, means): random reads across 1,500 files
+//! 2.95 vs 3.20 s over 1 Gbit/s + 1 ms (6 runs each) and 11.6 vs 12.6 s
+//! over 100 Mbit/s + 20 ms (2); `import numpy, pandas` over 100 Mbit/s + 20
+//! ms 6.27 vs 6.43 s (4); `python3 -c pass` 0.447 vs 0.463 s (1 Gbit/s) and
+//! 1.62 vs 1.64 s (100 Mbit/s); the import over 1 Gbit/s, every file and
+//! the 256 MiB file unchanged.
 //!
 //! Requests that share the link with others look slower than the link is;
 //! the fit then errs towards a slower link, which the fetch window reads
