@@ -102,7 +102,8 @@ impl Drop for Pool {
 /// pandas` (median 0.96 s, daemon CPU 0.38 s) and 20,000 small files read
 /// in random order (3.1-3.6 s) as they were; the caller working as one of
 /// the threads cut the daemon's CPU (import 0.38 -> 0.33 s) but made the
-/// random small-file reads slower (3.4-3.9 s against 3.1-3.3 s).
+/// random small-file reads slower (3.42-3.64 s against 3.13-3.29 s, 3
+/// runs each).
 pub(crate) fn run_parallel<T: Send, R: Send>(
     tasks: Vec<T>,
     threads: usize,
