@@ -184,7 +184,7 @@ def read_path_goal_rows(d, add):
             s, n = d.med(ds, "seq_warm", "skiff"), d.med(ds, "seq_warm", "native")
             if s and n:
                 # Every FUSE filesystem reads its page cache in 4 KiB pages on
-                # this kernel (ext4 and erofs: large folios); see fs.rs `open`
+                # this kernel (ext4: large folios); see fs.rs `open`
                 # for what passthrough would change and cost.
                 ll = d.med(ds, "seq_warm", "squashfuse_ll")
                 add("warm sequential within 1.3x native", ds, "read every file, warm",
