@@ -127,6 +127,8 @@ pub mod reply;
 pub mod rest;
 pub mod session;
 pub mod source;
+#[cfg(test)]
+mod testutil;
 pub mod window;
 pub mod workers;
 

@@ -152,11 +152,7 @@ pub fn release_image(cache_dir: &Path, removed: &Digest, kept: &[Digest]) -> io:
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use skiff_format::{
-        write_bootstrap, Attrs, BlobInfo, ChunkInfo, FileChunk, ImageTree, Node, NodeData,
-    };
+    use skiff_format::ChunkInfo;
 
     use super::*;
 
@@ -168,13 +164,6 @@ mod tests {
 
     /// A bootstrap of one file made of chunks `ids` (stored raw, one blob).
     fn bootstrap(ids: &[u32]) -> Vec<u8> {
-        let attrs = |mode| Attrs {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 0,
-        };
         let chunks: Vec<ChunkInfo> = ids
             .iter()
             .enumerate()
@@ -189,42 +178,7 @@ mod tests {
                 frame: None,
             })
             .collect();
-        let size = u64::from(CHUNK) * ids.len() as u64;
-        let file = Node {
-            attrs: attrs(0o644),
-            data: NodeData::Regular {
-                size,
-                chunks: (0..ids.len())
-                    .map(|n| FileChunk {
-                        file_offset: u64::from(CHUNK) * n as u64,
-                        chunk_index: n as u32,
-                    })
-                    .collect(),
-            },
-            xattrs: BTreeMap::new(),
-        };
-        let root = Node {
-            attrs: attrs(0o755),
-            data: NodeData::Directory {
-                entries: BTreeMap::from([(b"f".to_vec(), 1)]),
-            },
-            xattrs: BTreeMap::new(),
-        };
-        let tree = ImageTree {
-            nodes: vec![root, file],
-            chunks,
-            blobs: vec![BlobInfo {
-                digest: Digest::of(b"blob"),
-                size,
-                uncompressed_size: size,
-                chunk_count: ids.len() as u32,
-            }],
-            prefetch: Vec::new(),
-            prefetch_ranges: Vec::new(),
-            chunk_size_hint: u64::from(CHUNK),
-            chunk_hash: skiff_format::ChunkHash::Sha256,
-        };
-        write_bootstrap(&tree).unwrap()
+        crate::testutil::one_file_bootstrap(chunks)
     }
 
     fn put_bootstrap(cache: &Path, layer: &Digest, ids: &[u32]) {

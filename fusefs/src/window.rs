@@ -615,61 +615,13 @@ mod tests {
         assert_eq!(split_window(&[], &ahead, 0, |_| true).mine.len(), 8);
     }
 
-    /// A bootstrap of one file of `n` chunks of 2000 bytes stored in 1000
-    /// (those of [`req`]), back to back in blob 0.
-    fn one_file_bootstrap(n: u32) -> Vec<u8> {
-        use skiff_format::{Attrs, BlobInfo, FileChunk, ImageTree, Node, NodeData};
-        use std::collections::BTreeMap;
-        let attrs = |mode| Attrs {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 0,
-        };
-        let stored = 1000 * u64::from(n);
-        let file = Node {
-            attrs: attrs(0o644),
-            data: NodeData::Regular {
-                size: 2 * stored,
-                chunks: (0..n)
-                    .map(|i| FileChunk {
-                        file_offset: 2000 * u64::from(i),
-                        chunk_index: i,
-                    })
-                    .collect(),
-            },
-            xattrs: BTreeMap::new(),
-        };
-        let root = Node {
-            attrs: attrs(0o755),
-            data: NodeData::Directory {
-                entries: BTreeMap::from([(b"f".to_vec(), 1)]),
-            },
-            xattrs: BTreeMap::new(),
-        };
-        let tree = ImageTree {
-            nodes: vec![root, file],
-            chunks: (0..n).map(|i| req(i, 1000 * u64::from(i)).info).collect(),
-            blobs: vec![BlobInfo {
-                digest: Digest::of(b"blob"),
-                size: stored,
-                uncompressed_size: 2 * stored,
-                chunk_count: n,
-            }],
-            prefetch: Vec::new(),
-            prefetch_ranges: Vec::new(),
-            chunk_size_hint: 2000,
-            chunk_hash: skiff_format::ChunkHash::Blake3,
-        };
-        skiff_format::write_bootstrap(&tree).unwrap()
-    }
-
     #[test]
     fn an_aligned_window_holds_the_chunks_that_start_in_its_block() {
         // Blocks of 2500 stored bytes over chunks of 1000: chunk 2
         // (2000..3000) starts in block 0 and ends in block 1.
-        let bytes = one_file_bootstrap(8);
+        let bytes = crate::testutil::one_file_bootstrap(
+            (0..8).map(|i| req(i, 1000 * i as u64).info).collect(),
+        );
         let b = Bootstrap::parse(&bytes).unwrap();
         let w = FetchWindow::adaptive(2500, 10_000, Arc::default(), Arc::default(), Arc::default());
         let indexes = |v: Vec<ChunkRequest>| v.iter().map(|r| r.index).collect::<Vec<_>>();
