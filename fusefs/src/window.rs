@@ -620,17 +620,14 @@ mod tests {
         // Blocks of 2500 stored bytes over chunks of 1000: chunk 2
         // (2000..3000) starts in block 0 and ends in block 1.
         let bytes = crate::testutil::one_file_bootstrap(
-            (0..8).map(|i| req(i, 1000 * i as u64).info).collect(),
+            (0..8).map(|i| req(i, 1000 * u64::from(i)).info).collect(),
         );
         let b = Bootstrap::parse(&bytes).unwrap();
         let w = FetchWindow::adaptive(2500, 10_000, Arc::default(), Arc::default(), Arc::default());
         let indexes = |v: Vec<ChunkRequest>| v.iter().map(|r| r.index).collect::<Vec<_>>();
         // A miss in block 0 brings the chunk that straddles its end: left
         // out, it would be a request of its own for whichever read needs it.
-        let c = |i: u32| ChunkRequest {
-            blob: Digest::of(b"blob"),
-            ..req(i, 1000 * u64::from(i))
-        };
+        let c = |i: u32| req(i, 1000 * u64::from(i));
         assert_eq!(indexes(w.ahead(&b, &[c(0)])), [1, 2]);
         // A miss in block 1 (2500..5000): chunk 2 is block 0's, chunk 4
         // (4000..5000) its own, chunk 5 starts in block 2.
