@@ -346,14 +346,17 @@ impl SkiffFs {
         if let Some(l) = &listed {
             ahead.retain(|r| l.contains(r.index));
         }
+        let (hand_off, grown) = (self.fetch_window.hands_off(), self.fetch_window.grown());
         let job = ReadJob {
             image: self.image.clone(),
             source: self.source.clone(),
             max_request: self.fetch_window.bytes().max(1 << 20),
             plan,
             ahead,
-            rest_to: self.readahead.clone().filter(|_| self.fetch_window.grown()),
-            share: self.fetch_window.base(),
+            rest_to: self.readahead.clone().filter(|_| hand_off || grown),
+            hand_off,
+            grown,
+            base: self.fetch_window.base(),
             listed,
             deadline,
         };
@@ -549,13 +552,20 @@ struct ReadJob {
     max_request: u64,
     plan: ReadPlan,
     ahead: Vec<ChunkRequest>,
-    /// Where the parts of `ahead` that local chunks cut off from the
-    /// read's request are fetched in the background, when they are worth
-    /// it (a window that grew).
+    /// Where the parts of the window that the read leaves are fetched, in
+    /// the background, when the read hands its window off or the window
+    /// has grown (and there is a readahead pool: a remote store and a disk
+    /// cache).
     rest_to: Option<Arc<Readahead>>,
-    /// Stored bytes of the window a read fetches itself on either side of
-    /// its chunks when there is a `rest_to`.
-    share: u64,
+    /// The read fetches only its own chunks and leaves the window
+    /// ([`FetchWindow::hands_off`]).
+    hand_off: bool,
+    /// The window has grown: the parts of it past a local chunk are worth
+    /// fetching too.
+    grown: bool,
+    /// The starting window: what a read that keeps its window fetches on
+    /// either side of its chunks once the window has grown.
+    base: u64,
     /// The prefetch list's chunks, when it foresaw this read: the rest of
     /// the window is limited to them too.
     listed: Option<Arc<ListedChunks>>,
@@ -578,23 +588,30 @@ impl ReadJob {
     }
 
     /// The part of the window that this read fetches with its own chunks
-    /// (see [`split_window`]); what it leaves goes to `rest_to` if there is
-    /// one, so that a window with holes (a reader jumping around a blob it
-    /// has partly fetched) is fetched whole without the read waiting.
+    /// (see [`split_window`]); what it leaves goes to `rest_to`. A read
+    /// that hands its window off takes only what shares a frame with its
+    /// chunks: the rest, up to the first local chunk on each side, goes to
+    /// the pool at the same moment, so that the read waits for its own
+    /// bytes and not for the block's. Otherwise the read takes the window
+    /// up to the first local chunk on each side, at most the starting
+    /// window once it has grown (it waits for what it fetches: a grown
+    /// window would make each miss wait for MiBs). Once the window has
+    /// grown, what lies past a local chunk goes to the pool too, so that a
+    /// window with holes (a reader jumping around a blob it has partly
+    /// fetched) is fetched whole without the read waiting.
     fn split_ahead(&self) -> Vec<ChunkRequest> {
-        // With a background to hand the rest to, the read fetches at most
-        // the window it started with on either side: it waits for what it
-        // fetches, a grown window would make each miss wait for MiBs.
-        let share = if self.rest_to.is_some() {
-            self.share
-        } else {
-            u64::MAX
+        let share = match (&self.rest_to, self.hand_off, self.grown) {
+            (None, ..) => u64::MAX,
+            (Some(_), true, _) => 0,
+            (Some(_), false, true) => self.base,
+            (Some(_), false, false) => u64::MAX,
         };
         let mut local = self.source.local_check();
         let split = split_window(&self.plan.reqs, &self.ahead, share, |r| local.is_local(r));
         if let Some(ra) = &self.rest_to {
-            for r in split.rest {
-                ra.fetch_window_rest(&self.image, &self.source, r, self.listed.clone());
+            let far = if self.grown { split.far } else { Vec::new() };
+            for range in split.near.into_iter().chain(far) {
+                ra.fetch_window_rest(&self.image, &self.source, range, self.listed.clone());
             }
         }
         split.mine

@@ -57,6 +57,28 @@
 //! cut off, goes to the readahead pool in the background
 //! (`fs.rs` `split_ahead`).
 //!
+//! Over a link known to take more than [`HANDOFF_SECS`] to move the
+//! starting window (256 KiB: 21 ms at 100 Mbit/s, 2 ms at 1 Gbit/s), a
+//! read does not wait for the window at all ([`FetchWindow::hands_off`]):
+//! it fetches its own chunks (and the rest of a shared frame among them)
+//! and hands the window, up to the first local chunk on each side, to the
+//! readahead pool at the same moment; a later read of a chunk still in
+//! flight waits on its guard. The miss then costs a round trip and its own
+//! bytes, not the block's. Alternated runs over 100 Mbit/s with 20 ms RTT
+//! (handing off against waiting, medians of 3): `python3 -c pass` 1.54 vs
+//! 1.67 s, `import numpy, pandas` 5.70 vs 5.96 s, random reads across
+//! 1,500 files 11.0-11.8 vs 12.4-12.8 s (2), every file 11.26-11.37 vs
+//! 11.37 s (2). Bytes over the link: the import 53.7-54.4 MB against
+//! 46.7-51.4 MB (0.42x the image against 0.38x; not traced further), the
+//! others the same or fewer (random reads 103-107 MB against 107-111). Over 1 Gbit/s
+//! with 1 ms a second request costs more than the 2 ms it saves (the
+//! registry's time per request, the hop through the pool): handing off
+//! there made the tiny start, random reads and every file 5-10% slower.
+//! Until the link is known (the first requests) the read keeps its window:
+//! handing off from the first miss was about as fast over 100 Mbit/s
+//! (`python3 -c pass` 1.52 s, the import 5.58 s) and slower over 1 Gbit/s
+//! (the import 1.9-2.4 s against 1.8-2.1 s).
+//!
 //! Measured over 100 Mbit/s with 20 ms RTT (`scripts/bench-coldstart`,
 //! one run each; random reads across 1,500 files / `python3 -c pass` /
 //! `import numpy, pandas`): fixed windows of 256 KiB 17.2 / 1.6 / 8.4 s,
@@ -80,6 +102,11 @@ use crate::metrics::Metrics;
 
 /// Misses between two decisions on the window's size.
 pub(crate) const EVAL_MISSES: u64 = 16;
+/// Seconds of transfer of the starting window past which a read hands
+/// the window to the readahead pool and fetches only its own chunks (see
+/// the module documentation): 5 ms, the order of what a second request
+/// costs (the registry's time per request, a hop through the pool).
+pub(crate) const HANDOFF_SECS: f64 = 0.005;
 /// Chunks brought by windows and not yet read that are remembered; past
 /// it, newly brought chunks are not tracked (nor counted as brought).
 const MAX_PENDING: usize = 1 << 16;
@@ -131,6 +158,23 @@ impl FetchWindow {
         }
     }
 
+    /// Whether a read should leave its window to the readahead pool rather
+    /// than wait for it: over a link where the starting window's transfer
+    /// takes more than [`HANDOFF_SECS`] (an adaptive window only, once the
+    /// link is known).
+    pub(crate) fn hands_off(&self) -> bool {
+        self.adaptive.as_ref().is_some_and(|a| {
+            a.link
+                .estimate()
+                .is_some_and(|link| a.min as f64 / link.rate > HANDOFF_SECS)
+        })
+    }
+
+    /// The window it starts with (and never goes below), in stored bytes.
+    pub(crate) fn base(&self) -> u64 {
+        self.bytes
+    }
+
     /// Whether the window has grown past where it started: what it brings
     /// is being read, so the parts of it that local chunks cut off from a
     /// read's request are worth fetching too (in the background: `fs.rs`).
@@ -138,11 +182,6 @@ impl FetchWindow {
         self.adaptive
             .as_ref()
             .is_some_and(|a| a.current.load(Ordering::Relaxed) > a.min)
-    }
-
-    /// The window it starts with (and never goes below), in stored bytes.
-    pub(crate) fn base(&self) -> u64 {
-        self.bytes
     }
 
     /// The window's bound in stored bytes now.
@@ -203,9 +242,12 @@ impl FetchWindow {
 pub(crate) struct Split {
     /// Chunks of the window fetched in the read's own request(s).
     pub(crate) mine: Vec<ChunkRequest>,
-    /// What lies beyond, on either side (local chunks included: whoever
-    /// fetches it skips them).
-    pub(crate) rest: Vec<RestRange>,
+    /// On either side, what lies past the read's share up to the first
+    /// local chunk: the part of the window that needs no second thought.
+    pub(crate) near: Vec<RestRange>,
+    /// On either side, what lies from the first local chunk on (local
+    /// chunks included: whoever fetches it skips them).
+    pub(crate) far: Vec<RestRange>,
 }
 
 /// A stored range of a blob left to the background.
@@ -224,60 +266,67 @@ pub(crate) struct RestRange {
 /// Splits the window `ahead` of a read that needs `needed`: the chunks
 /// among or overlapping the needed ones are the read's; on each side the
 /// read takes the nearest chunks, up to the first one that `is_local` or
-/// past `share` stored bytes, and leaves the rest of that side.
+/// past `share` stored bytes; the rest of that side up to the first local
+/// chunk is `near`, and from there on `far`.
 pub(crate) fn split_window(
     needed: &[ChunkRequest],
     ahead: &[ChunkRequest],
     share: u64,
     mut is_local: impl FnMut(&ChunkRequest) -> bool,
 ) -> Split {
+    let mut split = Split {
+        mine: Vec::new(),
+        near: Vec::new(),
+        far: Vec::new(),
+    };
     let (Some(lo), Some(hi)) = (
         needed.iter().map(ChunkRequest::start).min(),
         needed.iter().map(ChunkRequest::end).max(),
     ) else {
-        return Split {
-            mine: ahead.to_vec(),
-            rest: Vec::new(),
-        };
+        split.mine = ahead.to_vec();
+        return split;
     };
-    let (mut before, mut after, mut mine) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut before, mut after) = (Vec::new(), Vec::new());
     for r in ahead {
         if r.end() <= lo {
             before.push(*r);
         } else if r.start() >= hi {
             after.push(*r);
         } else {
-            mine.push(*r);
+            split.mine.push(*r);
         }
     }
     // Nearest first on each side.
     before.sort_by_key(|r| std::cmp::Reverse(r.start()));
     after.sort_by_key(ChunkRequest::start);
-    let mut rest = Vec::new();
     for side in [&before, &after] {
+        let local = side.iter().position(&mut is_local).unwrap_or(side.len());
         let mut taken = 0u64;
-        let cut = side.iter().position(|r| {
-            taken = taken.saturating_add(u64::from(r.info.compressed_size));
-            taken > share || is_local(r)
-        });
-        let Some(cut) = cut else {
-            mine.extend_from_slice(side);
-            continue;
-        };
-        mine.extend_from_slice(&side[..cut]);
-        let left = &side[cut..];
-        let from = left.iter().map(ChunkRequest::start).min();
-        let to = left.iter().map(ChunkRequest::end).max();
-        if let (Some(from), Some(to), Some(r)) = (from, to, left.first()) {
-            rest.push(RestRange {
-                blob: r.info.blob_index,
-                digest: r.blob,
-                from,
-                to,
-            });
-        }
+        let shared = side[..local]
+            .iter()
+            .position(|r| {
+                taken = taken.saturating_add(u64::from(r.info.compressed_size));
+                taken > share
+            })
+            .unwrap_or(local);
+        split.mine.extend_from_slice(&side[..shared]);
+        split.near.extend(rest_range(&side[shared..local]));
+        split.far.extend(rest_range(&side[local..]));
     }
-    Split { mine, rest }
+    split
+}
+
+/// The stored range the chunks `left` (of one blob) span, if any.
+fn rest_range(left: &[ChunkRequest]) -> Option<RestRange> {
+    let from = left.iter().map(ChunkRequest::start).min()?;
+    let to = left.iter().map(ChunkRequest::end).max()?;
+    let r = left.first()?;
+    Some(RestRange {
+        blob: r.info.blob_index,
+        digest: r.blob,
+        from,
+        to,
+    })
 }
 
 /// The chunks that fetch windows brought and no read has taken yet, and
@@ -595,21 +644,28 @@ mod tests {
             i.sort_unstable();
             i
         };
+        let ranges = |v: &[RestRange]| v.iter().map(|r| (r.from, r.to)).collect::<Vec<_>>();
         let all = split_window(&needed, &ahead, u64::MAX, |_| false);
         assert_eq!(indexes(&all.mine), [0, 1, 2, 4, 5, 6, 7, 8]);
-        assert!(all.rest.is_empty());
+        assert!(all.near.is_empty() && all.far.is_empty());
 
-        // Chunk 6 is on disk: the read stops before it; 6-8 are left.
+        // Chunk 6 is on disk: the read stops before it; 6-8 are far.
         let holed = split_window(&needed, &ahead, u64::MAX, |r| r.index == 6);
         assert_eq!(indexes(&holed.mine), [0, 1, 2, 4, 5]);
-        assert_eq!(holed.rest.len(), 1);
-        assert_eq!((holed.rest[0].from, holed.rest[0].to), (6000, 9000));
+        assert!(holed.near.is_empty());
+        assert_eq!(ranges(&holed.far), [(6000, 9000)]);
 
-        // A share of 2000 bytes a side: 1-2 and 4-5; 0 and 6-8 are left.
+        // A share of 2000 bytes a side: 1-2 and 4-5; 0 and 6-8 are near.
         let shared = split_window(&needed, &ahead, 2000, |_| false);
         assert_eq!(indexes(&shared.mine), [1, 2, 4, 5]);
-        let ranges: Vec<(u64, u64)> = shared.rest.iter().map(|r| (r.from, r.to)).collect();
-        assert_eq!(ranges, [(0, 1000), (6000, 9000)]);
+        assert_eq!(ranges(&shared.near), [(0, 1000), (6000, 9000)]);
+        assert!(shared.far.is_empty());
+
+        // No share, chunk 7 on disk: near up to it, far from it.
+        let both = split_window(&needed, &ahead, 0, |r| r.index == 7);
+        assert!(indexes(&both.mine).is_empty());
+        assert_eq!(ranges(&both.near), [(0, 3000), (4000, 7000)]);
+        assert_eq!(ranges(&both.far), [(7000, 9000)]);
 
         // No needed chunk: the window is the read's.
         assert_eq!(split_window(&[], &ahead, 0, |_| true).mine.len(), 8);
@@ -633,6 +689,33 @@ mod tests {
         // (4000..5000) its own, chunk 5 starts in block 2.
         assert_eq!(indexes(w.ahead(&b, &[c(3)])), [4]);
         assert_eq!(indexes(w.ahead(&b, &[c(2)])), [0, 1]);
+    }
+
+    #[test]
+    fn a_read_hands_its_window_off_when_the_link_takes_long_to_move_it() {
+        // A link of `mbit` and 20 ms per request, seen through requests of
+        // 16 KiB to 1 MiB.
+        let seen = |mbit: f64| {
+            let link = Arc::new(LinkEstimate::default());
+            for i in 0..16u64 {
+                let bytes = (16 << 10) + i * (64 << 10);
+                link.record(bytes, 0.020 + bytes as f64 * 8.0 / (mbit * 1e6));
+            }
+            FetchWindow::adaptive(256 << 10, 4 << 20, Arc::default(), link, Arc::default())
+        };
+        // 256 KiB: 21 ms at 100 Mbit/s, 2 ms at 1 Gbit/s.
+        assert!(seen(100.0).hands_off());
+        assert!(!seen(1000.0).hands_off());
+        // Not before the link is known, and never for a fixed window.
+        let unknown = FetchWindow::adaptive(
+            256 << 10,
+            4 << 20,
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+        );
+        assert!(!unknown.hands_off());
+        assert!(!FetchWindow::new(256 << 10, false).hands_off());
     }
 
     #[test]
