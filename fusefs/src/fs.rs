@@ -346,17 +346,27 @@ impl SkiffFs {
         if let Some(l) = &listed {
             ahead.retain(|r| l.contains(r.index));
         }
+        // A read that hands its window off takes none of it; one that keeps
+        // it takes at most the starting window on either side once the
+        // window has grown (it waits for what it fetches: a grown window
+        // would make each miss wait for MiBs); without a pool to leave the
+        // rest to, all of it up to the first local chunk on each side.
         let (hand_off, grown) = (self.fetch_window.hands_off(), self.fetch_window.grown());
+        let rest_to = self.readahead.clone().filter(|_| hand_off || grown);
+        let share = match (&rest_to, hand_off) {
+            (None, _) => u64::MAX,
+            (Some(_), true) => 0,
+            (Some(_), false) => self.fetch_window.base(),
+        };
         let job = ReadJob {
             image: self.image.clone(),
             source: self.source.clone(),
             max_request: self.fetch_window.bytes().max(1 << 20),
             plan,
             ahead,
-            rest_to: self.readahead.clone().filter(|_| hand_off || grown),
-            hand_off,
+            rest_to,
+            share,
             grown,
-            base: self.fetch_window.base(),
             listed,
             deadline,
         };
@@ -557,15 +567,13 @@ struct ReadJob {
     /// has grown (and there is a readahead pool: a remote store and a disk
     /// cache).
     rest_to: Option<Arc<Readahead>>,
-    /// The read fetches only its own chunks and leaves the window
-    /// ([`FetchWindow::hands_off`]).
-    hand_off: bool,
+    /// Stored bytes of the window the read fetches itself on either side
+    /// of its chunks (0: it hands the window off, see
+    /// [`FetchWindow::hands_off`]).
+    share: u64,
     /// The window has grown: the parts of it past a local chunk are worth
     /// fetching too.
     grown: bool,
-    /// The starting window: what a read that keeps its window fetches on
-    /// either side of its chunks once the window has grown.
-    base: u64,
     /// The prefetch list's chunks, when it foresaw this read: the rest of
     /// the window is limited to them too.
     listed: Option<Arc<ListedChunks>>,
@@ -588,26 +596,19 @@ impl ReadJob {
     }
 
     /// The part of the window that this read fetches with its own chunks
-    /// (see [`split_window`]); what it leaves goes to `rest_to`. A read
-    /// that hands its window off takes only what shares a frame with its
-    /// chunks: the rest, up to the first local chunk on each side, goes to
-    /// the pool at the same moment, so that the read waits for its own
-    /// bytes and not for the block's. Otherwise the read takes the window
-    /// up to the first local chunk on each side, at most the starting
-    /// window once it has grown (it waits for what it fetches: a grown
-    /// window would make each miss wait for MiBs). Once the window has
-    /// grown, what lies past a local chunk goes to the pool too, so that a
-    /// window with holes (a reader jumping around a blob it has partly
-    /// fetched) is fetched whole without the read waiting.
+    /// (see [`split_window`]: up to `share` on either side, what shares a
+    /// frame with its chunks always). What it leaves up to the first local
+    /// chunk on each side goes to `rest_to` at the same moment, so that a
+    /// read that hands its window off waits for its own bytes and not for
+    /// the block's; once the window has grown, what lies past a local
+    /// chunk goes too, so that a window with holes (a reader jumping
+    /// around a blob it has partly fetched) is fetched whole without the
+    /// read waiting.
     fn split_ahead(&self) -> Vec<ChunkRequest> {
-        let share = match (&self.rest_to, self.hand_off, self.grown) {
-            (None, ..) => u64::MAX,
-            (Some(_), true, _) => 0,
-            (Some(_), false, true) => self.base,
-            (Some(_), false, false) => u64::MAX,
-        };
         let mut local = self.source.local_check();
-        let split = split_window(&self.plan.reqs, &self.ahead, share, |r| local.is_local(r));
+        let split = split_window(&self.plan.reqs, &self.ahead, self.share, |r| {
+            local.is_local(r)
+        });
         if let Some(ra) = &self.rest_to {
             let far = if self.grown { split.far } else { Vec::new() };
             for range in split.near.into_iter().chain(far) {
