@@ -66,6 +66,14 @@ pub struct ConvertArgs {
     /// or for readers older than 1.4).
     #[arg(long, value_name = "blake3|sha256", default_value_t = ChunkHash::Blake3)]
     chunk_hash: ChunkHash,
+    /// Store every layer's files in tar order. By default the files a
+    /// container's start rarely reads (test suites, documentation, headers,
+    /// Python sources beside their bytecode) go after the rest of their
+    /// layer's blob (they wait, compressed, in a temporary file under
+    /// TMPDIR until their layer ends), so that what a lazy mount fetches
+    /// along with a read is more often what the workload reads next.
+    #[arg(long)]
+    tar_order: bool,
     /// An earlier Skiff image whose chunks are referenced instead of stored
     /// again; repeat for more.
     #[arg(long = "chunk-dict", value_name = "IMAGE")]
@@ -144,6 +152,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         level: args.level,
         pack_size: args.pack_size,
         chunk_hash: args.chunk_hash,
+        cold_last: !args.tar_order,
         ..ConvertOptions::default()
     };
     if let Some(t) = args.threads {

@@ -16,9 +16,10 @@ use serde::Serialize;
 use skiff_format::{BlobInfo, Bootstrap, ChunkHash, ChunkInfo, Digest, Node, NodeData};
 
 use crate::chunker::{Chunker, Chunking, LargeFiles};
+use crate::cold::ColdFiles;
 use crate::decompress::DecodedLayer;
 use crate::error::ConvertError;
-use crate::pipeline::{BlobPipeline, BlobSink};
+use crate::pipeline::{BlobPipeline, BlobSink, Lane};
 use crate::prefetch::PrefetchEntry;
 use crate::record::{LayerFigures, LayerRecord, Op, RecordBlob, Recorder, StoredChunk};
 use crate::tree::{split_path, TreeBuilder};
@@ -46,6 +47,10 @@ pub struct ConvertOptions {
     /// makes digests an image converted before 1.4 shares, for a chunk
     /// dictionary of such an image).
     pub chunk_hash: ChunkHash,
+    /// Store the files a container's start rarely reads (tests, docs,
+    /// Python sources beside their bytecode: [`crate::cold`]) after the
+    /// rest of each layer's blob; `false` keeps tar order.
+    pub cold_last: bool,
 }
 
 /// Default [`ConvertOptions::pack_size`]. Chosen by measurement on a tree of
@@ -63,6 +68,7 @@ impl Default for ConvertOptions {
             pack_size: DEFAULT_PACK_SIZE,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             chunk_hash: ChunkHash::Blake3,
+            cold_last: true,
         }
     }
 }
@@ -181,21 +187,28 @@ pub struct LayerOutcome {
 struct CurrentBlob {
     blob_index: u32,
     pipeline: BlobPipeline,
-    /// The pack being filled: small chunks' data back to back.
-    pack: Vec<u8>,
-    /// Its members: (chunk index, offset in `pack`, length).
+    /// The pack being filled per lane (hot, cold).
+    packs: [Pack; 2],
+}
+
+/// Small chunks' data back to back, and its members: (chunk index, offset
+/// in `data`, length).
+#[derive(Default)]
+struct Pack {
+    data: Vec<u8>,
     members: Vec<(u32, u32, u32)>,
 }
 
 impl CurrentBlob {
-    /// Sends the pack being filled to the compressor.
-    fn seal_pack(&mut self) -> Result<(), ConvertError> {
-        if self.members.is_empty() {
+    /// Sends `lane`'s pack being filled to the compressor.
+    fn seal_pack(&mut self, lane: Lane) -> Result<(), ConvertError> {
+        let pack = &mut self.packs[lane as usize];
+        if pack.members.is_empty() {
             return Ok(());
         }
-        let members = std::mem::take(&mut self.members);
-        self.pipeline.push_pack(members, &self.pack)?;
-        self.pack.clear();
+        let members = std::mem::take(&mut pack.members);
+        self.pipeline.push_pack(members, &pack.data, lane)?;
+        pack.data.clear();
         Ok(())
     }
 }
@@ -225,6 +238,8 @@ pub struct Converter {
     settings: Digest,
     /// The current layer's changes, for its record.
     recorder: Recorder,
+    /// Which files go to the cold lane (with [`ConvertOptions::cold_last`]).
+    pub(crate) cold: ColdFiles,
     /// The layers done so far.
     layers: Vec<LayerOutcome>,
 }
@@ -283,6 +298,7 @@ impl Converter {
             prefetch_list: Vec::new(),
             settings,
             recorder: Recorder::default(),
+            cold: ColdFiles::default(),
             layers: Vec::new(),
         })
     }
@@ -358,8 +374,9 @@ impl Converter {
         Ok(())
     }
 
-    /// Registers a chunk's data; returns its index in the chunk table.
-    pub(crate) fn add_chunk(&mut self, data: &[u8]) -> Result<u32, ConvertError> {
+    /// Registers a chunk's data, to be stored in `lane` if it is new;
+    /// returns its index in the chunk table.
+    pub(crate) fn add_chunk(&mut self, data: &[u8], lane: Lane) -> Result<u32, ConvertError> {
         self.stats.chunks += 1;
         let digest = self.options.chunk_hash.digest(data);
         if let Some(&i) = self.index.get(&digest) {
@@ -394,8 +411,7 @@ impl Converter {
             self.current = Some(CurrentBlob {
                 blob_index,
                 pipeline,
-                pack: Vec::new(),
-                members: Vec::new(),
+                packs: Default::default(),
             });
         }
         let Some(current) = self.current.as_mut() else {
@@ -414,15 +430,16 @@ impl Converter {
             frame: None,
         });
         if uncompressed_size < pack_below {
-            let offset = u32::try_from(current.pack.len())
+            let pack = &mut current.packs[lane as usize];
+            let offset = u32::try_from(pack.data.len())
                 .map_err(|_| ConvertError::Invalid("internal error: pack overflow".into()))?;
-            current.pack.extend_from_slice(data);
-            current.members.push((next, offset, uncompressed_size));
-            if current.pack.len() >= pack_size as usize {
-                current.seal_pack()?;
+            pack.data.extend_from_slice(data);
+            pack.members.push((next, offset, uncompressed_size));
+            if pack.data.len() >= pack_size as usize {
+                current.seal_pack(lane)?;
             }
         } else {
-            current.pipeline.push(next, data)?;
+            current.pipeline.push(next, data, lane)?;
         }
         self.index.insert(digest, next);
         self.stats.unique_chunks += 1;
@@ -758,7 +775,8 @@ impl Converter {
         let Some(mut current) = self.current.take() else {
             return Ok(None);
         };
-        current.seal_pack()?;
+        current.seal_pack(Lane::Hot)?;
+        current.seal_pack(Lane::Cold)?;
         let result = current.pipeline.finish()?;
         let tree = self.tree.tree_mut();
         let mut uncompressed = 0u64;

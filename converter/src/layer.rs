@@ -22,6 +22,7 @@ use tar::EntryType;
 
 use crate::convert::Converter;
 use crate::error::ConvertError;
+use crate::pipeline::Lane;
 use crate::tree::{is_whiteout, split_path};
 
 /// PAX records that apply to an entry: its own, over the global ones.
@@ -368,7 +369,12 @@ impl Converter {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
                 let before = self.stats.file_bytes;
-                let chunks = self.chunk_file(entry, size)?;
+                let lane = if self.options.cold_last && self.cold.is_cold(path) {
+                    Lane::Cold
+                } else {
+                    Lane::Hot
+                };
+                let chunks = self.chunk_file(entry, size, lane)?;
                 let read = self.stats.file_bytes - before;
                 if read != size {
                     return Err(ConvertError::Invalid(format!(
@@ -435,11 +441,13 @@ impl Converter {
     }
 
     /// Cuts a file's content (`size` bytes by its header) into chunks and
-    /// registers them; all-zero chunks become holes.
+    /// registers them, new ones to be stored in `lane`; all-zero chunks
+    /// become holes.
     fn chunk_file<R: Read>(
         &mut self,
         entry: &mut R,
         size: u64,
+        lane: Lane,
     ) -> Result<Vec<FileChunk>, ConvertError> {
         let policy = crate::chunker::LargeFiles::policy_for(
             self.options.large_files.as_ref(),
@@ -462,7 +470,7 @@ impl Converter {
                     self.stats.hole_bytes += data.len() as u64;
                     return Ok(());
                 }
-                let chunk_index = self.add_chunk(data)?;
+                let chunk_index = self.add_chunk(data, lane)?;
                 chunks.push(FileChunk {
                     file_offset: offset,
                     chunk_index,

@@ -20,6 +20,7 @@
 //! - [`tree`]: the merged tree and whiteout rules.
 //! - [`chunker`]: fixed-size and FastCDC chunking over a reusable buffer.
 //! - [`pipeline`]: parallel compression and ordered blob writing.
+//! - [`cold`]: the files stored after the rest of their layer's blob.
 //! - [`decompress`]: gzip/zstd/plain sniffing and diff ID hashing.
 //! - [`image`]: whole-image conversion from a reference to a published image.
 //! - [`inspect`]: summaries, `stat` and chunk maps for `skiff inspect`.
@@ -32,6 +33,7 @@
 
 pub mod check;
 pub mod chunker;
+pub mod cold;
 pub mod convert;
 pub mod decompress;
 mod error;

@@ -8,9 +8,16 @@
 //! and one writer thread puts the batches into the blob in their original
 //! order, so the output does not depend on thread timing. Channels are bounded,
 //! so memory stays at a few batches per worker whatever the layer size.
+//!
+//! Chunks come in two lanes ([`Lane`]): the writer puts hot batches into the
+//! blob as they come and cold ones (files a container's start rarely reads:
+//! [`crate::cold`]) into a temporary file, appended to the blob once the
+//! hot lane is done. Each lane has its own batch, so a pack or a batch
+//! never mixes the two.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Seek, Write};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -56,6 +63,16 @@ pub struct BlobResult {
     pub size: u64,
 }
 
+/// Where in the blob a chunk goes: with the layer's other hot chunks in the
+/// order they come, or after all of them ([`crate::cold`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// In the order the chunks come.
+    Hot,
+    /// After every hot chunk of the blob, in the order they come.
+    Cold,
+}
+
 /// One frame to encode: its members (chunk index, offset in the frame,
 /// length), one for an ordinary chunk.
 struct Item {
@@ -66,8 +83,20 @@ struct Item {
 
 struct Batch {
     seq: u64,
+    cold: bool,
     data: Vec<u8>,
     items: Vec<Item>,
+}
+
+impl Batch {
+    fn new(cold: bool) -> Batch {
+        Batch {
+            seq: 0,
+            cold,
+            data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
+            items: Vec::new(),
+        }
+    }
 }
 
 /// A compressed batch: the stored bytes and, per chunk, its placement with
@@ -76,6 +105,7 @@ type Compressed = (Vec<u8>, Vec<Placement>);
 
 struct Done {
     seq: u64,
+    cold: bool,
     result: Result<Compressed, ConvertError>,
 }
 
@@ -83,7 +113,10 @@ const BATCH_BYTES: usize = 4 << 20;
 
 /// Compresses and writes the new chunks of one layer.
 pub struct BlobPipeline {
-    batch: Batch,
+    /// The batch being filled, per lane (hot, cold).
+    batches: [Batch; 2],
+    /// Sequence number of the next batch sent, whatever its lane.
+    next_seq: u64,
     tx: Option<Sender<Batch>>,
     workers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<Result<BlobResult, ConvertError>>>,
@@ -105,22 +138,19 @@ impl BlobPipeline {
         drop(done_tx);
         let writer = std::thread::spawn(move || write_blob(out, done_rx));
         BlobPipeline {
-            batch: Batch {
-                seq: 0,
-                data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
-                items: Vec::new(),
-            },
+            batches: [Batch::new(false), Batch::new(true)],
+            next_seq: 0,
             tx: Some(tx),
             workers,
             writer: Some(writer),
         }
     }
 
-    /// Queues a new chunk for the blob.
-    pub fn push(&mut self, chunk: u32, data: &[u8]) -> Result<(), ConvertError> {
+    /// Queues a new chunk for the blob, in `lane`.
+    pub fn push(&mut self, chunk: u32, data: &[u8], lane: Lane) -> Result<(), ConvertError> {
         let len = u32::try_from(data.len())
             .map_err(|_| ConvertError::Invalid("chunk larger than 4 GiB".into()))?;
-        self.push_frame(vec![(chunk, 0, len)], data)
+        self.push_frame(vec![(chunk, 0, len)], data, lane)
     }
 
     /// Queues a pack: `data` is the concatenation of several small chunks,
@@ -132,38 +162,41 @@ impl BlobPipeline {
         &mut self,
         members: Vec<(u32, u32, u32)>,
         data: &[u8],
+        lane: Lane,
     ) -> Result<(), ConvertError> {
-        self.push_frame(members, data)
+        self.push_frame(members, data, lane)
     }
 
     fn push_frame(
         &mut self,
         members: Vec<(u32, u32, u32)>,
         data: &[u8],
+        lane: Lane,
     ) -> Result<(), ConvertError> {
-        let start = self.batch.data.len();
-        self.batch.data.extend_from_slice(data);
-        self.batch.items.push(Item {
+        let i = lane as usize;
+        let batch = &mut self.batches[i];
+        let start = batch.data.len();
+        batch.data.extend_from_slice(data);
+        batch.items.push(Item {
             start,
             len: data.len(),
             members,
         });
-        if self.batch.data.len() >= BATCH_BYTES {
-            self.flush()?;
+        if batch.data.len() >= BATCH_BYTES {
+            self.flush(i)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), ConvertError> {
-        if self.batch.items.is_empty() {
+    /// Sends lane `i`'s batch to the workers.
+    fn flush(&mut self, i: usize) -> Result<(), ConvertError> {
+        if self.batches[i].items.is_empty() {
             return Ok(());
         }
-        let next = Batch {
-            seq: self.batch.seq + 1,
-            data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
-            items: Vec::new(),
-        };
-        let batch = std::mem::replace(&mut self.batch, next);
+        let next = Batch::new(self.batches[i].cold);
+        let mut batch = std::mem::replace(&mut self.batches[i], next);
+        batch.seq = self.next_seq;
+        self.next_seq += 1;
         let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok());
         if sent != Some(true) {
             // The writer stopped early: its error says why.
@@ -195,9 +228,10 @@ impl BlobPipeline {
         }
     }
 
-    /// Flushes the last batch, waits for the threads and commits the blob.
+    /// Flushes the last batches, waits for the threads and commits the blob.
     pub fn finish(mut self) -> Result<BlobResult, ConvertError> {
-        self.flush()?;
+        self.flush(Lane::Hot as usize)?;
+        self.flush(Lane::Cold as usize)?;
         self.join_writer()
     }
 }
@@ -274,6 +308,7 @@ fn compress_worker(rx: Receiver<Batch>, done: Sender<Done>, level: i32) {
         if done
             .send(Done {
                 seq: batch.seq,
+                cold: batch.cold,
                 result,
             })
             .is_err()
@@ -284,23 +319,41 @@ fn compress_worker(rx: Receiver<Batch>, done: Sender<Done>, level: i32) {
 }
 
 fn write_blob(mut out: Box<dyn BlobOut>, done: Receiver<Done>) -> Result<BlobResult, ConvertError> {
+    let io_err = |context: &str| {
+        let context = context.to_string();
+        move |source| ConvertError::Io { context, source }
+    };
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     let mut offset = 0u64;
     let mut placements = Vec::new();
+    // The cold lane: its stored bytes in a temporary file, its placements
+    // relative to that file's start.
+    let mut spool: Option<File> = None;
+    let mut spooled = 0u64;
+    let mut cold = Vec::new();
     for d in done {
-        pending.insert(d.seq, d.result);
-        while let Some(result) = pending.remove(&next) {
+        pending.insert(d.seq, (d.cold, d.result));
+        while let Some((is_cold, result)) = pending.remove(&next) {
             let (stored, items) = result?;
-            out.write_all(&stored).map_err(|source| ConvertError::Io {
-                context: "writing a data blob".into(),
-                source,
-            })?;
-            placements.extend(items.into_iter().map(|p| Placement {
-                offset: offset + p.offset,
+            let (sink, base, to): (&mut dyn Write, &mut u64, &mut Vec<Placement>) = if is_cold {
+                let file = match &mut spool {
+                    Some(f) => f,
+                    None => spool
+                        .insert(tempfile::tempfile().map_err(io_err("creating a temporary file"))?),
+                };
+                (file, &mut spooled, &mut cold)
+            } else {
+                (&mut *out, &mut offset, &mut placements)
+            };
+            sink.write_all(&stored)
+                .map_err(io_err("writing a data blob"))?;
+            let at = *base;
+            to.extend(items.into_iter().map(|p| Placement {
+                offset: at + p.offset,
                 ..p
             }));
-            offset += stored.len() as u64;
+            *base += stored.len() as u64;
             next += 1;
         }
     }
@@ -308,6 +361,20 @@ fn write_blob(mut out: Box<dyn BlobOut>, done: Receiver<Done>) -> Result<BlobRes
         return Err(ConvertError::Invalid(
             "internal error: compression batches missing".into(),
         ));
+    }
+    if let Some(mut file) = spool {
+        file.rewind().map_err(io_err("reading a temporary file"))?;
+        let copied = std::io::copy(&mut file, &mut out).map_err(io_err("writing a data blob"))?;
+        if copied != spooled {
+            return Err(ConvertError::Invalid(format!(
+                "internal error: {copied} of {spooled} cold bytes copied into the blob"
+            )));
+        }
+        placements.extend(cold.into_iter().map(|p| Placement {
+            offset: offset + p.offset,
+            ..p
+        }));
+        offset += spooled;
     }
     let (digest, size) = out.commit()?;
     if size != offset {

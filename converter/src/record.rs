@@ -49,12 +49,13 @@ pub const MAX_RECORD_SIZE: u64 = 1 << 30;
 /// The text the settings key is the digest of: one `name value` per line.
 pub fn settings_text(options: &ConvertOptions) -> String {
     format!(
-        "skiff-layer-record {RECORD_VERSION}\nbootstrap {}.{}\nchunking {}\nchunk-hash {}\npack-size {}\nzstd-level {}\nzstd-library {}\n",
+        "skiff-layer-record {RECORD_VERSION}\nbootstrap {}.{}\nchunking {}\nchunk-hash {}\npack-size {}\nblob-order {}\nzstd-level {}\nzstd-library {}\n",
         skiff_format::layout::VERSION_MAJOR,
         skiff_format::layout::VERSION_MINOR,
         options.chunking_text(),
         options.chunk_hash,
         options.pack_size,
+        if options.cold_last { "cold-last" } else { "tar" },
         options.level,
         zstd::zstd_safe::version_number(),
     )

@@ -3,7 +3,8 @@
 //!
 //! The converter writes each layer's chunks into its blob in the order of
 //! the tree (files by path, each file's chunks in order, small files packed
-//! into shared frames). So a workload that reads a large file front to
+//! into shared frames), the files a start rarely reads (tests, docs,
+//! Python sources beside their bytecode) after the rest. So a workload that reads a large file front to
 //! back, or a whole directory tree (a build, `find | xargs cat`, a virus
 //! scan, an ML image loading its packages), walks forward through the
 //! blob, whatever file boundaries it crosses. Fetching only what each FUSE

@@ -105,6 +105,7 @@ pub fn options() -> ConvertOptions {
         pack_size: 4096,
         threads: 1,
         chunk_hash: skiff_format::ChunkHash::Blake3,
+        cold_last: true,
     }
 }
 

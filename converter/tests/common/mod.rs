@@ -978,6 +978,7 @@ pub fn options() -> ConvertOptions {
         pack_size: skiff_converter::DEFAULT_PACK_SIZE,
         threads: 2,
         chunk_hash: skiff_format::ChunkHash::Blake3,
+        cold_last: true,
     }
 }
 
