@@ -146,6 +146,11 @@ pub struct MountArgs {
     /// once, so a large request costs no reader a wait).
     #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.request / 1024)]
     pub readahead_request_kb: u64,
+    /// A file read from its start (a program, a library, a file being
+    /// copied) is fetched whole in the background at its first miss, if it
+    /// is stored in at most this many KiB (0: off; off without a disk cache).
+    #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.whole_file / 1024)]
+    pub whole_file_kb: u64,
     /// Fetch every file of the image in the background after mounting
     /// (default: only the image's prefetch list, if it has one).
     #[arg(long, conflicts_with = "no_prefetch")]
@@ -499,6 +504,7 @@ fn serve(args: MountArgs) -> anyhow::Result<()> {
     opts.readahead.max_window = args.chunk_readahead_kb.saturating_mul(1024);
     opts.readahead.threads = args.readahead_requests.max(1);
     opts.readahead.request = args.readahead_request_kb.saturating_mul(1024).max(64 << 10);
+    opts.readahead.whole_file = args.whole_file_kb.saturating_mul(1024);
     opts.prefetch = if args.no_prefetch {
         PrefetchMode::None
     } else if args.prefetch_all {

@@ -62,7 +62,8 @@ use crate::metrics::Metrics;
 use crate::readahead::Readahead;
 use crate::reply::ReplyBytes;
 use crate::source::ChunkSource;
-use crate::window::{split_window, FetchWindow};
+use crate::whole_file::WholeFiles;
+use crate::window::{split_window, FetchWindow, RestRange};
 use crate::workers::Pool;
 
 /// How long the kernel may cache entries and attributes: the image is
@@ -96,6 +97,9 @@ pub struct SkiffFs {
     fetch_window: FetchWindow,
     /// Readahead in blob order.
     readahead: Option<Arc<Readahead>>,
+    /// Files read from their start, fetched whole at their first miss
+    /// (with readahead).
+    whole_files: Option<WholeFiles>,
     /// Records the files read, for a prefetch list.
     access: Option<Arc<AccessLog>>,
     /// Takes reads that need the network off the FUSE threads.
@@ -117,6 +121,7 @@ impl SkiffFs {
             metrics,
             fetch_window: FetchWindow::new(0, false),
             readahead: None,
+            whole_files: None,
             access: None,
             read_pool: None,
             read_budget: DEFAULT_READ_BUDGET,
@@ -124,8 +129,12 @@ impl SkiffFs {
         }
     }
 
-    /// Reads ahead of readers that walk through a blob.
+    /// Reads ahead of readers that walk through a blob, and fetches whole
+    /// the files read from their start (up to the readahead's bound).
     pub(crate) fn with_readahead(mut self, readahead: Option<Arc<Readahead>>) -> SkiffFs {
+        self.whole_files = readahead
+            .as_ref()
+            .and_then(|ra| WholeFiles::new(ra.options().whole_file));
         self.readahead = readahead;
         self
     }
@@ -294,6 +303,9 @@ impl SkiffFs {
             return Ok(ReadStep::Done(ReplyBytes::Owned(Vec::new())));
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
+        if let Some(whole) = &self.whole_files {
+            whole.on_read(id, offset, end, file_size);
+        }
         if let Some(log) = &self.access {
             log.record(id, offset, end - offset);
         }
@@ -358,7 +370,16 @@ impl SkiffFs {
             (Some(_), true) => 0,
             (Some(_), false) => self.fetch_window.base(),
         };
+        // Not for a read the list foresaw, as for the window.
+        let whole_file = self.readahead.clone().zip(
+            self.whole_files
+                .as_ref()
+                .filter(|_| listed.is_none())
+                .zip(plan.reqs.first())
+                .and_then(|(w, first)| w.on_miss(self.b(), plan.id, first)),
+        );
         let job = ReadJob {
+            whole_file,
             image: self.image.clone(),
             source: self.source.clone(),
             max_request: self.fetch_window.bytes().max(1 << 20),
@@ -578,6 +599,9 @@ struct ReadJob {
     /// the window is limited to them too.
     listed: Option<Arc<ListedChunks>>,
     deadline: Instant,
+    /// The whole file's stored range, for readahead to fetch after the
+    /// rest of the window (see [`crate::whole_file`]).
+    whole_file: Option<(Arc<Readahead>, RestRange)>,
 }
 
 impl ReadJob {
@@ -614,6 +638,9 @@ impl ReadJob {
             for range in split.near.into_iter().chain(far) {
                 ra.fetch_window_rest(&self.image, &self.source, range, self.listed.clone());
             }
+        }
+        if let Some((ra, range)) = &self.whole_file {
+            ra.fetch_whole_file(&self.image, &self.source, *range);
         }
         split.mine
     }

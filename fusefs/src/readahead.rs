@@ -88,6 +88,9 @@ pub struct ReadaheadOptions {
     pub request: u64,
     /// Requests in flight at once.
     pub threads: usize,
+    /// Largest stored size of a file fetched whole at its first miss after
+    /// a read from its start (0: never; see [`crate::whole_file`]).
+    pub whole_file: u64,
 }
 
 /// Default [`ReadaheadOptions`]: windows from 256 KiB to 16 MiB, in
@@ -107,6 +110,7 @@ pub const DEFAULT_READAHEAD: ReadaheadOptions = ReadaheadOptions {
     max_window: 16 << 20,
     request: 8 << 20,
     threads: 2,
+    whole_file: 4 << 20,
 };
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -281,6 +285,22 @@ impl Readahead {
     /// read's own request (the read does not wait for them). They count
     /// as brought by the window (see [`crate::window`]). With `keep`, only
     /// the chunks it holds (the window of a read the prefetch list foresaw).
+    /// Queues the fetch of the non-local chunks of `range`, a whole file's
+    /// stored range (see [`crate::whole_file`]).
+    pub(crate) fn fetch_whole_file(
+        &self,
+        image: &Arc<Image>,
+        source: &Arc<ChunkSource>,
+        range: RestRange,
+    ) {
+        self.submit(image, source, range, None, |_, _| {});
+    }
+
+    /// The readahead options in use.
+    pub(crate) fn options(&self) -> &ReadaheadOptions {
+        &self.opts
+    }
+
     pub(crate) fn fetch_window_rest(
         &self,
         image: &Arc<Image>,
@@ -363,6 +383,7 @@ mod tests {
             max_window: 4 * MIB,
             request: MIB,
             threads: 1,
+            whole_file: 0,
         })
     }
 
