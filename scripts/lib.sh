@@ -134,6 +134,11 @@ scratch_disk() {
   mkfs.ext4 -q -F "$img" || return 1
   dev=$(losetup -f --show --direct-io=on "$img") || return 1
   mount "$dev" "$dir" || { losetup -d "$dev"; return 1; }
+  # Detach now: on a mounted device this only marks it to go when the file
+  # system does. Otherwise a later run that has to unmount lazily (a process
+  # still inside) could not detach it, and the deleted image would keep its
+  # disk space until reboot (measured: 45 GB held by seven such devices).
+  losetup -d "$dev" 2>/dev/null || true
 }
 
 # -------------------------------------------------------------------- apt --
