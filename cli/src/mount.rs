@@ -148,7 +148,9 @@ pub struct MountArgs {
     pub readahead_request_kb: u64,
     /// A file read from its start (a program, a library, a file being
     /// copied) is fetched whole in the background at its first miss, if it
-    /// is stored in at most this many KiB (0: off; off without a disk cache).
+    /// is stored in at most this many KiB; of a larger file, its first this
+    /// many KiB when the miss is among them (0: off; off without a disk
+    /// cache).
     #[arg(long, default_value_t = skiff_fusefs::readahead::DEFAULT_READAHEAD.whole_file / 1024)]
     pub whole_file_kb: u64,
     /// Fetch every file of the image in the background after mounting

@@ -94,8 +94,8 @@
 //! - [`prefetch`]: the PREFETCH list after mounting, then the rest.
 //! - [`window`]: what a read's miss fetches besides its own chunks, and how
 //!   much: over a network, as much as the round trips it saves are worth.
-//! - [`whole_file`]: files read from their start, fetched whole at their
-//!   first miss.
+//! - [`whole_file`]: files read from their start, fetched whole (large
+//!   ones: their head) at their first miss.
 //! - [`reply`]: a read's reply from the chunks that cover it.
 //! - [`fs`]: [`SkiffFs`], the `fuser::Filesystem` (thin adapters over `do_*`),
 //!   the hand-off of reads to the read pool (over a network).

@@ -89,7 +89,8 @@ pub struct ReadaheadOptions {
     /// Requests in flight at once.
     pub threads: usize,
     /// Largest stored size of a file fetched whole at its first miss after
-    /// a read from its start (0: never; see [`crate::whole_file`]).
+    /// a read from its start, and of the head fetched of a larger one (0:
+    /// never; see [`crate::whole_file`]).
     pub whole_file: u64,
 }
 
