@@ -83,16 +83,16 @@ struct Item {
 
 struct Batch {
     seq: u64,
-    cold: bool,
+    lane: Lane,
     data: Vec<u8>,
     items: Vec<Item>,
 }
 
 impl Batch {
-    fn new(cold: bool) -> Batch {
+    fn new(lane: Lane) -> Batch {
         Batch {
             seq: 0,
-            cold,
+            lane,
             data: Vec::with_capacity(BATCH_BYTES + (1 << 20)),
             items: Vec::new(),
         }
@@ -105,7 +105,7 @@ type Compressed = (Vec<u8>, Vec<Placement>);
 
 struct Done {
     seq: u64,
-    cold: bool,
+    lane: Lane,
     result: Result<Compressed, ConvertError>,
 }
 
@@ -138,7 +138,7 @@ impl BlobPipeline {
         drop(done_tx);
         let writer = std::thread::spawn(move || write_blob(out, done_rx));
         BlobPipeline {
-            batches: [Batch::new(false), Batch::new(true)],
+            batches: [Batch::new(Lane::Hot), Batch::new(Lane::Cold)],
             next_seq: 0,
             tx: Some(tx),
             workers,
@@ -193,7 +193,7 @@ impl BlobPipeline {
         if self.batches[i].items.is_empty() {
             return Ok(());
         }
-        let next = Batch::new(self.batches[i].cold);
+        let next = Batch::new(self.batches[i].lane);
         let mut batch = std::mem::replace(&mut self.batches[i], next);
         batch.seq = self.next_seq;
         self.next_seq += 1;
@@ -308,7 +308,7 @@ fn compress_worker(rx: Receiver<Batch>, done: Sender<Done>, level: i32) {
         if done
             .send(Done {
                 seq: batch.seq,
-                cold: batch.cold,
+                lane: batch.lane,
                 result,
             })
             .is_err()
@@ -333,10 +333,12 @@ fn write_blob(mut out: Box<dyn BlobOut>, done: Receiver<Done>) -> Result<BlobRes
     let mut spooled = 0u64;
     let mut cold = Vec::new();
     for d in done {
-        pending.insert(d.seq, (d.cold, d.result));
-        while let Some((is_cold, result)) = pending.remove(&next) {
+        pending.insert(d.seq, (d.lane, d.result));
+        while let Some((lane, result)) = pending.remove(&next) {
             let (stored, items) = result?;
-            let (sink, base, to): (&mut dyn Write, &mut u64, &mut Vec<Placement>) = if is_cold {
+            let (sink, base, to): (&mut dyn Write, &mut u64, &mut Vec<Placement>) = if lane
+                == Lane::Cold
+            {
                 let file = match &mut spool {
                     Some(f) => f,
                     None => spool

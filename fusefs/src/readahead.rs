@@ -4,10 +4,11 @@
 //! The converter writes each layer's chunks into its blob in the order of
 //! the tree (files by path, each file's chunks in order, small files packed
 //! into shared frames), the files a start rarely reads (tests, docs,
-//! Python sources beside their bytecode) after the rest. So a workload that reads a large file front to
-//! back, or a whole directory tree (a build, `find | xargs cat`, a virus
-//! scan, an ML image loading its packages), walks forward through the
-//! blob, whatever file boundaries it crosses. Fetching only what each FUSE
+//! Python sources beside their bytecode) after the rest. So a workload
+//! that reads a large file front to back, or a whole directory tree (a
+//! build, `find | xargs cat`, a virus scan, an ML image loading its
+//! packages), walks forward through the blob, whatever file boundaries it
+//! crosses. Fetching only what each FUSE
 //! read needs makes every file a round trip, and over a link with 20 ms of
 //! RTT those round trips, not the bandwidth, decide the time.
 //!
@@ -280,14 +281,8 @@ impl Readahead {
         });
     }
 
-    /// Fetches in the background the chunks of stored range `range` of a
-    /// blob that are not local: the parts of a read's
-    /// fetch window that chunks this node has already cut off from the
-    /// read's own request (the read does not wait for them). They count
-    /// as brought by the window (see [`crate::window`]). With `keep`, only
-    /// the chunks it holds (the window of a read the prefetch list foresaw).
     /// Queues the fetch of the non-local chunks of `range`, a whole file's
-    /// stored range (see [`crate::whole_file`]).
+    /// stored range or its head (see [`crate::whole_file`]).
     pub(crate) fn fetch_whole_file(
         &self,
         image: &Arc<Image>,
@@ -302,6 +297,12 @@ impl Readahead {
         &self.opts
     }
 
+    /// Fetches in the background the chunks of stored range `range` of a
+    /// blob that are not local: the parts of a read's
+    /// fetch window that chunks this node has already cut off from the
+    /// read's own request (the read does not wait for them). They count
+    /// as brought by the window (see [`crate::window`]). With `keep`, only
+    /// the chunks it holds (the window of a read the prefetch list foresaw).
     pub(crate) fn fetch_window_rest(
         &self,
         image: &Arc<Image>,
